@@ -1,0 +1,241 @@
+"""Speech data in LibriSpeech layout: reading, tokenising and batching.
+
+One format serves both the built-in synthetic corpus and real LibriSpeech
+(Panayotov et al. 2015):
+
+    <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt   lines "<ID> <TRANSCRIPT>"
+    <root>/<split>/<speaker>/<chapter>/<ID>.flac                         16 kHz mono
+
+Bad input is either converted and reported (other sample rates are resampled, multi-channel
+audio is mixed down; a warning names the files) or refused with an error that names the
+file (unreadable audio, a transcript line without audio, characters outside the vocabulary).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import soundfile
+import torch
+
+from spg.audio import resample
+
+SAMPLE_RATE = 16_000
+# The 32-token character vocabulary of facebook/wav2vec2-base-960h (id 0 = CTC blank).
+# Same list as spg.model.DEFAULT_VOCAB; repeated here so this module stands alone.
+DEFAULT_VOCAB: list[str] = [
+    "<pad>", "<s>", "</s>", "<unk>", "|",
+    "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U", "M", "W", "C", "F", "G",
+    "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z",
+]
+
+
+class DataError(ValueError):
+    """Bad corpus input; the message names the file and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------
+
+def normalize_text(text: str) -> str:
+    """Upper-case and collapse white space: the only normalisation LibriSpeech needs.
+    Anything else (digits, punctuation) is left for `encode_text` to refuse, because
+    silently deleting it would train the model on a transcript that does not match."""
+    return " ".join(text.upper().split())
+
+
+def encode_text(text: str, vocab: Sequence[str] = DEFAULT_VOCAB) -> list[int]:
+    """Characters -> token ids; a space becomes the word delimiter `|`.
+    Raises ValueError listing the characters that are not in the vocabulary."""
+    index = {token: i for i, token in enumerate(vocab)}
+    chars = ["|" if c == " " else c for c in normalize_text(text)]
+    unknown = sorted({c for c in chars if c not in index})
+    if unknown:
+        raise ValueError(f"characters outside the vocabulary: {''.join(unknown)!r}")
+    return [index[c] for c in chars]
+
+
+def decode_ids(ids: Sequence[int], vocab: Sequence[str] = DEFAULT_VOCAB) -> str:
+    """Token ids -> text (no CTC collapsing; that is `spg.model.ctc_greedy_decode`)."""
+    return "".join(" " if vocab[i] == "|" else vocab[i] for i in ids)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a corpus
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Utterance:
+    id: str
+    audio_path: Path
+    transcript: str
+    num_samples: int          # at 16 kHz (after any resampling)
+    sample_rate: int          # of the file on disk
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / SAMPLE_RATE
+
+
+def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOCAB) -> list[Utterance]:
+    """Index one split of a LibriSpeech-layout corpus (headers only; audio is read later).
+
+    `split` is a folder name under `root` (e.g. "train-clean-100", "test"). Every transcript
+    line must have its `.flac`; every transcript must fit the vocabulary."""
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        available = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        raise DataError(f"split folder {split_dir} does not exist (available under {root}: {available})")
+    transcript_files = sorted(split_dir.glob("*/*/*.trans.txt"))
+    if not transcript_files:
+        raise DataError(f"no <speaker>/<chapter>/<speaker>-<chapter>.trans.txt files under {split_dir}")
+    utterances: list[Utterance] = []
+    converted: dict[str, list[str]] = {"resampled": [], "mixed down": []}
+    for transcript_file in transcript_files:
+        for line_number, line in enumerate(transcript_file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            utterance_id, _, transcript = line.strip().partition(" ")
+            where = f"{transcript_file}:{line_number}"
+            try:
+                encode_text(transcript, vocab)
+            except ValueError as error:
+                raise DataError(f"{where}: transcript of {utterance_id}: {error}") from None
+            audio_path = transcript_file.parent / f"{utterance_id}.flac"
+            if not audio_path.is_file():
+                raise DataError(f"{where}: transcript line for {utterance_id} but no audio file {audio_path}")
+            try:
+                info = soundfile.info(str(audio_path))
+            except Exception as error:  # soundfile raises several types for bad files
+                raise DataError(f"cannot read audio file {audio_path}: {error}") from None
+            if info.samplerate != SAMPLE_RATE:
+                converted["resampled"].append(f"{audio_path} ({info.samplerate} Hz)")
+            if info.channels != 1:
+                converted["mixed down"].append(f"{audio_path} ({info.channels} channels)")
+            num_samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+            utterances.append(Utterance(utterance_id, audio_path, normalize_text(transcript),
+                                        num_samples, info.samplerate, info.channels))
+    for action, files in converted.items():
+        if files:
+            warnings.warn(f"{split_dir}: {len(files)} file(s) {action} to 16 kHz mono on load, e.g. "
+                          + "; ".join(files[:3]), stacklevel=2)
+    return utterances
+
+
+def read_audio(utterance: Utterance) -> np.ndarray:
+    """float32 mono 16 kHz samples of one utterance (converted if the file is not)."""
+    try:
+        samples, sample_rate = soundfile.read(str(utterance.audio_path), dtype="float32", always_2d=True)
+    except Exception as error:
+        raise DataError(f"cannot read audio file {utterance.audio_path}: {error}") from None
+    samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]   # (N,)
+    if sample_rate != SAMPLE_RATE:
+        samples = resample(samples, sample_rate, SAMPLE_RATE)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    ids: list[str]
+    waveforms: torch.Tensor        # (B, N) float32, zero-padded (normalised if asked)
+    lengths: torch.Tensor          # (B,) valid samples
+    targets: torch.Tensor          # (sum of target lengths,) concatenated label ids
+    target_lengths: torch.Tensor   # (B,)
+    transcripts: list[str]
+
+
+def normalize_waveform(waveform: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance for one utterance, as HF's Wav2Vec2FeatureExtractor:
+    (x - mean) / sqrt(var + 1e-7). Done before padding, so padding stays 0."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    return (waveform - waveform.mean()) / np.sqrt(waveform.var() + 1e-7)
+
+
+def collate(utterances: Sequence[Utterance], waveforms: Sequence[np.ndarray], *, normalize: bool,
+            vocab: Sequence[str] = DEFAULT_VOCAB) -> Batch:
+    """Pad a list of waveforms into one batch, with lengths and CTC targets."""
+    if normalize:
+        waveforms = [normalize_waveform(w) for w in waveforms]
+    lengths = torch.tensor([len(w) for w in waveforms], dtype=torch.long)
+    padded = torch.zeros(len(waveforms), int(lengths.max()))                     # (B, N)
+    for row, waveform in enumerate(waveforms):
+        padded[row, :len(waveform)] = torch.from_numpy(np.asarray(waveform, dtype=np.float32))
+    targets, target_lengths = make_targets([u.transcript for u in utterances], vocab)
+    return Batch(ids=[u.id for u in utterances], waveforms=padded, lengths=lengths, targets=targets,
+                 target_lengths=target_lengths, transcripts=[u.transcript for u in utterances])
+
+
+def make_targets(transcripts: Sequence[str], vocab: Sequence[str] = DEFAULT_VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTC targets: all label ids concatenated (sum L,), and each transcript's length (B,)."""
+    labels = [encode_text(text, vocab) for text in transcripts]
+    return (torch.tensor([i for label in labels for i in label], dtype=torch.long),
+            torch.tensor([len(label) for label in labels], dtype=torch.long))
+
+
+def length_sorted_batches(utterances: Sequence[Utterance], *, batch_size: int = 8,
+                          max_batch_seconds: Optional[float] = None, shuffle: bool = False,
+                          seed: int = 0) -> list[list[int]]:
+    """Group utterance indices into batches of similar length (little padding).
+
+    Indices are sorted by length and cut into consecutive batches of at most `batch_size`
+    utterances (and, if given, at most `max_batch_seconds` of padded audio). With `shuffle`
+    the order of the *batches* is permuted with `seed`; each batch keeps similar lengths."""
+    order = sorted(range(len(utterances)), key=lambda i: (utterances[i].num_samples, utterances[i].id))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = max([utterances[i].num_samples for i in current] + [utterances[index].num_samples])
+        too_long = max_batch_seconds is not None and current and \
+            longest * (len(current) + 1) / SAMPLE_RATE > max_batch_seconds
+        if len(current) == batch_size or too_long:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    if shuffle:
+        permutation = np.random.default_rng(seed).permutation(len(batches))
+        batches = [batches[i] for i in permutation]
+    return batches
+
+
+class AudioCache:
+    """Reads utterances on demand and keeps them in memory as int16 (half the RAM of float32).
+
+    A small corpus (the built-in one: ~2 h, ~230 MB) fits; for LibriSpeech-size data pass
+    `keep=False` to re-read from disk every time."""
+
+    def __init__(self, utterances: Sequence[Utterance], keep: bool = True):
+        self.utterances = list(utterances)
+        self.keep = keep
+        self._store: dict[int, np.ndarray] = {}
+
+    def waveform(self, index: int) -> np.ndarray:
+        if index in self._store:
+            return self._store[index].astype(np.float32) / 32768.0
+        samples = read_audio(self.utterances[index])
+        if self.keep:
+            self._store[index] = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+            return self._store[index].astype(np.float32) / 32768.0
+        return samples
+
+    def batch(self, indices: Sequence[int], *, normalize: bool, vocab: Sequence[str] = DEFAULT_VOCAB) -> Batch:
+        return collate([self.utterances[i] for i in indices], [self.waveform(i) for i in indices],
+                       normalize=normalize, vocab=vocab)
+
+    def batches(self, batch_indices: Sequence[Sequence[int]], *, normalize: bool,
+                vocab: Sequence[str] = DEFAULT_VOCAB) -> Iterator[Batch]:
+        for indices in batch_indices:
+            yield self.batch(indices, normalize=normalize, vocab=vocab)

@@ -1,0 +1,368 @@
+"""The one CTC training loop that every method shares (dense fine-tuning, SPG, UMP, mixed, L0).
+
+This is the glue module: unlike the algorithm modules it imports several siblings. A
+compression method plugs in through a small `Method` object (extra loss, extra parameter
+groups, a hook after each step, its own resumable state); the loop itself never changes.
+
+What the loop guarantees:
+  * AdamW with linear warm-up then linear decay to 0 (the SPG paper's schedule);
+  * a non-finite loss is reported and skipped, never written into the weights;
+  * checkpoints are written atomically (temp file, then rename) every `save_every` steps, and
+    `resume` continues from one exactly: step, schedule, optimiser, RNG, batch order and
+    the method's state;
+  * optional frozen, cached feature extractor (the papers never prune it, and caching its
+    output roughly halves the cost of a training step on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from spg.data import AudioCache, Batch, Utterance, length_sorted_batches, make_targets, normalize_waveform
+from spg.model import Wav2Vec2CTC, ctc_greedy_decode
+from spg.wer import error_counts
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 2e-4                 # SPG paper: AdamW, lr 2e-4
+    warmup_fraction: float = 0.1     # SPG paper: linear warm-up over the first 10 % of steps
+    weight_decay: float = 0.01       # not specified by the paper; AdamW's usual value
+    grad_clip: float = 5.0           # not specified by the paper; guards rare CTC spikes
+    freeze_feature_extractor: bool = True
+    cache_features: bool = True      # only with a frozen extractor
+    save_every: int = 200
+    eval_every: int = 0              # 0: no evaluation during training
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------
+# Method plug-in
+# ----------------------------------------------------------------------------------------
+
+class Method:
+    """Dense CTC fine-tuning. Compression methods subclass this."""
+
+    name = "dense"
+
+    def parameter_groups(self, model: Wav2Vec2CTC, config: TrainConfig) -> list[dict]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        return [{"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def extra_loss(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> Optional[torch.Tensor]:
+        return None
+
+    def after_step(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> dict:
+        """Called after every optimiser step; returns figures for the progress bar."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# Features and batches
+# ----------------------------------------------------------------------------------------
+
+class FeatureCache:
+    """Frozen feature-extractor outputs, computed once per utterance and kept as float16."""
+
+    def __init__(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device, desc: str = "caching features"):
+        self.features: list[torch.Tensor] = []
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for index in tqdm(range(len(audio.utterances)), desc=desc, leave=False):
+                waveform = audio.waveform(index)
+                if model.config.do_normalize:
+                    waveform = normalize_waveform(waveform)
+                wave = torch.from_numpy(waveform)[None].to(device)
+                self.features.append(model.extract_features(wave)[0].to("cpu", torch.float16))  # (T, C)
+        model.train(was_training)
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        frames = max(self.features[i].shape[0] for i in indices)
+        channels = self.features[indices[0]].shape[1]
+        out = torch.zeros(len(indices), frames, channels)                        # (B, T, C)
+        for row, i in enumerate(indices):
+            out[row, :self.features[i].shape[0]] = self.features[i].float()
+        return out
+
+
+def forward_batch(model: Wav2Vec2CTC, batch: Batch, device: torch.device,
+                  features: Optional[torch.Tensor] = None):
+    lengths = batch.lengths.to(device)
+    if features is not None:
+        return model(None, lengths, features=features.to(device))
+    return model(batch.waveforms.to(device), lengths)
+
+
+def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean-reduced CTC (per-utterance loss divided by its target length, then averaged)."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)                   # (T, B, V)
+    return F.ctc_loss(log_probs, batch.targets.to(logits.device), frame_lengths,
+                      batch.target_lengths.to(logits.device), blank=0, reduction="mean", zero_infinity=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int = 16,
+                      device: torch.device = torch.device("cpu"), progress: bool = True,
+                      desc: str = "decoding") -> list[str]:
+    """Greedy CTC transcripts of every utterance in `audio`, in corpus order.
+
+    Group-norm ("base") models normalise each conv channel over the whole (padded) time
+    axis, so batching changes their output; like HF's reference recipe we decode them one
+    utterance at a time. Layer-norm models are exact under padding and are batched."""
+    was_training = model.training
+    model.eval()
+    if model.config.feat_extract_norm == "group":
+        batch_size = 1
+    batches = length_sorted_batches(audio.utterances, batch_size=batch_size)
+    hypotheses: list[str] = [""] * len(audio.utterances)
+    for indices in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab)
+        logits, frame_lengths = forward_batch(model, batch, device)
+        for index, text in zip(indices, ctc_greedy_decode(logits, frame_lengths, model.vocab)):
+            hypotheses[index] = text
+    model.train(was_training)
+    return hypotheses
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Linear warm-up to 1 over the first `warmup_fraction` of steps, then linear decay to 0."""
+    warmup = max(1, int(round(warmup_fraction * total_steps)))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    skipped_steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: TrainConfig, *,
+          method: Optional[Method] = None, device: torch.device = torch.device("cpu"),
+          checkpoint_path: Optional[str | Path] = None, resume: bool = False,
+          dev_utterances: Optional[Sequence[Utterance]] = None,
+          on_eval: Optional[Callable[[int, float], None]] = None,
+          progress: bool = True, stop_after_steps: Optional[int] = None) -> TrainResult:
+    """Fine-tune `model` with CTC for `config.steps` optimiser steps (plus `method`'s loss).
+
+    `checkpoint_path` receives a resumable checkpoint every `config.save_every` steps and at
+    the end; with `resume=True` training continues from it. `stop_after_steps` ends this call
+    early (the checkpoint is still written), to run a long job in several parts."""
+    method = method or Method()
+    model.to(device)
+    started = time.time()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    state = None
+    if resume:
+        if checkpoint_path is None or not Path(checkpoint_path).exists():
+            raise FileNotFoundError(f"--resume given but there is no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["train_config"]["steps"] != config.steps:
+            raise ValueError(f"{checkpoint_path} was written for {state['train_config']['steps']} steps, "
+                             f"not {config.steps}; resume with the same --steps")
+        model.load_state_dict(state["model"])     # before caching features: they depend on the weights
+        method.load_state_dict(state["method"])
+
+    if config.freeze_feature_extractor:
+        for parameter in model.feature_extractor.parameters():
+            parameter.requires_grad_(False)
+    audio = AudioCache(train_utterances)
+    features = FeatureCache(model, audio, device) if config.freeze_feature_extractor and config.cache_features else None
+    dev_audio = AudioCache(dev_utterances) if dev_utterances else None
+
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    step, epoch, position, skipped = 0, 0, 0, 0
+    history: list[dict] = []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, position, skipped = state["step"], state["epoch"], state["position"], state["skipped"]
+        history = state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+    def save_checkpoint() -> None:
+        if checkpoint_path is None:
+            return
+        atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+            "step": step, "epoch": epoch, "position": position, "skipped": skipped, "history": history,
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "train_config": asdict(config), "config": model.config.to_dict(), "vocab": model.vocab,
+        }, checkpoint_path)
+
+    model.train()
+    if config.freeze_feature_extractor:
+        model.feature_extractor.eval()     # no dropout/norm updates in the frozen front end
+    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress, dynamic_ncols=True)
+    end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
+    while step < end_step:
+        batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
+                                        seed=config.seed * 100_003 + epoch)
+        while position < len(batches) and step < end_step:
+            indices = batches[position]
+            position += 1
+            factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab) \
+                if features is None else _labels_only(audio, indices, model.vocab)
+            logits, frame_lengths = forward_batch(
+                model, batch, device, None if features is None else features.batch(indices))
+            loss = ctc_loss(logits, frame_lengths, batch)
+            extra = method.extra_loss(model, step, config.steps)
+            total = loss if extra is None else loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(total):
+                skipped += 1
+                bar.write(f"step {step}: non-finite loss ({total.item()}); batch {batch.ids[:3]}... skipped")
+                step += 1
+                bar.update(1)
+                continue
+            total.backward()
+            gradient_norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
+            if not torch.isfinite(gradient_norm):
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                bar.write(f"step {step}: non-finite gradient; update skipped")
+            else:
+                optimizer.step()
+            step += 1
+            shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
+            shown.update(method.after_step(model, step, config.steps))
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+            if step % 50 == 0 or step == config.steps:
+                history.append({"step": step, "loss": loss.item(), **{k: v for k, v in shown.items() if k != "loss"}})
+            if config.eval_every and dev_audio is not None and step % config.eval_every == 0:
+                hypotheses = transcribe_corpus(model, dev_audio, device=device, progress=False)
+                dev_wer = error_counts([u.transcript for u in dev_audio.utterances], hypotheses).rate
+                history.append({"step": step, "dev_wer": dev_wer})
+                bar.write(f"step {step}: dev WER {100 * dev_wer:.2f}%")
+                if on_eval is not None:
+                    on_eval(step, dev_wer)
+                model.train()
+                if config.freeze_feature_extractor:
+                    model.feature_extractor.eval()
+            if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
+                save_checkpoint()
+        if position >= len(batches):
+            epoch, position = epoch + 1, 0
+    bar.close()
+    save_checkpoint()
+    model.eval()
+    return TrainResult(steps_done=step, skipped_steps=skipped, seconds=time.time() - started, history=history)
+
+
+def _labels_only(audio: AudioCache, indices: Sequence[int], vocab: Sequence[str]) -> Batch:
+    """A batch with lengths and targets but no waveforms (features come from the cache)."""
+    utterances = [audio.utterances[i] for i in indices]
+    targets, target_lengths = make_targets([u.transcript for u in utterances], vocab)
+    return Batch(ids=[u.id for u in utterances], waveforms=torch.empty(0),
+                 lengths=torch.tensor([u.num_samples for u in utterances]), targets=targets,
+                 target_lengths=target_lengths, transcripts=[u.transcript for u in utterances])
+
+
+# ----------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------
+
+def sparsity_report(model: Wav2Vec2CTC) -> dict:
+    """Zero fraction of the prunable matrices: overall, per block, and per matrix."""
+    per_matrix: dict[str, float] = {}
+    per_block: dict[int, list[int]] = {}
+    zeros_total = size_total = 0
+    for name, linear in model.prunable_linears():
+        zeros = int((linear.weight == 0).sum())
+        size = linear.weight.numel()
+        per_matrix[name] = zeros / size if size else 0.0
+        block = int(name.split(".")[2])
+        counts = per_block.setdefault(block, [0, 0])
+        counts[0] += zeros
+        counts[1] += size
+        zeros_total += zeros
+        size_total += size
+    return {"sparsity": zeros_total / size_total if size_total else 0.0,
+            "per_block_sparsity": {b: z / s if s else 0.0 for b, (z, s) in sorted(per_block.items())},
+            "per_matrix_sparsity": per_matrix,
+            "prunable_params": size_total}
+
+
+def evaluate_corpus(model: Wav2Vec2CTC, utterances: Sequence[Utterance], *, batch_size: int = 16,
+                    device: torch.device = torch.device("cpu"), progress: bool = True, desc: str = "decoding") -> dict:
+    """WER/CER with S/D/I counts, hypotheses and real-time factor on one corpus split."""
+    audio = AudioCache(utterances)
+    for index in range(len(utterances)):   # read audio before the clock starts
+        audio.waveform(index)
+    started = time.perf_counter()
+    hypotheses = transcribe_corpus(model, audio, batch_size=batch_size, device=device, progress=progress, desc=desc)
+    seconds = time.perf_counter() - started
+    references = [u.transcript for u in utterances]
+    words = error_counts(references, hypotheses)
+    chars = error_counts(references, hypotheses, unit="char")
+    audio_seconds = sum(u.seconds for u in utterances)
+    return {"wer": words.rate, "cer": chars.rate,
+            "substitutions": words.substitutions, "deletions": words.deletions, "insertions": words.insertions,
+            "reference_words": words.reference_length, "utterances": len(utterances),
+            "audio_seconds": audio_seconds, "rtf": seconds / audio_seconds if audio_seconds else 0.0,
+            "ids": [u.id for u in utterances], "references": references, "hypotheses": hypotheses}
