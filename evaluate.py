@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Evaluate a CTC checkpoint on a LibriSpeech-layout corpus (greedy decoding, no LM).
+
+    python evaluate.py                                  # shipped dense model, built-in test split
+    python evaluate.py --model runs/spg-0.6.pt --compare models/tiny-dense.pt
+    python evaluate.py --model path/to/hf-folder --data /data/LibriSpeech --split test-clean
+
+Prints WER, CER and S/D/I counts, parameters and sparsity, size on disk and real-time
+factor. `--compare OTHER` decodes the same utterances with a second model and runs the
+MAPSSWE significance test (Gillick & Cox 1989), the papers' "no significant increase" test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import spg
+from spg.data import read_corpus
+from spg.training import evaluate_corpus, sparsity_report
+from spg.wer import mapsswe
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of a checkpoint file, or of the weight files of an HF folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir()
+                   if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
+    return path.stat().st_size
+
+
+def describe(model_path: Path, device: torch.device, utterances, label: str) -> dict:
+    model = spg.load(model_path)
+    model.to(device)
+    result = evaluate_corpus(model, utterances, device=device, desc=label)
+    result.update(sparsity_report(model))
+    result.update(model=str(model_path), params_total=model.num_parameters(),
+                  params_nonzero=model.num_parameters(nonzero_only=True), size_bytes=size_on_disk(model_path))
+    return result
+
+
+def print_result(result: dict, title: str) -> None:
+    print(f"\n== {title}: {result['model']}")
+    print(f"WER {100 * result['wer']:.2f}%  CER {100 * result['cer']:.2f}%  "
+          f"(S={result['substitutions']} D={result['deletions']} I={result['insertions']} "
+          f"over {result['reference_words']} words, {result['utterances']} utterances)")
+    print(f"parameters {result['params_total']:,}, non-zero {result['params_nonzero']:,}; "
+          f"prunable-matrix sparsity {100 * result['sparsity']:.1f}%")
+    blocks = "  ".join(f"{b}:{100 * s:.0f}%" for b, s in result["per_block_sparsity"].items())
+    print(f"sparsity per block  {blocks}")
+    print(f"size on disk {result['size_bytes'] / 1e6:.2f} MB; real-time factor {result['rtf']:.4f} "
+          f"({result['audio_seconds']:.0f} s of audio)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="any checkpoint spg.load accepts")
+    parser.add_argument("--data", default=None, help="LibriSpeech-layout corpus root (default: built-in corpus)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--compare", default=None, help="a second model to test against (MAPSSWE)")
+    parser.add_argument("--json", default=None, help="write the figures and per-utterance transcripts here")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    if args.data:
+        root = Path(args.data)
+    else:
+        from spg.corpus import build_corpus
+        root = build_corpus()
+    device = torch.device(args.device)
+    model_path = Path(args.model)
+    utterances = read_corpus(root, args.split, spg.load(model_path).vocab)
+    result = describe(model_path, device, utterances, "decoding")
+    print_result(result, f"{args.split} ({root})")
+    report = {key: result[key] for key in (
+        "model", "wer", "cer", "substitutions", "deletions", "insertions", "reference_words", "params_total",
+        "params_nonzero", "sparsity", "per_block_sparsity", "per_matrix_sparsity", "size_bytes", "rtf",
+        "audio_seconds")}
+    report["split"] = args.split
+    report["utterances"] = [{"id": i, "reference": r, "hypothesis": h}
+                            for i, r, h in zip(result["ids"], result["references"], result["hypotheses"])]
+
+    if args.compare:
+        other = describe(Path(args.compare), device, utterances, "decoding (compare)")
+        print_result(other, "compared with")
+        test = mapsswe(result["references"], other["hypotheses"], result["hypotheses"])
+        print(f"\nMAPSSWE ({test.n_segments} segments): WER {100 * other['wer']:.2f}% (compare) -> "
+              f"{100 * result['wer']:.2f}% (model); p = {test.p_value:.4f}; A = compare, B = model: {test.verdict}")
+        report["compare"] = {"model": other["model"], "wer": other["wer"], "cer": other["cer"],
+                             "p_value": test.p_value, "significant": test.significant, "verdict": test.verdict,
+                             "n_segments": test.n_segments}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Tests for spg.audio (resampling, FLAC writing) and spg.corpus (the synthetic corpus)."""
+
+import hashlib
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from spg import audio, corpus
+
+TINY = dict(num_train=6, num_dev=2, num_test=2, num_test_unseen=2, seed=0, progress=False)
+TRANSCRIPT_CHARACTERS = re.compile(r"[A-Z']+( [A-Z']+)*")
+
+
+# --------------------------------------------------------------------------------------
+# Resampling
+# --------------------------------------------------------------------------------------
+def _sine(frequency: float, sample_rate: int, seconds: float = 1.0) -> np.ndarray:
+    return np.sin(2 * np.pi * frequency * np.arange(int(sample_rate * seconds)) / sample_rate).astype(np.float32)
+
+
+def _direct_resample(x: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
+    """The resampling formula evaluated literally, one output sample at a time (slow)."""
+    divisor = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // divisor, orig_sr // divisor
+    cutoff = audio.ROLLOFF * 0.5 * min(1.0, up / down)
+    half_width = audio.ZERO_CROSSINGS / (2 * cutoff)
+    inputs = np.arange(len(x))
+    out = np.zeros(audio.resampled_length(len(x), orig_sr, new_sr))
+    for n in range(len(out)):
+        tau = n * down / up - inputs
+        window = audio._kaiser_window(tau / half_width, audio.KAISER_BETA)
+        out[n] = np.dot(2 * cutoff * np.sinc(2 * cutoff * tau) * window, x)
+    return out
+
+
+@pytest.mark.parametrize("frequency", [440.0, 3000.0])
+def test_resample_keeps_frequency_and_amplitude(frequency):
+    resampled = audio.resample(_sine(frequency, 22050), 22050, 16000)
+    assert resampled.dtype == np.float32
+    steady = resampled[1000:-1000].astype(np.float64)  # away from the zero-padded edges
+    spectrum = np.abs(np.fft.rfft(steady * np.hanning(len(steady))))
+    peak = np.argmax(spectrum)
+    # Refine the peak bin with a parabola through its neighbours.
+    left, centre, right = np.log(spectrum[peak - 1 : peak + 2])
+    peak_bin = peak + 0.5 * (left - right) / (left - 2 * centre + right)
+    assert peak_bin * 16000 / len(steady) == pytest.approx(frequency, rel=1e-3)
+    amplitude = np.sqrt(2 * np.mean(steady**2))
+    assert amplitude == pytest.approx(1.0, abs=0.01)
+    # And sample by sample: the output is the same sine sampled at 16 kHz.
+    expected = _sine(frequency, 16000, len(resampled) / 16000)[1000:-1000]
+    assert np.max(np.abs(steady - expected)) < 0.01
+
+
+def test_resample_removes_what_would_alias():
+    resampled = audio.resample(_sine(9000.0, 22050), 22050, 16000)  # above the new Nyquist
+    assert np.sqrt(2 * np.mean(resampled[1000:-1000] ** 2)) < 1e-3  # at least 60 dB down
+
+
+@pytest.mark.parametrize("orig_sr,new_sr", [(22050, 16000), (8000, 16000), (48000, 16000), (44100, 16000), (7, 5)])
+def test_resample_matches_the_direct_formula(orig_sr, new_sr):
+    x = np.random.default_rng(0).standard_normal(600).astype(np.float32)
+    np.testing.assert_allclose(audio.resample(x, orig_sr, new_sr), _direct_resample(x, orig_sr, new_sr), atol=1e-5)
+
+
+def test_resample_length_and_identity():
+    for length in [0, 1, 440, 441, 442, 22050, 22051]:
+        expected = math.ceil(length * 16000 / 22050)
+        assert audio.resampled_length(length, 22050, 16000) == expected
+        assert len(audio.resample(np.zeros(length, np.float32), 22050, 16000)) == expected
+    assert len(audio.resample(np.zeros(1001, np.float32), 8000, 16000)) == 2002
+    x = np.random.default_rng(1).uniform(-1, 1, 1234).astype(np.float32)
+    same = audio.resample(x, 16000, 16000)
+    assert same.dtype == np.float32 and np.array_equal(same, x) and same is not x
+
+
+def test_write_flac_roundtrip(tmp_path):
+    x = np.random.default_rng(2).uniform(-1, 1, 3000).astype(np.float32)
+    path = tmp_path / "a.flac"
+    audio.write_flac(path, x, 16000)
+    read, sample_rate = soundfile.read(path, dtype="int16")
+    assert sample_rate == 16000 and soundfile.info(path).subtype == "PCM_16"
+    assert np.array_equal(read, audio.float_to_pcm16(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.flac"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------------------
+# Sentences, voices and plans (no audio)
+# --------------------------------------------------------------------------------------
+def test_word_list():
+    words = corpus.vocabulary()
+    assert len(words) >= 500
+    assert all(re.fullmatch(r"[A-Z']+", word) for word in words)
+
+
+def test_sentences_are_well_formed():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        transcript, spoken = corpus.random_sentence(rng)
+        assert TRANSCRIPT_CHARACTERS.fullmatch(transcript)
+        assert corpus.MIN_WORDS <= len(transcript.split()) <= corpus.MAX_WORDS
+        assert re.sub(r"[,.?]", "", spoken).upper() == transcript
+
+
+def test_held_out_sentences_never_in_train():
+    counts = {"train": 20000, "dev": 1000, "test": 1000, "test-unseen": 500}
+    planned = corpus.plan_corpus(counts, seed=3)
+    by_split = {split: [u.transcript for u in planned if u.split == split] for split in corpus.SPLITS}
+    assert {split: len(texts) for split, texts in by_split.items()} == counts
+    all_transcripts = [t for texts in by_split.values() for t in texts]
+    assert len(set(all_transcripts)) == len(all_transcripts)  # unique within and across splits
+    # Held-out splits do not depend on how much training data is asked for.
+    smaller = corpus.plan_corpus({**counts, "train": 10}, seed=3)
+    assert [u for u in smaller if u.split != "train"] == [u for u in planned if u.split != "train"]
+
+
+def test_voices():
+    assert not set(corpus.SEEN_VOICES) & set(corpus.HELD_OUT_VOICES)
+    planned = corpus.plan_corpus({"train": 300, "dev": 60, "test": 60, "test-unseen": 30}, seed=0)
+    for utterance in planned:
+        expected = corpus.HELD_OUT_VOICES if utterance.split == "test-unseen" else corpus.SEEN_VOICES
+        assert utterance.voice in expected and corpus.VOICES[utterance.speaker_id] == utterance.voice
+        assert corpus.RATE_WPM_RANGE[0] <= utterance.rate_wpm <= corpus.RATE_WPM_RANGE[1]
+        assert corpus.PITCH_RANGE[0] <= utterance.pitch <= corpus.PITCH_RANGE[1]
+    train_voices = [u.voice for u in planned if u.split == "train"]
+    assert set(train_voices) == set(corpus.SEEN_VOICES)  # balanced: every seen voice is used
+    # eSpeak silently ignores unknown variants: check each exists and changes the audio.
+    variants_folder = corpus._synthesizer().data_path / "voices" / "!v"
+    for variant in corpus.SEEN_VARIANTS + corpus.HELD_OUT_VARIANTS:
+        assert (variants_folder / variant).is_file(), variant
+    fingerprints = set()
+    for voice in corpus.VOICES:
+        waveform = corpus.synthesize("The old baker carried a basket.", voice)
+        assert waveform.dtype == np.float32 and 0.5 < len(waveform) / corpus.SAMPLE_RATE < 5
+        assert 0.05 < np.max(np.abs(waveform)) <= 1.0
+        fingerprints.add(hashlib.sha256(waveform.tobytes()).hexdigest())
+    assert len(fingerprints) == len(corpus.VOICES)
+
+
+def test_unknown_voice_is_an_error():
+    with pytest.raises(RuntimeError):
+        corpus.synthesize("Hello.", "xx-nonexistent")
+
+
+def test_synthesis_does_not_depend_on_history():
+    first = corpus.synthesize("Where did George push the sacks?", "en+m1", 150, 40)
+    corpus.synthesize("Something else entirely.", "en-us+f2", 200, 70)
+    assert np.array_equal(first, corpus.synthesize("Where did George push the sacks?", "en+m1", 150, 40))
+
+
+# --------------------------------------------------------------------------------------
+# The corpus on disk
+# --------------------------------------------------------------------------------------
+def _read_tree(root: Path) -> dict[str, object]:
+    """Every file under root: transcripts as text, flacs as (int16 samples, sample rate)."""
+    contents: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.suffix == ".flac":
+            samples, sample_rate = soundfile.read(path, dtype="int16")
+            contents[name] = (samples, sample_rate)
+        elif path.is_file() and path.name != "manifest.json":
+            contents[name] = path.read_text()
+    return contents
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return corpus.build_corpus(tmp_path_factory.mktemp("corpus") / "a", **TINY, num_workers=1)
+
+
+def test_layout(tiny_corpus):
+    manifest = corpus._read_manifest(tiny_corpus)
+    assert manifest["splits"]["train"]["utterances"] == 6
+    counted = 0
+    for split in corpus.SPLITS:
+        transcripts = sorted((tiny_corpus / split).glob("*/*/*.trans.txt"))
+        assert transcripts, split
+        for transcript_file in transcripts:
+            speaker, chapter = transcript_file.parent.parts[-2:]
+            assert transcript_file.name == f"{speaker}-{chapter}.trans.txt"
+            assert int(chapter) == corpus.CHAPTER_ID[split]
+            voices = corpus.HELD_OUT_VOICES if split == "test-unseen" else corpus.SEEN_VOICES
+            assert corpus.VOICES[int(speaker)] in voices
+            lines = transcript_file.read_text().splitlines()
+            flacs = sorted(transcript_file.parent.glob("*.flac"))
+            assert len(flacs) == len(lines)
+            for line in lines:
+                utterance_id, text = line.split(" ", 1)
+                assert re.fullmatch(rf"{speaker}-{chapter}-\d{{4}}", utterance_id)
+                assert TRANSCRIPT_CHARACTERS.fullmatch(text)
+                info = soundfile.info(transcript_file.parent / f"{utterance_id}.flac")
+                assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+                assert 0.5 < info.duration < 8
+                counted += 1
+    assert counted == 12
+    assert not [p for p in tiny_corpus.parent.iterdir() if p.name != "a"]  # no temporary folder left
+
+
+def test_generation_is_deterministic_and_reused(tiny_corpus, tmp_path):
+    again = corpus.build_corpus(tmp_path / "b", **TINY, num_workers=2)  # other folder, 2 workers
+    first, second = _read_tree(tiny_corpus), _read_tree(again)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        if isinstance(value, tuple):
+            assert np.array_equal(value[0], second[name][0]) and value[1] == second[name][1], name
+        else:
+            assert value == second[name], name
+    # A second call with the same settings reuses the corpus; other settings are refused.
+    modified = {path: path.stat().st_mtime_ns for path in again.rglob("*")}
+    assert corpus.build_corpus(tmp_path / "b", **TINY) == tmp_path / "b"
+    assert modified == {path: path.stat().st_mtime_ns for path in again.rglob("*")}
+    with pytest.raises(FileExistsError):
+        corpus.build_corpus(tmp_path / "b", **{**TINY, "seed": 1})
+
+
+def test_default_root_follows_settings(monkeypatch, tmp_path):
+    settings = corpus.corpus_settings({"train": 1, "dev": 1, "test": 1, "test-unseen": 1}, seed=0)
+    monkeypatch.setenv("SPG_DATA", str(tmp_path))
+    root = corpus.default_root(settings)
+    assert root.parent == tmp_path and root.name.startswith("synth-")
+    assert corpus.default_root({**settings, "seed": 1}) != root
