@@ -1,0 +1,71 @@
+"""train.py and evaluate.py end to end on tiny corpora."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import evaluate  # noqa: E402
+import spg  # noqa: E402
+import train  # noqa: E402
+
+SHIPPED = REPO / "models" / "tiny-dense.pt"
+
+
+def noise_corpus(root: Path) -> Path:
+    for split in ("train", "dev", "test"):
+        write_corpus(root, split, {f"{i:04d}": (["HELLO WORLD", "A CAT", "NO"][i % 3], 0.3 + 0.05 * i)
+                                   for i in range(6)})
+    return root
+
+
+def test_train_resume_continues_from_the_given_checkpoint(tmp_path):
+    data = noise_corpus(tmp_path / "corpus")
+    common = ["--init", "tiny", "--data", str(data), "--test-split", "test", "--steps", "4",
+              "--batch-size", "3", "--lr", "1e-3", "--save-every", "1"]
+    assert train.main(common + ["--out", str(tmp_path / "straight.pt")]) == 0
+    assert train.main(common + ["--out", str(tmp_path / "parts.pt"), "--stop-after", "2"]) == 0
+    assert not (tmp_path / "parts.pt").exists()           # not finished yet
+    state = torch.load(tmp_path / "parts.pt.state", weights_only=False)
+    assert state["step"] == 2
+    assert train.main(common + ["--out", str(tmp_path / "parts.pt"), "--resume", "--json",
+                                str(tmp_path / "summary.json")]) == 0
+    straight, resumed = spg.load(tmp_path / "straight.pt"), spg.load(tmp_path / "parts.pt")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and set(summary["after"]) == {"dev", "test"}
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    data = noise_corpus(tmp_path / "corpus")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt.state"):
+        train.main(["--init", "tiny", "--data", str(data), "--steps", "2", "--resume",
+                    "--out", str(tmp_path / "missing.pt")])
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="shipped model not present")
+def test_evaluate_shipped_model_on_a_tiny_synthetic_corpus(tmp_path, capsys):
+    from spg.corpus import build_corpus
+    root = build_corpus(tmp_path / "synth", num_train=1, num_dev=1, num_test=6, num_test_unseen=1,
+                        progress=False)
+    report_path = tmp_path / "report.json"
+    assert evaluate.main(["--data", str(root), "--split", "test", "--json", str(report_path),
+                          "--compare", str(SHIPPED)]) == 0
+    report = json.loads(report_path.read_text())
+    assert len(report["utterances"]) == 6
+    assert {"wer", "cer", "params_total", "params_nonzero", "sparsity", "size_bytes", "rtf"} <= set(report)
+    assert report["params_total"] == report["params_nonzero"] > 4_000_000
+    assert report["size_bytes"] == SHIPPED.stat().st_size
+    # the shipped model really recognises unseen sentences of seen voices
+    assert report["cer"] < 0.15, report["utterances"]
+    # comparing a model with itself: identical outputs, no significant difference
+    assert report["compare"]["p_value"] == 1.0 and not report["compare"]["significant"]
+    printed = capsys.readouterr().out
+    assert "WER" in printed and "real-time factor" in printed
