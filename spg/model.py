@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -294,6 +295,16 @@ class PositionalConvEmbedding(nn.Module):
         return F.gelu(y).transpose(1, 2)                # (B, T, D)
 
 
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    """nn.Linear that may have zero rows or columns (a fully pruned block) without torch's
+    "Initializing zero-element tensors is a no-op" warning."""
+    if in_features and out_features:
+        return nn.Linear(in_features, out_features)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(in_features, out_features)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose heads may have different widths.
 
@@ -313,10 +324,10 @@ class Attention(nn.Module):
         self.v_head_dims = list(v_head_dims)
         self.scaling = scaling
         self.dropout = dropout
-        self.q_proj = nn.Linear(hidden_size, sum(qk_head_dims))
-        self.k_proj = nn.Linear(hidden_size, sum(qk_head_dims))
-        self.v_proj = nn.Linear(hidden_size, sum(v_head_dims))
-        self.out_proj = nn.Linear(sum(v_head_dims), hidden_size)
+        self.q_proj = _linear(hidden_size, sum(qk_head_dims))
+        self.k_proj = _linear(hidden_size, sum(qk_head_dims))
+        self.v_proj = _linear(hidden_size, sum(v_head_dims))
+        self.out_proj = _linear(sum(v_head_dims), hidden_size)
         self.max_qk = max(qk_head_dims, default=0)
         self.max_v = max(v_head_dims, default=0)
         self.uniform = len(set(qk_head_dims)) <= 1 and len(set(v_head_dims)) <= 1
@@ -355,9 +366,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, config: ModelConfig):
         super().__init__()
-        self.intermediate_dense = nn.Linear(hidden_size, intermediate_size)
+        self.intermediate_dense = _linear(hidden_size, intermediate_size)
         self.intermediate_dropout = nn.Dropout(config.activation_dropout)
-        self.output_dense = nn.Linear(intermediate_size, hidden_size)
+        self.output_dense = _linear(intermediate_size, hidden_size)
         self.output_dropout = nn.Dropout(config.hidden_dropout)
         if config.hidden_act not in ("gelu", "relu"):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (use 'gelu' or 'relu')")
