@@ -1,11 +1,17 @@
 #!/usr/bin/env python
 """Train or compress a wav2vec2/HuBERT CTC model.
 
+    python train.py --sparsity 0.6                # SPG: prune the shipped model to 60 % while fine-tuning
+    python train.py --sparsity 0.6 --method ump   # baseline: uniform magnitude pruning + fixed-mask fine-tuning
+    python train.py --sparsity 0.6 --method mixed # baseline: SPG's per-matrix sparsities, magnitude masks
     python train.py --sparsity 0                  # dense CTC fine-tuning of the shipped model
     python train.py --init tiny --train-feature-extractor --steps 40000 ...   # from scratch
 
 With no --model and no --data it uses the shipped dense tiny model and the built-in
 synthetic corpus (synthesised on first use). See README.md for the real-checkpoint setting.
+The summary compares the dense and the compressed model on every split (WER, and the
+MAPSSWE significance test at alpha = 0.05), and reports the sparsity per block and matrix,
+the parameter counts, the size on disk and the wall time.
 """
 
 from __future__ import annotations
@@ -13,19 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import spg
+from spg import gates
 from spg.data import read_corpus
-from spg.model import Wav2Vec2CTC, preset
+from spg.magnitude import UMP, Mixed
+from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.training import Method, TrainConfig, evaluate_corpus, sparsity_report, train
+from spg.wer import mapsswe
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
-METHODS = {"dense": Method}
+METHODS = ("dense", "spg", "ump", "mixed")
+# The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
+# at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
+DEFAULT_STEPS = 500
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,9 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--dev-split", default="dev")
     parser.add_argument("--test-split", default="test", help="comma-separated; the built-in corpus adds test-unseen")
-    parser.add_argument("--method", choices=sorted(METHODS), default="dense")
-    parser.add_argument("--sparsity", type=float, default=0.0, help="target global sparsity (0 = dense training)")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help="default: spg when --sparsity > 0, dense when it is 0")
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="target global sparsity of the prunable matrices (0 = dense training)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
@@ -56,14 +71,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("SPG (self-pinching gates)")
+    group.add_argument("--eta", type=float, default=None,
+                       help=f"normalised penalty weight eta' on the mean soft mask (default "
+                            f"{gates.ETA_NORMALISED:g} below a 0.65 target, {gates.ETA_NORMALISED_HIGH:g} from 0.65: "
+                            "the paper's wav2vec2-base eta 2e-5 / 3e-5 times its 84.9M prunable weights)")
+    group.add_argument("--eta-raw", type=float, default=None,
+                       help="the paper's form instead: eta times the count of kept weights (e.g. 2e-5 for "
+                            "wav2vec2-base); overrides --eta")
+    group.add_argument("--tau-start", type=float, default=gates.TAU_START, help="default %(default)g (paper)")
+    group.add_argument("--tau-end", type=float, default=gates.TAU_END, help="default %(default)g (paper)")
+    group.add_argument("--threshold-init", type=float, default=gates.THRESHOLD_INIT, help="default %(default)g (paper)")
+    group.add_argument("--threshold-lr", type=float, default=None,
+                       help="learning rate of the thresholds (default: --lr, as in the paper)")
+    group.add_argument("--no-reset", action="store_true",
+                       help="keep the thresholds' optimiser state when eta switches (the paper's bare controller)")
+    group.add_argument("--no-calibrate", action="store_true",
+                       help="skip the final common threshold scale that makes the sparsity exactly the target")
+    group = parser.add_argument_group("mixed (SPG's per-matrix sparsities + magnitude pruning)")
+    group.add_argument("--mixed-from", default=None,
+                       help="SPG checkpoint to read per-matrix sparsities from (default: runs/spg-<sparsity>.pt)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.method is None:
+        args.method = "spg" if args.sparsity > 0 else "dense"
     if args.sparsity > 0 and args.method == "dense":
-        parser.error("--sparsity > 0 needs a compression method; this version ships only --method dense")
+        parser.error("--sparsity > 0 needs a compression method (--method spg, ump or mixed)")
+    if args.sparsity == 0 and args.method in ("spg", "ump") or \
+            args.method == "mixed" and args.sparsity == 0 and args.mixed_from is None:
+        parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.model and args.init:
         parser.error("give either --model or --init, not both")
     return args
+
+
+def build_method(args) -> Method:
+    if args.method == "spg":
+        return gates.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
+                         normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
+                         threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
+                         reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
+    if args.method == "ump":
+        return UMP(args.sparsity)
+    if args.method == "mixed":
+        source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"spg-{args.sparsity:g}.pt"
+        if not source.exists():
+            sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
+                     f"exist: run `python train.py --sparsity {args.sparsity:g}` first or pass --mixed-from")
+        per_matrix = spg.load(source).compression.get("per_matrix_sparsity")
+        if not per_matrix:
+            sys.exit(f"{source} has no compression['per_matrix_sparsity'] (not written by an SPG run)")
+        print(f"mixed: per-matrix sparsities from {source}")
+        return Mixed(per_matrix)
+    return Method()
 
 
 def build_model(args) -> Wav2Vec2CTC:
@@ -115,6 +176,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else REPO / "runs" / f"{args.method}-{args.sparsity:g}.pt"
     print(f"output checkpoint: {out}")
+    method = build_method(args)          # before training: `mixed` may refuse early
+    dense_size = None if args.init else saved_size(model, out, half=args.half)
     before = {} if args.init else {
         name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
         for name, data in {"dev": dev_set, **test_sets}.items()}
@@ -122,7 +185,6 @@ def main(argv=None) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
-    method = METHODS[args.method]()
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=out.with_name(out.name + ".state"), resume=args.resume,
                    dev_utterances=dev_set, stop_after_steps=args.stop_after)
@@ -132,36 +194,92 @@ def main(argv=None) -> int:
 
     model.cpu()
     spg.save(model, out, half=args.half)
-    after = {name: evaluate_corpus(model, data, desc=f"trained {name}")
+    after = {name: evaluate_corpus(model, data, desc=f"{args.method} {name}")
              for name, data in {"dev": dev_set, **test_sets}.items()}
+    significance = {
+        name: mapsswe(after[name]["references"], after[name]["hypotheses"], before[name]["hypotheses"], alpha=0.05)
+        for name in after if name in before}
+    report = sparsity_report(model)
     summary = {
         "method": args.method, "target_sparsity": args.sparsity, "steps": result.steps_done,
-        "skipped_steps": result.skipped_steps, "out": str(out), "size_bytes": out.stat().st_size,
+        "skipped_steps": result.skipped_steps, "out": str(out),
+        "dense_wer": {k: v["wer"] for k, v in before.items()},
+        "compressed_wer": {k: v["wer"] for k, v in after.items()},
+        "mapsswe": {k: {"p_value": r.p_value, "z": r.z, "significant": r.significant, "verdict": verdict(r)}
+                    for k, r in significance.items()},
+        "sparsity": report["sparsity"],
+        "sparsity_before_calibration": model.compression.get("sparsity_before_calibration"),
+        "per_block_sparsity": report["per_block_sparsity"],
+        "per_matrix_sparsity": report["per_matrix_sparsity"],
+        "prunable_params": report["prunable_params"],
         "params_total": model.num_parameters(), "params_nonzero": model.num_parameters(nonzero_only=True),
-        **sparsity_report(model),
+        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
         "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
         "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},
+        "compression": {k: v for k, v in model.compression.items() if k != "per_matrix_sparsity"},
         "train_seconds": result.seconds, "seconds": time.time() - started,
     }
+    if isinstance(method, gates.SPG):
+        summary["spg_history"] = method.history
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
 
 
+def verdict(result) -> str:
+    """MAPSSWE outcome of compressed (A) against dense (B) in words."""
+    if not result.significant:
+        return f"no significant difference (p={result.p_value:.3g})"
+    worse = "worse" if result.mean_difference > 0 else "better"
+    return f"compressed significantly {worse} than dense (p={result.p_value:.3g})"
+
+
+def saved_size(model: Wav2Vec2CTC, near: Path, *, half: bool) -> int:
+    """Bytes the model takes in our format (written to a temporary file next to `near`)."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=near.parent) as folder:
+        path = Path(folder) / "dense.pt"
+        spg.save(model, path, half=half)
+        return path.stat().st_size
+
+
 def print_summary(summary: dict) -> None:
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     print("\n=== summary ===")
     print(f"method {summary['method']}, {summary['steps']} steps ({summary['skipped_steps']} skipped), "
-          f"checkpoint {summary['out']} ({summary['size_bytes'] / 1e6:.2f} MB)")
-    print(f"{'split':<14}{'WER before':>12}{'WER after':>12}{'CER before':>12}{'CER after':>12}")
+          f"checkpoint {summary['out']}")
+    print(f"{'split':<14}{'dense WER':>11}{'WER':>9}{'dense CER':>11}{'CER':>9}   MAPSSWE (alpha 0.05)")
     for split, figures in summary["after"].items():
         was = summary["before"].get(split, {})
-        fmt = lambda v: f"{100 * v:.2f}%" if v is not None else "-"  # noqa: E731
-        print(f"{split:<14}{fmt(was.get('wer')):>12}{fmt(figures['wer']):>12}"
-              f"{fmt(was.get('cer')):>12}{fmt(figures['cer']):>12}")
-    print(f"parameters {summary['params_total']:,} ({summary['params_nonzero']:,} non-zero); "
-          f"prunable-matrix sparsity {100 * summary['sparsity']:.1f}%")
+        test = summary["mapsswe"].get(split)
+        print(f"{split:<14}{pct(was.get('wer')):>11}{pct(figures['wer']):>9}{pct(was.get('cer')):>11}"
+              f"{pct(figures['cer']):>9}   {test['verdict'] if test else '-'}")
+    target = summary["target_sparsity"]
+    line = f"global sparsity {pct(summary['sparsity'])} of {summary['prunable_params']:,} prunable weights"
+    if summary["sparsity_before_calibration"] is not None:
+        line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration)"
+    print(line)
+    if summary["sparsity"] > 0:
+        print_sparsity_table(summary["per_matrix_sparsity"], summary["per_block_sparsity"])
+    print(f"parameters {summary['params_total']:,} total, {summary['params_nonzero']:,} non-zero")
+    dense = summary["dense_size_bytes"]
+    size = f"size on disk {summary['size_bytes'] / 1e6:.2f} MB"
+    if dense:
+        size += f" (dense {dense / 1e6:.2f} MB, ratio {summary['size_bytes'] / dense:.3f})"
+    print(size)
     print(f"time {summary['seconds']:.0f} s (training {summary['train_seconds']:.0f} s)")
+
+
+def print_sparsity_table(per_matrix: dict, per_block: dict) -> None:
+    """Blocks as rows, the six prunable matrices as columns, sparsity in percent."""
+    short = {"attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+             "attention.out_proj": "out", "feed_forward.intermediate_dense": "fc1",
+             "feed_forward.output_dense": "fc2"}
+    print("sparsity %  " + "".join(f"{short[m]:>6}" for m in PRUNABLE_MATRICES) + f"{'block':>8}")
+    for block, overall in per_block.items():
+        cells = "".join(f"{100 * per_matrix[f'encoder.layers.{block}.{m}']:6.1f}" for m in PRUNABLE_MATRICES)
+        print(f"block {block:<5}" + cells + f"{100 * overall:8.1f}")
 
 
 if __name__ == "__main__":

@@ -55,9 +55,19 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------
 
 class Method:
-    """Dense CTC fine-tuning. Compression methods subclass this."""
+    """Dense CTC fine-tuning. Compression methods subclass this.
+
+    The loop calls, in order: `attach` once (before a resumed checkpoint is loaded, so that
+    gates/masks exist and their state is restored into them), `parameter_groups` once, then
+    per step `before_step` -> forward -> `extra_loss` -> backward/optimiser step ->
+    `after_step`, and `finish` once when the last step is done (not when a run stops early
+    to be resumed). A parameter group may carry "clip_grad": False to be left out of the
+    gradient-norm clipping."""
 
     name = "dense"
+
+    def attach(self, model: Wav2Vec2CTC) -> None:
+        """Prepare `model` before training (add gates, prune and fix masks, ...)."""
 
     def parameter_groups(self, model: Wav2Vec2CTC, config: TrainConfig) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -66,12 +76,20 @@ class Method:
         return [{"params": decay, "weight_decay": config.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
+    def before_step(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> None:
+        """Called before the forward pass of step `step` (0-based), e.g. to set a temperature."""
+
     def extra_loss(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> Optional[torch.Tensor]:
         return None
 
-    def after_step(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> dict:
-        """Called after every optimiser step; returns figures for the progress bar."""
+    def after_step(self, model: Wav2Vec2CTC, step: int, total_steps: int,
+                   optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+        """Called after every optimiser step (`step` = steps done); returns figures for the
+        progress bar. `optimizer` is the loop's, for methods that must touch its state."""
         return {}
+
+    def finish(self, model: Wav2Vec2CTC) -> None:
+        """Called once after the last step: turn the trained model into the deliverable."""
 
     def state_dict(self) -> dict:
         return {}
@@ -206,6 +224,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     early (the checkpoint is still written), to run a long job in several parts."""
     method = method or Method()
     model.to(device)
+    method.attach(model)
     started = time.time()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -266,6 +285,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
                 group["lr"] = group["base_lr"] * factor
             batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab) \
                 if features is None else _labels_only(audio, indices, model.vocab)
+            method.before_step(model, step, config.steps)
             logits, frame_lengths = forward_batch(
                 model, batch, device, None if features is None else features.batch(indices))
             loss = ctc_loss(logits, frame_lengths, batch)
@@ -280,8 +300,11 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
                 continue
             total.backward()
             gradient_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
-            if not torch.isfinite(gradient_norm):
+                [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
+                config.grad_clip)
+            unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
+            if not torch.isfinite(gradient_norm) or \
+                    not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 bar.write(f"step {step}: non-finite gradient; update skipped")
@@ -289,7 +312,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
                 optimizer.step()
             step += 1
             shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
-            shown.update(method.after_step(model, step, config.steps))
+            shown.update(method.after_step(model, step, config.steps, optimizer=optimizer))
             bar.set_postfix(shown, refresh=False)
             bar.update(1)
             if step % 50 == 0 or step == config.steps:
@@ -310,6 +333,8 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
             epoch, position = epoch + 1, 0
     bar.close()
     save_checkpoint()
+    if step >= config.steps:
+        method.finish(model)
     model.eval()
     return TrainResult(steps_done=step, skipped_steps=skipped, seconds=time.time() - started, history=history)
 
