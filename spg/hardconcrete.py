@@ -1,0 +1,593 @@
+"""L0 hard-concrete gates for fine-grained structured pruning (arXiv 2306.01385).
+
+Every prunable unit gets a stochastic gate z ∈ [0, 1] from the hard concrete distribution
+(Louizos, Welling & Kingma 2018, "Learning Sparse Neural Networks through L0
+Regularization", arXiv 1712.01312), with the constants CoFi (Xia et al. 2022, arXiv
+2204.00408) and DPHuBERT (Peng et al. 2023, arXiv 2305.17651) use: one learnable log_alpha
+per unit, temperature β = 2/3, stretch interval (l, r) = (−0.1, 1.1):
+
+    training sample   u ~ U(ε, 1 − ε),  s = sigmoid((log u − log(1 − u) + log_alpha) / β),
+                      z = clamp(s·(r − l) + l, 0, 1)
+    P(z ≠ 0)          = sigmoid(log_alpha − β·log(−l/r))      (closed form, differentiable)
+    expected L0       = Σ_units P(z ≠ 0)
+
+The stretch makes z exactly 0 or exactly 1 with non-zero probability, so a sampled network
+really drops units, while P(z ≠ 0) gives a smooth expected count to penalise.
+
+Units (our reading of the paper's "fine-grained" head pruning; the paper's exact scheme is
+not public). In every transformer block:
+
+  * attention heads h                 — gate z_h;
+  * within head h, query/key dims d   — gate z_{h,d}, shared by row d of W_q and of W_k
+    (q·k sums over d, so one gate removes a dim from both);
+  * within head h, value dims e       — gate z_{h,e}, shared by row e of W_v and column e
+    of W_out (the head's output dim e);
+  * FFN neurons n                     — gate z_n, shared by row n of W_fc1 and column n of W_fc2.
+
+How the gates act in the forward pass (`apply_gates`, forward hooks, removable):
+    q  ← q ⊙ m_q        with m_q[h,d] = z_{h,d}          (q_proj output; masking q alone
+                                                           removes the dim from q·k)
+    ctx ← ctx ⊙ m_v     with m_v[h,e] = z_h · z_{h,e}    (out_proj input = per-head context)
+    a  ← a ⊙ m_f        with m_f[n]   = z_n              (fc2 input = activations after GELU)
+Every mask multiplies a linear map's input or output, so a deterministic (eval) mask folds
+exactly into the weights: m_q into the rows and bias of W_q, m_v into the columns of W_out,
+m_f into the columns of W_fc2 (GELU is not homogeneous, so the FFN mask must be folded on
+its output side). `finalize` does that fold and then removes the zeroed units physically
+with `spg.surgery`.
+
+Evaluation mask (DPHuBERT's `HardConcrete.forward` in eval mode, from FLOP, Wang et al.
+2020): per gate group keep the round(expected L0) units with the largest log_alpha, with the
+soft value sigmoid(0.8·log_alpha/β) (an approximation of E[z] that DPHuBERT calls
+"empirically validated"); the other units get 0. Groups: the heads of a block, the q/k dims
+of one head, the value dims of one head, the FFN neurons of a block.
+
+STE variant (`ste=True`, ours as to the details): the training forward uses the binary mask
+b = [z > 0] and the gradient of the relaxed z (b + z − stop_grad(z)). We binarise at z > 0,
+not at 0.5, because P(z > 0) is exactly the probability the L0 penalty counts: the binary
+network seen in training has, in expectation, exactly the parameter count the penalty sees.
+Its evaluation mask is the same top-k selection with value 1 (binary), so nothing soft is
+folded and training, evaluation and the deployed model all use 0/1 masks.
+
+Parameter count (`L0Gates.expected_num_parameters`; see `BlockGates.count`). Counted are
+the six prunable Linear layers of every block with ALL their parameters: W_q, W_k, W_v, W_out,
+W_fc1, W_fc2 and the biases b_q, b_k, b_v, b_out, b_fc1, b_fc2. With D the hidden size:
+
+    head h, per kept q/k dim:   2·(D + 1)   (row of W_q + b_q entry, row of W_k + b_k entry)
+    head h, per kept value dim: 2·D + 1     (row of W_v + b_v entry, column of W_out)
+    FFN, per kept neuron:       2·D + 1     (row of W_fc1 + b_fc1 entry, column of W_fc2)
+    always kept:                2·D         (b_out and b_fc2 belong to no unit)
+
+`spg.surgery` removes a head that keeps no value dim altogether, its q/k dims included (it
+can add nothing to the output). So with p(·) = P(gate ≠ 0) and independent gates:
+
+    E[#params of head h] = p(z_h) · [ Σ_d p(z_{h,d}) · 2(D + 1) · (1 − Π_e (1 − p(z_{h,e})))
+                                      + Σ_e p(z_{h,e}) · (2D + 1) ]
+    E[#params of the FFN] = Σ_n p(z_n) · (2D + 1)
+
+This is the exact expectation of the physically pruned count of a sampled network, and
+with 0/1 gates it IS that count (tests/test_hardconcrete.py checks it against surgery).
+Expected sparsity ŝ = 1 − E[#params] / #params of the dense six layers.
+
+Only torch and `spg.surgery` (which brings `spg.model`) are imported. The training-loop
+plug-in (Lagrangian schedule, optional distillation) is `spg.l0.L0Method`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spg import surgery
+
+if TYPE_CHECKING:  # only for annotations; spg.surgery already imports spg.model at run time
+    from spg.model import Wav2Vec2CTC
+
+__all__ = [
+    "BETA", "LIMIT_L", "LIMIT_R", "InitDropRates", "HardConcrete", "BlockMasks", "BlockGates", "L0Gates",
+    "GateHooks", "apply_gates", "lagrangian", "reverse_gradient", "target_at", "fold_block",
+    "fold_masks_", "prune_with_masks", "finalize",
+]
+
+BETA = 2.0 / 3.0                 # temperature (Louizos et al.; CoFi; DPHuBERT)
+LIMIT_L, LIMIT_R = -0.1, 1.1     # stretch interval (l, r)
+EPS = 1e-6                       # u ~ U(EPS, 1 − EPS) keeps log u and log(1 − u) finite (DPHuBERT)
+INIT_STD = 0.01                  # log_alpha ~ N(log((1 − p)/p), 0.01²) (DPHuBERT), breaks top-k ties
+EVAL_SHARPNESS = 0.8             # DPHuBERT's eval value sigmoid(0.8 · log_alpha / β)
+# P(z ≠ 0) = sigmoid(log_alpha − L0_SHIFT); β·log(−l/r) = (2/3)·log(1/11) ≈ −1.599.
+L0_SHIFT = BETA * math.log(-LIMIT_L / LIMIT_R)
+
+
+@dataclass(frozen=True)
+class InitDropRates:
+    """Initial drop rate p per gate type; log_alpha starts at log((1 − p)/p).
+
+    heads 0.01: DPHuBERT's value for heads (and for conv channels and whole layers).
+    q/k and value dims 0.01: not specified by the paper; we use the head value because a dim
+        gate is a finer head gate, and p = 0.01 starts every gate almost surely at 1, so the
+        pruned network starts as the fine-tuned one.
+    FFN neurons 0.01: DPHuBERT uses 0.5 (log_alpha = 0, E[z] ≈ 0.5), which halves every FFN
+        output at step 0; it distils from the teacher anyway. We start from a fine-tuned CTC
+        model and train with CTC (distillation optional), so we keep the network intact at
+        the start and let the Lagrangian remove neurons.
+    """
+
+    heads: float = 0.01
+    qk_dims: float = 0.01
+    v_dims: float = 0.01
+    ffn: float = 0.01
+
+
+def _segment_sum(values: torch.Tensor, index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """out[s] = Σ_{i: index[i] = s} values[i] (differentiable)."""
+    return values.new_zeros(num_segments).index_add(0, index, values)
+
+
+def _segment_index(sizes: Sequence[int]) -> torch.Tensor:
+    """[0]*sizes[0] + [1]*sizes[1] + ...: the group of every packed unit."""
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes), dtype=torch.long))
+
+
+# ========================================================================================
+# One set of hard-concrete gates
+# ========================================================================================
+
+class HardConcrete(nn.Module):
+    """Hard-concrete gates over `sum(group_sizes)` units, packed group after group.
+
+    Groups matter only for the deterministic (evaluation) mask, whose top-k selection runs
+    per group (DPHuBERT has one `HardConcrete` module per group). In training mode `forward`
+    samples z; in eval mode it returns the deterministic mask (binary when `ste`)."""
+
+    def __init__(self, group_sizes: Sequence[int], init_drop_rate: float, *,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if not 0.0 < init_drop_rate < 1.0:
+            raise ValueError(f"init_drop_rate must be in (0, 1), got {init_drop_rate}")
+        self.group_sizes = [int(n) for n in group_sizes]
+        mean = math.log(1.0 - init_drop_rate) - math.log(init_drop_rate)
+        log_alpha = torch.randn(sum(self.group_sizes), generator=generator) * INIT_STD + mean
+        self.log_alpha = nn.Parameter(log_alpha)
+        self.register_buffer("group_index", _segment_index(self.group_sizes), persistent=False)
+
+    @property
+    def num_units(self) -> int:
+        return self.log_alpha.numel()
+
+    def keep_probability(self) -> torch.Tensor:
+        """P(z ≠ 0) per unit = sigmoid(log_alpha − β·log(−l/r)); differentiable."""
+        return torch.sigmoid(self.log_alpha - L0_SHIFT)
+
+    def log_drop_probability(self) -> torch.Tensor:
+        """log P(z = 0) per unit, computed stably as logsigmoid(−(log_alpha − L0_SHIFT))."""
+        return F.logsigmoid(L0_SHIFT - self.log_alpha)
+
+    def expected_l0(self) -> torch.Tensor:
+        """E[number of non-zero gates] = Σ P(z ≠ 0)."""
+        return self.keep_probability().sum()
+
+    def sample(self) -> torch.Tensor:
+        """A relaxed sample z ∈ [0, 1] per unit, differentiable in log_alpha."""
+        u = torch.empty_like(self.log_alpha).uniform_(EPS, 1.0 - EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
+        return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def deterministic(self, binary: bool = False) -> torch.Tensor:
+        """Evaluation mask: in every group, the round(n_g − Σ_g P(z ≠ 0)) units with the
+        smallest log_alpha get 0; the others sigmoid(0.8·log_alpha/β) (DPHuBERT), or 1 when
+        `binary`. Ties are broken by position (stable sort)."""
+        keep = torch.ones_like(self.log_alpha, dtype=torch.bool)
+        sizes = self.group_sizes
+        expected_kept = _segment_sum(self.keep_probability(), self.group_index, len(sizes))
+        num_drop = torch.round(torch.tensor(sizes, dtype=expected_kept.dtype, device=keep.device)
+                               - expected_kept).long().clamp(min=0)
+        if sizes and min(sizes) > 0 and len(set(sizes)) == 1:     # all groups equal: one batched sort
+            groups, width = len(sizes), sizes[0]
+            order = torch.sort(self.log_alpha.view(groups, width), dim=1, stable=True).indices
+            rank = torch.empty_like(order).scatter_(
+                1, order, torch.arange(width, device=order.device).expand(groups, width))
+            keep = (rank >= num_drop[:, None]).reshape(-1)
+        else:
+            start = 0
+            for group, size in enumerate(sizes):
+                drop = int(num_drop[group])
+                if drop:
+                    order = torch.sort(self.log_alpha[start:start + size], stable=True).indices
+                    keep[start + order[:drop]] = False
+                start += size
+        value = torch.ones_like(self.log_alpha) if binary else torch.sigmoid(EVAL_SHARPNESS * self.log_alpha / BETA)
+        return value * keep
+
+    def forward(self, ste: bool = False) -> torch.Tensor:
+        if not self.training:
+            return self.deterministic(binary=ste)
+        z = self.sample()
+        if not ste:
+            return z
+        # Straight-through: value [z > 0] exactly (z − sg(z) is exactly 0), gradient of z.
+        return (z > 0).to(z.dtype) + (z - z.detach())
+
+
+# ========================================================================================
+# The gates of one transformer block, and of a whole model
+# ========================================================================================
+
+@dataclass
+class BlockMasks:
+    """The masks one block's forward pass multiplies in, in `spg.model.Attention`'s packed
+    layout (head 0's dims, then head 1's, ...):
+
+    query (sum qk_head_dims,): on the q_proj output, m_q[h,d] = z_{h,d};
+    value (sum v_head_dims,):  on the out_proj input, m_v[h,e] = z_h · z_{h,e};
+    ffn (intermediate_size,):  on the fc2 input, m_f[n] = z_n.
+    """
+
+    query: torch.Tensor
+    value: torch.Tensor
+    ffn: torch.Tensor
+
+
+class BlockGates(nn.Module):
+    """Head, q/k-dim, value-dim and FFN-neuron gates of one block (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, qk_head_dims: Sequence[int], v_head_dims: Sequence[int],
+                 intermediate_size: int, init: InitDropRates = InitDropRates(), *,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if len(qk_head_dims) != len(v_head_dims):
+            raise ValueError(f"{len(qk_head_dims)} query/key head widths but {len(v_head_dims)} value widths")
+        self.hidden_size = int(hidden_size)
+        self.qk_head_dims = [int(d) for d in qk_head_dims]
+        self.v_head_dims = [int(d) for d in v_head_dims]
+        self.num_heads = len(self.qk_head_dims)
+        self.heads = HardConcrete([self.num_heads], init.heads, generator=generator)
+        self.qk_dims = HardConcrete(self.qk_head_dims, init.qk_dims, generator=generator)
+        self.v_dims = HardConcrete(self.v_head_dims, init.v_dims, generator=generator)
+        self.ffn = HardConcrete([int(intermediate_size)], init.ffn, generator=generator)
+
+    # --- masks ---------------------------------------------------------------------
+    def _combine(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, ffn: torch.Tensor) -> BlockMasks:
+        return BlockMasks(query=qk, value=heads[self.v_dims.group_index] * v, ffn=ffn)
+
+    def masks(self, ste: bool = False) -> BlockMasks:
+        """Sampled masks in training mode, deterministic ones in eval mode."""
+        return self._combine(self.heads(ste), self.qk_dims(ste), self.v_dims(ste), self.ffn(ste))
+
+    @torch.no_grad()
+    def deterministic_masks(self, binary: bool = False) -> BlockMasks:
+        return self._combine(self.heads.deterministic(binary), self.qk_dims.deterministic(binary),
+                             self.v_dims.deterministic(binary), self.ffn.deterministic(binary))
+
+    # --- parameter counts ------------------------------------------------------------
+    def count(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, v_head_empty: torch.Tensor,
+              ffn: torch.Tensor) -> torch.Tensor:
+        """Parameters of this block's six prunable Linear layers given per-unit keep values
+        (probabilities P(z ≠ 0) for the expectation, 0/1 for a fixed mask) and, per head,
+        the probability (or indicator) that the head keeps no value dim. See the module
+        docstring for the formula and what is counted."""
+        d = self.hidden_size
+        qk_per_head = _segment_sum(qk, self.qk_dims.group_index, self.num_heads)
+        v_per_head = _segment_sum(v, self.v_dims.group_index, self.num_heads)
+        attention = (heads * (qk_per_head * 2 * (d + 1) * (1.0 - v_head_empty) + v_per_head * (2 * d + 1))).sum()
+        return attention + ffn.sum() * (2 * d + 1) + 2 * d
+
+    def expected_num_parameters(self) -> torch.Tensor:
+        """E[parameters of the six prunable layers after pruning]; differentiable."""
+        v_head_empty = torch.exp(_segment_sum(self.v_dims.log_drop_probability(), self.v_dims.group_index,
+                                              self.num_heads))      # Π_e P(z_{h,e} = 0)
+        return self.count(self.heads.keep_probability(), self.qk_dims.keep_probability(),
+                          self.v_dims.keep_probability(), v_head_empty, self.ffn.keep_probability())
+
+    @torch.no_grad()
+    def num_parameters_of(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, ffn: torch.Tensor) -> int:
+        """Exact count for fixed masks (non-zero = kept), e.g. the deterministic ones."""
+        heads, qk, v, ffn = [(x != 0).to(self.heads.log_alpha.dtype) for x in (heads, qk, v, ffn)]
+        v_head_empty = (_segment_sum(v, self.v_dims.group_index, self.num_heads) == 0).to(v.dtype)
+        return int(round(self.count(heads, qk, v, v_head_empty, ffn).item()))
+
+    @torch.no_grad()
+    def deployed_num_parameters(self, binary: bool = False) -> int:
+        """Parameters of the six layers in the model `finalize` builds from these gates."""
+        return self.num_parameters_of(self.heads.deterministic(binary), self.qk_dims.deterministic(binary),
+                                      self.v_dims.deterministic(binary), self.ffn.deterministic(binary))
+
+    def full_num_parameters(self) -> int:
+        d = self.hidden_size
+        return (sum(self.qk_head_dims) * 2 * (d + 1) + sum(self.v_head_dims) * (2 * d + 1)
+                + self.ffn.num_units * (2 * d + 1) + 2 * d)
+
+
+class L0Gates(nn.Module):
+    """The gates of every block of a `Wav2Vec2CTC` (see `for_model`).
+
+    `ste` selects the straight-through variant (binary forward masks, binary evaluation
+    masks; see the module docstring). The gates are NOT registered inside the model: the
+    model's state_dict and checkpoints stay those of a plain `Wav2Vec2CTC`; `apply_gates`
+    connects the two through forward hooks. Train/eval mode follows the model's (set by
+    the hooks at every forward)."""
+
+    def __init__(self, blocks: Sequence[BlockGates], ste: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.ste = bool(ste)
+
+    @classmethod
+    def for_model(cls, model: "Wav2Vec2CTC", init: InitDropRates = InitDropRates(), *, ste: bool = False,
+                  seed: int = 0) -> "L0Gates":
+        """Gates shaped like `model`'s blocks (any per-block head count, head widths and
+        FFN width), on the model's device. `seed` fixes the N(·, 0.01²) init noise."""
+        generator = torch.Generator().manual_seed(seed)
+        blocks = []
+        for layer in model.encoder.layers:
+            attention = layer.attention
+            blocks.append(BlockGates(model.config.hidden_size, attention.qk_head_dims, attention.v_head_dims,
+                                     layer.feed_forward.intermediate_dense.out_features, init, generator=generator))
+        return cls(blocks, ste=ste).to(model.lm_head.weight.device)
+
+    def masks(self) -> list[BlockMasks]:
+        return [block.masks(self.ste) for block in self.blocks]
+
+    @torch.no_grad()
+    def deterministic_masks(self) -> list[BlockMasks]:
+        """The evaluation masks, which `finalize` folds and prunes (binary when `ste`)."""
+        return [block.deterministic_masks(self.ste) for block in self.blocks]
+
+    def expected_num_parameters(self) -> torch.Tensor:
+        return sum(block.expected_num_parameters() for block in self.blocks)
+
+    def full_num_parameters(self) -> int:
+        return sum(block.full_num_parameters() for block in self.blocks)
+
+    @torch.no_grad()
+    def deployed_num_parameters(self) -> int:
+        return sum(block.deployed_num_parameters(self.ste) for block in self.blocks)
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """ŝ = 1 − E[#params] / #params (six prunable layers of every block); differentiable."""
+        return 1.0 - self.expected_num_parameters() / self.full_num_parameters()
+
+    @torch.no_grad()
+    def deployed_sparsity(self) -> float:
+        return 1.0 - self.deployed_num_parameters() / self.full_num_parameters()
+
+    @torch.no_grad()
+    def calibrate(self, target: float, iterations: int = 50) -> float:
+        """Add ONE common shift c to every log_alpha, found by bisection, so that the deployed
+        sparsity is the smallest one ≥ `target` that a common shift can reach. Returns c.
+
+        Not in the papers: our final correction of the Lagrangian's miss in short runs (as
+        `spg.gates.calibrate_thresholds` for SPG), in either direction. A common shift keeps
+        the order of the units inside every group, so it moves the per-group keep counts
+        round(n_g − Σ P(z ≠ 0)) and units leave (or come back) in log_alpha order; the
+        deployed count is non-decreasing in c, so bisection converges. It also moves the soft
+        values sigmoid(0.8·log_alpha/β) of kept units (binary masks with `ste` are
+        unaffected); the finalized model computes exactly what the shifted gates compute."""
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {target}")
+        parameters = list(self.parameters())
+        original = [p.detach().clone() for p in parameters]
+
+        def sparsity_with(shift: float) -> float:
+            for p, p0 in zip(parameters, original):
+                p.copy_(p0 + shift)
+            return self.deployed_sparsity()
+
+        low, high = -100.0, 100.0       # sparsity_with(low) ≈ 1 ≥ target; sparsity_with(high) ≈ 0
+        if sparsity_with(high) >= target:
+            low = high
+        for _ in range(iterations):     # invariant: sparsity_with(low) >= target
+            middle = 0.5 * (low + high)
+            if sparsity_with(middle) >= target:
+                low = middle
+            else:
+                high = middle
+        sparsity_with(low)
+        return low
+
+
+# ========================================================================================
+# Applying the masks to a model (forward hooks)
+# ========================================================================================
+
+class GateHooks:
+    """Forward hooks that put `gates` into `model`'s forward pass; `remove()` takes them off.
+
+    One pre-hook on the model draws all masks once per forward call (a fresh sample in
+    training mode, the deterministic masks in eval mode; the gates follow the model's
+    mode); per block, a hook multiplies the q_proj output by m_q, and pre-hooks multiply
+    the out_proj input by m_v and the fc2 input by m_f. The blocks must therefore be run
+    through `model(...)`, not called one by one. `copy.deepcopy` of a gated model copies
+    the hooks too (still bound to this object): remove them before copying."""
+
+    def __init__(self, model: "Wav2Vec2CTC", gates: L0Gates):
+        if len(gates.blocks) != len(model.encoder.layers):
+            raise ValueError(f"{len(gates.blocks)} gate blocks for a model with {len(model.encoder.layers)} blocks")
+        self.gates = gates
+        self.current: Optional[list[BlockMasks]] = None
+        self.handles = [model.register_forward_pre_hook(self._draw_masks)]
+        for block, layer in enumerate(model.encoder.layers):
+            self.handles += [
+                layer.attention.q_proj.register_forward_hook(self._scale_output_hook(block, "query")),
+                layer.attention.out_proj.register_forward_pre_hook(self._scale_input_hook(block, "value")),
+                layer.feed_forward.output_dense.register_forward_pre_hook(self._scale_input_hook(block, "ffn")),
+            ]
+
+    def _draw_masks(self, model: nn.Module, args) -> None:
+        self.gates.train(model.training)
+        self.current = self.gates.masks()
+
+    def _mask(self, block: int, which: str, like: torch.Tensor) -> torch.Tensor:
+        if self.current is None:
+            raise RuntimeError("gated blocks must be run through the model's forward (which draws the masks)")
+        return getattr(self.current[block], which).to(like.dtype)
+
+    def _scale_output_hook(self, block: int, which: str):
+        def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+            return output * self._mask(block, which, output)
+        return hook
+
+    def _scale_input_hook(self, block: int, which: str):
+        def hook(module: nn.Module, args):
+            (x,) = args
+            return (x * self._mask(block, which, x),)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.current = None
+
+
+def apply_gates(model: "Wav2Vec2CTC", gates: L0Gates) -> GateHooks:
+    """Gate `model`'s forward pass with `gates` until `.remove()` is called on the result."""
+    return GateHooks(model, gates)
+
+
+# ========================================================================================
+# Target-sparsity Lagrangian (CoFi; DPHuBERT)
+# ========================================================================================
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity in the forward pass, −gradient in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
+    return _ReverseGradient.apply(x)
+
+
+def lagrangian(expected_sparsity: torch.Tensor, target: float, lambda1: torch.Tensor,
+               lambda2: torch.Tensor) -> torch.Tensor:
+    """λ1·(ŝ − t) + λ2·(ŝ − t)², to be MINIMISED over the gates and MAXIMISED over λ1, λ2.
+
+    The maximisation is built in: λ1 and λ2 enter through a gradient reversal, so an
+    ordinary optimiser step on the total loss is gradient descent for the gates and
+    gradient ascent for λ (DPHuBERT gets the same with a negative learning rate)."""
+    gap = expected_sparsity - target
+    return reverse_gradient(lambda1) * gap + reverse_gradient(lambda2) * gap * gap
+
+
+def target_at(step: int, total_steps: int, target: float, warmup_fraction: float) -> float:
+    """Target sparsity t at `step`: linear from 0 to `target` over the first
+    `warmup_fraction` of the steps, then constant (CoFi; DPHuBERT)."""
+    ramp = warmup_fraction * total_steps
+    if ramp <= 0:
+        return target
+    return target * min(1.0, step / ramp)
+
+
+# ========================================================================================
+# Folding the masks and removing the pruned units
+# ========================================================================================
+
+def _head_slices(widths: Sequence[int]) -> list[slice]:
+    starts = [0]
+    for width in widths:
+        starts.append(starts[-1] + width)
+    return [slice(starts[h], starts[h + 1]) for h in range(len(widths))]
+
+
+@torch.no_grad()
+def fold_block(weights: surgery.BlockWeights, masks: BlockMasks) -> surgery.BlockWeights:
+    """New weights (same shapes) computing exactly what `weights` computes under `masks`,
+    with every parameter that `prune_with_masks` removes set to 0:
+
+    W_q rows and b_q ← ·m_q (q·k then carries the mask); W_out columns ← ·m_v (the context
+    enters out_proj linearly); W_fc2 columns ← ·m_f (after the GELU). Then zeroed: W_k rows
+    and b_k where m_q = 0, W_v rows and b_v where m_v = 0, W_fc1 rows and b_fc1 where m_f = 0,
+    and all q/k rows of heads that keep no value dim (surgery removes those heads)."""
+    a, f = weights.attention, weights.feed_forward
+    m_q = masks.query.to(a.q_weight)
+    m_v = masks.value.to(a.v_weight)
+    m_f = masks.ffn.to(f.fc1_weight)
+    head_alive = torch.zeros_like(m_q)
+    for qk_slice, v_slice in zip(_head_slices(a.qk_head_dims), _head_slices(a.v_head_dims)):
+        head_alive[qk_slice] = float(bool((m_v[v_slice] != 0).any()))
+    q_scale = m_q * head_alive
+    k_keep = (q_scale != 0).to(m_q)
+    v_keep = (m_v != 0).to(m_v)
+    f_keep = (m_f != 0).to(m_f)
+    attention = surgery.AttentionWeights(
+        q_weight=a.q_weight * q_scale[:, None], q_bias=a.q_bias * q_scale,
+        k_weight=a.k_weight * k_keep[:, None], k_bias=a.k_bias * k_keep,
+        v_weight=a.v_weight * v_keep[:, None], v_bias=a.v_bias * v_keep,
+        out_weight=a.out_weight * m_v[None, :], out_bias=a.out_bias.clone(),
+        qk_head_dims=list(a.qk_head_dims), v_head_dims=list(a.v_head_dims))
+    feed_forward = surgery.FeedForwardWeights(
+        fc1_weight=f.fc1_weight * f_keep[:, None], fc1_bias=f.fc1_bias * f_keep,
+        fc2_weight=f.fc2_weight * m_f[None, :], fc2_bias=f.fc2_bias.clone())
+    return surgery.BlockWeights(attention=attention, feed_forward=feed_forward)
+
+
+def _kept_within_heads(mask: torch.Tensor, widths: Sequence[int]) -> list[list[int]]:
+    """Per head, the within-head indices whose mask value is non-zero."""
+    return [torch.nonzero(mask[s] != 0).flatten().tolist() for s in _head_slices(widths)]
+
+
+@torch.no_grad()
+def fold_masks_(model: "Wav2Vec2CTC", masks: Sequence[BlockMasks]) -> None:
+    """In place: fold `masks` into `model`'s weights (`fold_block`); the shapes stay dense,
+    the pruned units become exact zeros. Remove the gate hooks before using the model."""
+    for block, block_masks in enumerate(masks):
+        folded = fold_block(surgery.block_weights(model, block), block_masks)
+        layer = model.encoder.layers[block]
+        a, f = folded.attention, folded.feed_forward
+        for linear, weight, bias in [
+                (layer.attention.q_proj, a.q_weight, a.q_bias), (layer.attention.k_proj, a.k_weight, a.k_bias),
+                (layer.attention.v_proj, a.v_weight, a.v_bias), (layer.attention.out_proj, a.out_weight, a.out_bias),
+                (layer.feed_forward.intermediate_dense, f.fc1_weight, f.fc1_bias),
+                (layer.feed_forward.output_dense, f.fc2_weight, f.fc2_bias)]:
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+
+
+@torch.no_grad()
+def prune_with_masks(model: "Wav2Vec2CTC", masks: Sequence[BlockMasks]) -> "Wav2Vec2CTC":
+    """A new, physically smaller model computing what `model` computes under `masks`:
+    fold the mask values into the weights (`fold_block`), then keep, per block, the q/k dims
+    with m_q ≠ 0, the value dims with m_v ≠ 0 (heads left with none are removed, see
+    `spg.surgery.AttentionWeights.keep_head_dims`) and the FFN neurons with m_f ≠ 0.
+
+    Representation: the result's config lists every block's head count, per-head q/k and
+    value widths and FFN width (`ModelConfig.layer_qk_head_dims`, `layer_v_head_dims`,
+    `layer_intermediate_sizes`); `spg.model.Attention` packs the heads' dims one after the
+    other in its q/k/v/out matrices and zero-pads them to the widest head of the block at
+    run time, so attention stays one batched call and the padding adds nothing to q·k or to
+    the output. The attention scale stays 1/sqrt(unpruned head width), as in training.
+    `model` is not modified; it may carry gate hooks (they are not copied)."""
+    if len(masks) != len(model.encoder.layers):
+        raise ValueError(f"{len(masks)} block masks for a model with {len(model.encoder.layers)} blocks")
+    updates = {}
+    for block, block_masks in enumerate(masks):
+        folded = fold_block(surgery.block_weights(model, block), block_masks)
+        a = folded.attention
+        qk_dims = _kept_within_heads(block_masks.query, a.qk_head_dims)
+        v_dims = _kept_within_heads(block_masks.value, a.v_head_dims)
+        units = torch.nonzero(block_masks.ffn != 0).flatten().tolist()
+        updates[block] = surgery.BlockWeights(attention=a.keep_head_dims(qk_dims, v_dims),
+                                              feed_forward=folded.feed_forward.keep_units(units))
+    return surgery.rebuild(model, updates)
+
+
+@torch.no_grad()
+def finalize(model: "Wav2Vec2CTC", gates: L0Gates) -> "Wav2Vec2CTC":
+    """The deliverable: a new, smaller `Wav2Vec2CTC` that computes what the gated `model`
+    computes in eval mode (deterministic masks, soft values folded, see `prune_with_masks`).
+    Its six prunable layers have exactly `gates.deployed_num_parameters()` parameters,
+    which equals `gates.expected_num_parameters()` when the gates are saturated (every
+    P(z ≠ 0) is 0 or 1). It saves, loads (`spg.save` / `spg.load`) and evaluates like any
+    other model. `model.compression` is copied; callers add their record."""
+    return prune_with_masks(model, gates.deterministic_masks())
