@@ -35,7 +35,7 @@ from spg.wer import mapsswe
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
-METHODS = ("dense", "spg", "ump", "mixed")
+METHODS = ("dense", "spg", "ump", "mixed", "cluster")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
 # at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
 DEFAULT_STEPS = 500
@@ -91,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("mixed (SPG's per-matrix sparsities + magnitude pruning)")
     group.add_argument("--mixed-from", default=None,
                        help="SPG checkpoint to read per-matrix sparsities from (default: runs/spg-<sparsity>.pt)")
+    group = parser.add_argument_group("cluster (data-free parameter clustering of heads and FFN neurons)")
+    group.add_argument("--merge", choices=["sum_out", "mean"], default="sum_out",
+                       help="how a cluster becomes one unit (default %(default)s; see spg/cluster.py)")
+    group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
+    group.add_argument("--epochs", type=int, default=0,
+                       help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
@@ -98,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.method = "spg" if args.sparsity > 0 else "dense"
     if args.sparsity > 0 and args.method == "dense":
         parser.error("--sparsity > 0 needs a compression method (--method spg, ump or mixed)")
-    if args.sparsity == 0 and args.method in ("spg", "ump") or \
+    if args.sparsity == 0 and args.method in ("spg", "ump", "cluster") or \
             args.method == "mixed" and args.sparsity == 0 and args.mixed_from is None:
         parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.model and args.init:
@@ -182,6 +188,9 @@ def main(argv=None) -> int:
         name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
         for name, data in {"dev": dev_set, **test_sets}.items()}
 
+    if args.method == "cluster":
+        return run_cluster(args, model, before, train_set, {"dev": dev_set, **test_sets}, out, device, started)
+
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
@@ -225,6 +234,81 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def run_cluster(args, dense: Wav2Vec2CTC, before: dict, train_set, evaluation_sets: dict, out: Path,
+                device: torch.device, started: float) -> int:
+    """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
+    fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
+    from spg.clustering import cluster_compress, structured_magnitude_prune
+
+    clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=args.mixed, seed=args.seed)
+    magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"])
+    results = {label: {name: evaluate_corpus(model, data, device=device, desc=f"{label} {name}")
+                       for name, data in evaluation_sets.items()}
+               for label, model in (("clustered", clustered), ("magnitude", magnitude))}
+    if args.epochs:
+        steps = args.epochs * -(-len(train_set) // args.batch_size)
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
+                             weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed)
+        train(clustered, train_set, config, device=device, checkpoint_path=out.with_name(out.name + ".state"),
+              resume=args.resume)
+        clustered.cpu()
+        results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
+                                 for name, data in evaluation_sets.items()}
+    spg.save(clustered, out, half=args.half)
+    forward = forward_seconds({"dense": dense, "compressed": clustered})
+    final = results["fine-tuned" if args.epochs else "clustered"]
+    summary = {
+        "method": "cluster", "target_sparsity": args.sparsity, "merge": args.merge, "mixed": args.mixed,
+        "epochs": args.epochs, "out": str(out), "kept": record["kept"],
+        "dense_wer": {k: v["wer"] for k, v in before.items()},
+        "compressed_wer": {k: v["wer"] for k, v in final.items()},
+        "clustered_wer": {k: v["wer"] for k, v in results["clustered"].items()},
+        "magnitude_wer": {k: v["wer"] for k, v in results["magnitude"].items()},
+        "finetuned_wer": {k: v["wer"] for k, v in results["fine-tuned"].items()} if args.epochs else None,
+        "mapsswe": {k: {"p_value": r.p_value, "significant": r.significant, "verdict": verdict(r)}
+                    for k, r in ((name, mapsswe(final[name]["references"], final[name]["hypotheses"],
+                                                before[name]["hypotheses"])) for name in final if name in before)},
+        "params_dense": dense.num_parameters(), "params_total": clustered.num_parameters(),
+        "size_bytes": out.stat().st_size, "dense_size_bytes": saved_size(dense, out, half=args.half),
+        "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
+        "forward_time_ratio": forward["compressed"] / forward["dense"],
+        "seconds": time.time() - started,
+    }
+    print("\n=== summary ===")
+    print(f"parameter clustering ({args.merge}{', mixed K' if args.mixed else ''}) at sparsity {args.sparsity:g}; "
+          f"checkpoint {out}")
+    columns = ["dense", "clustered", "magnitude"] + (["fine-tuned"] if args.epochs else [])
+    print(f"{'split':<14}" + "".join(f"{c + ' WER':>16}" for c in columns))
+    for name in evaluation_sets:
+        row = [before.get(name, {}).get("wer")] + [results[c][name]["wer"] for c in columns[1:]]
+        print(f"{name:<14}" + "".join(f"{100 * v:>15.2f}%" if v is not None else f"{'-':>16}" for v in row))
+    for name, test in summary["mapsswe"].items():
+        print(f"MAPSSWE {name}: {test['verdict']}")
+    print(f"heads kept per block {record['kept']['heads']}, FFN units kept {record['kept']['ffn_units']}")
+    print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; size on disk "
+          f"{summary['dense_size_bytes'] / 1e6:.2f} MB -> {summary['size_bytes'] / 1e6:.2f} MB")
+    print(f"forward time (10 s of audio) {1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
+          f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def forward_seconds(models: dict, *, audio_seconds: float = 10.0, rounds: int = 5) -> dict:
+    """Median forward time of each model on the same random audio, runs interleaved."""
+    waveform = torch.randn(1, int(16000 * audio_seconds))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model.eval()(waveform)                       # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                begin = time.perf_counter()
+                model(waveform)
+                times[name].append(time.perf_counter() - begin)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def verdict(result) -> str:

@@ -100,3 +100,23 @@ def test_train_compresses_with_spg_then_mixed_and_ump(tmp_path, capsys):
                                 "--json", str(tmp_path / "ump.json")]) == 0
     ump = json.loads((tmp_path / "ump.json").read_text())
     assert all(abs(v - 0.5) < 1e-3 for v in ump["per_matrix_sparsity"].values())
+
+
+def test_cluster_method_end_to_end(tmp_path):
+    data = noise_corpus(tmp_path / "corpus")
+    dense_path = tmp_path / "dense.pt"
+    torch.manual_seed(0)
+    from spg.model import Wav2Vec2CTC, preset
+    spg.save(Wav2Vec2CTC(preset("tiny")), dense_path)
+    summary_path = tmp_path / "cluster.json"
+    assert train.main(["--method", "cluster", "--sparsity", "0.5", "--model", str(dense_path), "--data", str(data),
+                       "--test-split", "test", "--epochs", "1", "--batch-size", "3",
+                       "--out", str(tmp_path / "clustered.pt"), "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    # tiny preset: 4 heads and 1,024 FFN units per block; K = round(N * (1 - 0.5))
+    assert summary["kept"] == {"heads": [2] * 6, "ffn_units": [512] * 6}
+    loaded = spg.load(tmp_path / "clustered.pt")
+    assert loaded.num_parameters() == summary["params_total"] < summary["params_dense"]
+    assert loaded.config.layer_intermediate_sizes == [512] * 6
+    assert set(summary["clustered_wer"]) == set(summary["magnitude_wer"]) == set(summary["finetuned_wer"]) == {"dev", "test"}
+    assert summary["forward_time_ratio"] > 0
