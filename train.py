@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--mixed-from", default=None,
                        help="SPG checkpoint to read per-matrix sparsities from (default: runs/spg-<sparsity>.pt)")
     group = parser.add_argument_group("cluster (data-free parameter clustering of heads and FFN neurons)")
-    group.add_argument("--merge", choices=["sum_out", "mean"], default="sum_out",
+    group.add_argument("--merge", choices=["sum_out", "mean"], default="mean",
                        help="how a cluster becomes one unit (default %(default)s; see spg/cluster.py)")
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
     group.add_argument("--epochs", type=int, default=0,
