@@ -106,6 +106,14 @@ def _ks_from_argument(modules: list[_Module], ks: dict) -> list[int]:
     return result
 
 
+def _kept_per_module(modules: list[_Module], sparsity: float, mixed: bool,
+                     ks: Optional[dict]) -> tuple[list[int], Optional[list[str]]]:
+    """K per module: the given `ks`, else the uniform or variance-based mixed plan."""
+    if ks is not None:
+        return _ks_from_argument(modules, ks), None
+    return _plan(modules, sparsity, mixed)
+
+
 def plan_kept_units(model: Wav2Vec2CTC, sparsity: float, *, mixed: bool = False) -> dict[str, list[int]]:
     """The K per block that `cluster_compress` / `structured_magnitude_prune` would use:
     {"heads": [K per block], "ffn_units": [K per block]}."""
@@ -170,11 +178,7 @@ def cluster_compress(model: Wav2Vec2CTC, sparsity: float, *, merge: str = DEFAUL
     if merge not in cluster.MERGE_RULES:
         raise ValueError(f"merge must be one of {cluster.MERGE_RULES}; got {merge!r}")
     modules = _modules(model)
-    groups = None
-    if ks is not None:
-        kept = _ks_from_argument(modules, ks)
-    else:
-        kept, groups = _plan(modules, sparsity, mixed)
+    kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     new_units, inertias = [], []
     for module, k in zip(modules, kept):
         merged, _labels, inertia = cluster.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init)
@@ -201,11 +205,7 @@ def structured_magnitude_prune(model: Wav2Vec2CTC, sparsity: float, *, mixed: bo
     report's "kept"). Returns (new_model, report) like `cluster_compress`, with
     "method": "structured_magnitude" and no merge/inertia entries."""
     modules = _modules(model)
-    groups = None
-    if ks is not None:
-        kept = _ks_from_argument(modules, ks)
-    else:
-        kept, groups = _plan(modules, sparsity, mixed)
+    kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     heads, ffn_units = {}, {}
     for module, k in zip(modules, kept):
         keep = cluster.largest_norm_units(module.units, k).tolist()

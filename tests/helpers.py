@@ -20,3 +20,22 @@ def write_corpus(root: Path, split: str, items: dict, *, sample_rate: int = 1600
         lines.append(f"{utterance_id} {text}")
     (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def perturbed(model):
+    """Add noise to every parameter (so no bias is 0 and no unit is trivially removable); eval mode."""
+    import torch
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def padded_noise(lengths):
+    """A seeded random batch whose rows are zero beyond their `lengths` (B, max length)."""
+    import torch
+    torch.manual_seed(1)
+    batch = torch.randn(len(lengths), int(lengths.max()))
+    for row, length in enumerate(lengths):
+        batch[row, length:] = 0.0
+    return batch

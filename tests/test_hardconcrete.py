@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import write_corpus
+from helpers import padded_noise, perturbed, write_corpus
 
 import spg
 from spg import hardconcrete as hc
@@ -32,19 +32,11 @@ def tiny_model(pre_layer_norm: bool = True, seed: int = 0, hidden: int = 32, blo
                          conv_stride=(5, 2, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
                          hidden_dropout=dropout, attention_dropout=dropout, activation_dropout=dropout,
                          final_dropout=dropout, layerdrop=dropout, **layout)
-    model = Wav2Vec2CTC(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.eval()
+    return perturbed(Wav2Vec2CTC(config))
 
 
 def waveforms() -> torch.Tensor:
-    torch.manual_seed(1)
-    batch = torch.randn(len(LENGTHS), int(LENGTHS.max()))
-    for row, length in enumerate(LENGTHS):
-        batch[row, length:] = 0.0
-    return batch
+    return padded_noise(LENGTHS)
 
 
 @torch.no_grad()

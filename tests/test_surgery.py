@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import padded_noise, perturbed
 
 import spg
 from spg import surgery
@@ -23,19 +24,11 @@ def tiny_model(pre_layer_norm: bool = True, seed: int = 0) -> Wav2Vec2CTC:
     config = ModelConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=24,
                          conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **layout)
-    model = Wav2Vec2CTC(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.eval()
+    return perturbed(Wav2Vec2CTC(config))
 
 
 def waveforms() -> torch.Tensor:
-    torch.manual_seed(1)
-    batch = torch.randn(len(LENGTHS), int(LENGTHS.max()))
-    for row, length in enumerate(LENGTHS):
-        batch[row, length:] = 0.0
-    return batch
+    return padded_noise(LENGTHS)
 
 
 @torch.no_grad()
