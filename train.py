@@ -17,6 +17,7 @@ the parameter counts, the size on disk and the wall time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from spg.wer import mapsswe
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
-METHODS = ("dense", "spg", "ump", "mixed", "cluster")
+METHODS = ("dense", "spg", "ump", "mixed", "cluster", "l0")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
 # at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
 DEFAULT_STEPS = 500
@@ -97,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
     group.add_argument("--epochs", type=int, default=0,
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
+    group = parser.add_argument_group("l0 (hard-concrete head, head-dimension and neuron pruning)")
+    group.add_argument("--ste", action="store_true", help="binary masks forward, relaxed gates backward")
+    group.add_argument("--distill", action="store_true",
+                       help="add layer-wise hidden-state distillation (L1 + cosine) from the dense model")
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
@@ -104,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.method = "spg" if args.sparsity > 0 else "dense"
     if args.sparsity > 0 and args.method == "dense":
         parser.error("--sparsity > 0 needs a compression method (--method spg, ump or mixed)")
-    if args.sparsity == 0 and args.method in ("spg", "ump", "cluster") or \
+    if args.sparsity == 0 and args.method in ("spg", "ump", "cluster", "l0") or \
             args.method == "mixed" and args.sparsity == 0 and args.mixed_from is None:
         parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.model and args.init:
@@ -112,7 +117,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_method(args) -> Method:
+def build_method(args, model: Wav2Vec2CTC) -> Method:
+    if args.method == "l0":
+        from spg.l0 import L0Method
+        teacher = None
+        if args.distill:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed)
     if args.method == "spg":
         return gates.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
                          normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
@@ -182,7 +193,8 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else REPO / "runs" / f"{args.method}-{args.sparsity:g}.pt"
     print(f"output checkpoint: {out}")
-    method = build_method(args)          # before training: `mixed` may refuse early
+    method = build_method(args, model)   # before training: `mixed` may refuse early
+    dense_copy = copy.deepcopy(model) if args.method == "l0" else None
     dense_size = None if args.init else saved_size(model, out, half=args.half)
     before = {} if args.init else {
         name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
@@ -202,6 +214,8 @@ def main(argv=None) -> int:
         return 0
 
     model.cpu()
+    if args.method == "l0":             # deliver the physically smaller model
+        model = method.pruned_model.cpu()
     spg.save(model, out, half=args.half)
     after = {name: evaluate_corpus(model, data, desc=f"{args.method} {name}")
              for name, data in {"dev": dev_set, **test_sets}.items()}
@@ -228,6 +242,16 @@ def main(argv=None) -> int:
         "compression": {k: v for k, v in model.compression.items() if k != "per_matrix_sparsity"},
         "train_seconds": result.seconds, "seconds": time.time() - started,
     }
+    if args.method == "l0":
+        forward = forward_seconds({"dense": dense_copy, "compressed": model})
+        config = model.config
+        summary["kept"] = {"heads": [config.block_num_heads(b) for b in range(config.num_hidden_layers)],
+                           "qk_dims": [sum(config.block_qk_head_dims(b)) for b in range(config.num_hidden_layers)],
+                           "v_dims": [sum(config.block_v_head_dims(b)) for b in range(config.num_hidden_layers)],
+                           "ffn_units": [config.block_intermediate_size(b) for b in range(config.num_hidden_layers)]}
+        summary.update(sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
+                       forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
+                       forward_time_ratio=forward["compressed"] / forward["dense"])
     if isinstance(method, gates.SPG):
         summary["spg_history"] = method.history
     print_summary(summary)
@@ -344,7 +368,12 @@ def print_summary(summary: dict) -> None:
     if summary["sparsity_before_calibration"] is not None:
         line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration)"
     print(line)
-    if summary["sparsity"] > 0:
+    if "kept" in summary:                 # l0: a physically smaller model, not zeros
+        for name, values in summary["kept"].items():
+            print(f"  kept {name:<9} per block {values}")
+        print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; forward time (10 s of "
+              f"audio) ratio {summary['forward_time_ratio']:.2f}")
+    elif summary["sparsity"] > 0:
         print_sparsity_table(summary["per_matrix_sparsity"], summary["per_block_sparsity"])
     print(f"parameters {summary['params_total']:,} total, {summary['params_nonzero']:,} non-zero")
     dense = summary["dense_size_bytes"]

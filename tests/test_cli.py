@@ -120,3 +120,22 @@ def test_cluster_method_end_to_end(tmp_path):
     assert loaded.config.layer_intermediate_sizes == [512] * 6
     assert set(summary["clustered_wer"]) == set(summary["magnitude_wer"]) == set(summary["finetuned_wer"]) == {"dev", "test"}
     assert summary["forward_time_ratio"] > 0
+
+
+def test_l0_method_end_to_end(tmp_path):
+    data = noise_corpus(tmp_path / "corpus")
+    dense_path = tmp_path / "dense.pt"
+    torch.manual_seed(0)
+    from spg.model import Wav2Vec2CTC, preset
+    dense = Wav2Vec2CTC(preset("tiny"))
+    spg.save(dense, dense_path)
+    summary_path = tmp_path / "l0.json"
+    assert train.main(["--method", "l0", "--sparsity", "0.5", "--ste", "--distill", "--model", str(dense_path),
+                       "--data", str(data), "--test-split", "test", "--steps", "4", "--batch-size", "3",
+                       "--out", str(tmp_path / "l0.pt"), "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    pruned = spg.load(tmp_path / "l0.pt")
+    assert pruned.num_parameters() == summary["params_total"] < dense.num_parameters() == summary["params_dense"]
+    # the final calibration deploys at least the target sparsity of the prunable layers
+    assert summary["sparsity"] >= 0.5
+    assert len(summary["kept"]["heads"]) == 6 and summary["forward_time_ratio"] > 0
