@@ -36,8 +36,7 @@ def size_on_disk(path: Path) -> int:
     return path.stat().st_size
 
 
-def describe(model_path: Path, device: torch.device, utterances, label: str) -> dict:
-    model = spg.load(model_path)
+def describe(model, model_path: Path, device: torch.device, utterances, label: str) -> dict:
     model.to(device)
     result = evaluate_corpus(model, utterances, device=device, desc=label)
     result.update(sparsity_report(model))
@@ -76,8 +75,9 @@ def main(argv=None) -> int:
         root = build_corpus()
     device = torch.device(args.device)
     model_path = Path(args.model)
-    utterances = read_corpus(root, args.split, spg.load(model_path).vocab)
-    result = describe(model_path, device, utterances, "decoding")
+    model = spg.load(model_path)
+    utterances = read_corpus(root, args.split, model.vocab)
+    result = describe(model, model_path, device, utterances, "decoding")
     print_result(result, f"{args.split} ({root})")
     report = {key: result[key] for key in (
         "model", "wer", "cer", "substitutions", "deletions", "insertions", "reference_words", "params_total",
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                             for i, r, h in zip(result["ids"], result["references"], result["hypotheses"])]
 
     if args.compare:
-        other = describe(Path(args.compare), device, utterances, "decoding (compare)")
+        other = describe(spg.load(args.compare), Path(args.compare), device, utterances, "decoding (compare)")
         print_result(other, "compared with")
         test = mapsswe(result["references"], other["hypotheses"], result["hypotheses"])
         print(f"\nMAPSSWE ({test.n_segments} segments): WER {100 * other['wer']:.2f}% (compare) -> "

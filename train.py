@@ -195,13 +195,15 @@ def main(argv=None) -> int:
     print(f"output checkpoint: {out}")
     method = build_method(args, model)   # before training: `mixed` may refuse early
     dense_copy = copy.deepcopy(model) if args.method == "l0" else None
-    dense_size = None if args.init else saved_size(model, out, half=args.half)
+    # the size of the model we start from (cluster reports it even for a random --init model)
+    dense_size = None if args.init and args.method != "cluster" else saved_size(model, out, half=args.half)
     before = {} if args.init else {
         name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
         for name, data in {"dev": dev_set, **test_sets}.items()}
 
     if args.method == "cluster":
-        return run_cluster(args, model, before, train_set, {"dev": dev_set, **test_sets}, out, device, started)
+        return run_cluster(args, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
+                           started)
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
@@ -260,8 +262,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_cluster(args, dense: Wav2Vec2CTC, before: dict, train_set, evaluation_sets: dict, out: Path,
-                device: torch.device, started: float) -> int:
+def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_set, evaluation_sets: dict,
+                out: Path, device: torch.device, started: float) -> int:
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
     from spg.clustering import cluster_compress, structured_magnitude_prune
@@ -295,7 +297,7 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, train_set, evaluation_se
                     for k, r in ((name, mapsswe(final[name]["references"], final[name]["hypotheses"],
                                                 before[name]["hypotheses"])) for name in final if name in before)},
         "params_dense": dense.num_parameters(), "params_total": clustered.num_parameters(),
-        "size_bytes": out.stat().st_size, "dense_size_bytes": saved_size(dense, out, half=args.half),
+        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
         "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
         "forward_time_ratio": forward["compressed"] / forward["dense"],
         "seconds": time.time() - started,
