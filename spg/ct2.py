@@ -225,6 +225,16 @@ def whisper_from_ct2(model: Ct2Model, config_extra: Optional[dict] = None, sourc
     used.update({"encoder/num_heads", "decoder/num_heads"})
     n_encoder, n_decoder = _layer_count(model, "encoder"), _layer_count(model, "decoder")
 
+    def self_attention_and_ffn(ours: str, theirs: str) -> None:
+        """The parts encoder and decoder layers share: fused self-attention q/k/v, its output
+        projection and layer norm, and the FFN with its layer norm."""
+        split([f"{ours}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], f"{theirs}/self_attention/linear_0")
+        linear(f"{ours}.self_attn.out_proj", f"{theirs}/self_attention/linear_1")
+        layer_norm(f"{ours}.self_attn_layer_norm", f"{theirs}/self_attention/layer_norm")
+        linear(f"{ours}.fc1", f"{theirs}/ffn/linear_0")
+        linear(f"{ours}.fc2", f"{theirs}/ffn/linear_1")
+        layer_norm(f"{ours}.final_layer_norm", f"{theirs}/ffn/layer_norm")
+
     for name in ("conv1", "conv2"):
         linear(f"encoder.{name}", f"encoder/{name}")
     state["encoder.embed_positions.weight"] = take("encoder/position_encodings/encodings")
@@ -232,12 +242,7 @@ def whisper_from_ct2(model: Ct2Model, config_extra: Optional[dict] = None, sourc
     enc_heads, enc_ffn = [], []
     for i in range(n_encoder):
         ours, theirs = f"encoder.layers.{i}", f"encoder/layer_{i}"
-        split([f"{ours}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], f"{theirs}/self_attention/linear_0")
-        linear(f"{ours}.self_attn.out_proj", f"{theirs}/self_attention/linear_1")
-        layer_norm(f"{ours}.self_attn_layer_norm", f"{theirs}/self_attention/layer_norm")
-        linear(f"{ours}.fc1", f"{theirs}/ffn/linear_0")
-        linear(f"{ours}.fc2", f"{theirs}/ffn/linear_1")
-        layer_norm(f"{ours}.final_layer_norm", f"{theirs}/ffn/layer_norm")
+        self_attention_and_ffn(ours, theirs)
         enc_heads.append(state[f"{ours}.self_attn.q_proj.weight"].shape[0] // (d_model // encoder_heads))
         enc_ffn.append(state[f"{ours}.fc1.weight"].shape[0])
 
@@ -254,16 +259,11 @@ def whisper_from_ct2(model: Ct2Model, config_extra: Optional[dict] = None, sourc
     dec_heads, dec_cross, dec_ffn = [], [], []
     for i in range(n_decoder):
         ours, theirs = f"decoder.layers.{i}", f"decoder/layer_{i}"
-        split([f"{ours}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], f"{theirs}/self_attention/linear_0")
-        linear(f"{ours}.self_attn.out_proj", f"{theirs}/self_attention/linear_1")
-        layer_norm(f"{ours}.self_attn_layer_norm", f"{theirs}/self_attention/layer_norm")
+        self_attention_and_ffn(ours, theirs)
         linear(f"{ours}.encoder_attn.q_proj", f"{theirs}/attention/linear_0")
         split([f"{ours}.encoder_attn.{p}" for p in ("k_proj", "v_proj")], f"{theirs}/attention/linear_1")
         linear(f"{ours}.encoder_attn.out_proj", f"{theirs}/attention/linear_2")
         layer_norm(f"{ours}.encoder_attn_layer_norm", f"{theirs}/attention/layer_norm")
-        linear(f"{ours}.fc1", f"{theirs}/ffn/linear_0")
-        linear(f"{ours}.fc2", f"{theirs}/ffn/linear_1")
-        layer_norm(f"{ours}.final_layer_norm", f"{theirs}/ffn/layer_norm")
         head_dim = d_model // decoder_heads
         dec_heads.append(state[f"{ours}.self_attn.q_proj.weight"].shape[0] // head_dim)
         dec_cross.append(state[f"{ours}.encoder_attn.q_proj.weight"].shape[0] // head_dim)
