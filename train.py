@@ -8,7 +8,9 @@
     python train.py --init tiny --train-feature-extractor --steps 40000 ...   # from scratch
 
 With no --model and no --data it uses the shipped dense tiny model and the built-in
-synthetic corpus (synthesised on first use). See README.md for the real-checkpoint setting.
+synthetic corpus (synthesised on first use). Under `torchrun --nproc_per_node N train.py ...`
+training runs data-parallel with PyTorch DDP (nccl on GPU, gloo on CPU); --batch-size is per
+process, and rank 0 evaluates, saves and prints. See README.md for the real-checkpoint setting.
 The summary compares the dense and the compressed model on every split (WER, and the
 MAPSSWE significance test at alpha = 0.05), and reports the sparsity per block and matrix,
 the parameter counts, the size on disk and the wall time.
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import spg
 from spg import gates
@@ -178,11 +183,40 @@ def corpus_root(args) -> Path:
     return build_corpus()
 
 
+def setup_distributed(args) -> tuple[int, torch.device]:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT); a plain `python train.py` stays single-process."""
+    device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    if args.method == "cluster":
+        sys.exit("--method cluster is data-free and single-process; run it without torchrun")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A long rank-0 evaluation keeps the other ranks waiting at their first all-reduce.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    return dist.get_rank(), device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
-    device = torch.device(args.device)
+    rank, device = setup_distributed(args)
+    try:
+        return run(args, rank, device, started)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, rank: int, device: torch.device, started: float) -> int:
+    if rank != 0 and args.data is None:
+        dist.barrier()                   # rank 0 synthesises the built-in corpus first
     root = corpus_root(args)
+    if rank == 0 and args.data is None and dist.is_initialized():
+        dist.barrier()
     test_splits = [s for s in args.test_split.split(",") if s]
     if args.data is None and "test-unseen" not in test_splits:
         test_splits.append("test-unseen")
@@ -192,12 +226,14 @@ def main(argv=None) -> int:
     test_sets = {name: read_corpus(root, name, model.vocab) for name in test_splits}
 
     out = Path(args.out) if args.out else REPO / "runs" / f"{args.method}-{args.sparsity:g}.pt"
-    print(f"output checkpoint: {out}")
+    if rank == 0:
+        print(f"output checkpoint: {out}")
     method = build_method(args, model)   # before training: `mixed` may refuse early
     dense_copy = copy.deepcopy(model) if args.method == "l0" else None
     # the size of the model we start from (cluster reports it even for a random --init model)
-    dense_size = None if args.init and args.method != "cluster" else saved_size(model, out, half=args.half)
-    before = {} if args.init else {
+    dense_size = None if args.init and args.method != "cluster" or rank != 0 else \
+        saved_size(model, out, half=args.half)
+    before = {} if args.init or rank != 0 else {
         name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
         for name, data in {"dev": dev_set, **test_sets}.items()}
 
@@ -211,6 +247,8 @@ def main(argv=None) -> int:
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=out.with_name(out.name + ".state"), resume=args.resume,
                    dev_utterances=dev_set, stop_after_steps=args.stop_after)
+    if rank != 0:
+        return 0
     if result.steps_done < args.steps:
         print(f"stopped after step {result.steps_done} of {args.steps}; continue with --resume")
         return 0

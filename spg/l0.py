@@ -207,6 +207,9 @@ class L0Method(Method):
         if model.training:
             self._inputs = (args, dict(kwargs))
 
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.gates]
+
     def parameter_groups(self, model: Wav2Vec2CTC, config: TrainConfig) -> list[dict]:
         return super().parameter_groups(model, config) + [
             # Gates and λ: no weight decay (it would pull them to 0, i.e. to a 50 % drop rate

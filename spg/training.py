@@ -11,7 +11,10 @@ What the loop guarantees:
     `resume` continues from one exactly: step, schedule, optimiser, RNG, batch order and
     the method's state;
   * optional frozen, cached feature extractor (the papers never prune it, and caching its
-    output roughly halves the cost of a training step on CPU).
+    output roughly halves the cost of a training step on CPU);
+  * data-parallel training with PyTorch DDP when `torch.distributed` is initialised (e.g.
+    under `torchrun`): every rank sees different batches, gradients are averaged by DDP, so
+    weights, gates and a method's controller stay identical on every rank.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from spg.data import AudioCache, Batch, Utterance, length_sorted_batches, make_targets, normalize_waveform
@@ -91,6 +97,11 @@ class Method:
 
     def finish(self, model: Wav2Vec2CTC) -> None:
         """Called once after the last step: turn the trained model into the deliverable."""
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Trainable modules the method keeps outside the model (e.g. L0 gates applied by hooks).
+        Data-parallel training wraps them with the model so DDP broadcasts and averages them too."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
@@ -201,6 +212,47 @@ def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) ->
 
 
 # ----------------------------------------------------------------------------------------
+# Data parallelism
+# ----------------------------------------------------------------------------------------
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class TrainingStep(nn.Module):
+    """One forward of a training step: CTC logits plus the method's extra loss.
+
+    The loop calls this module (or DDP wrapped around it) so that, under data parallelism, one
+    forward produces every loss term and DDP sees every trainable parameter: the model's and
+    the method's own (`Method.trainable_modules`). DDP runs with find_unused_parameters because
+    layerdrop skips whole blocks, so some parameters get no gradient in a given step."""
+
+    def __init__(self, model: Wav2Vec2CTC, method: Method):
+        super().__init__()
+        self.model = model
+        self.method_modules = nn.ModuleList(method.trainable_modules())
+        self.method = method        # a plain attribute: not a module, its parameters are listed above
+
+    def forward(self, batch: Batch, features: Optional[torch.Tensor], step: int, total_steps: int):
+        device = self.model.lm_head.weight.device
+        logits, frame_lengths = forward_batch(self.model, batch, device, features)
+        extra = self.method.extra_loss(self.model, step, total_steps)
+        return logits, frame_lengths, extra
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (a collective: every rank must call it)."""
+    if distributed_rank()[1] == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() == 1.0)
+
+
+# ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
 
@@ -222,8 +274,13 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
 
     `checkpoint_path` receives a resumable checkpoint every `config.save_every` steps and at
     the end; with `resume=True` training continues from it. `stop_after_steps` ends this call
-    early (the checkpoint is still written), to run a long job in several parts."""
+    early (the checkpoint is still written), to run a long job in several parts.
+
+    Under torch.distributed (every rank calls `train` with the same arguments) each optimiser
+    step consumes `world_size` batches of `config.batch_size`, one per rank, and DDP averages
+    the gradients. Only rank 0 writes checkpoints, evaluates and shows progress."""
     method = method or Method()
+    rank, world_size = distributed_rank()
     model.to(device)
     method.attach(model)
     started = time.time()
@@ -244,6 +301,12 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     if config.freeze_feature_extractor:
         for parameter in model.feature_extractor.parameters():
             parameter.requires_grad_(False)
+    # DDP broadcasts rank 0's parameters and buffers now (before features are cached from them)
+    # and averages gradients in backward(); the standard PyTorch recipe, nothing home-made.
+    network = TrainingStep(model, method)
+    if world_size > 1:
+        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
@@ -263,9 +326,11 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
         history = state["history"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+    if world_size > 1:
+        torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)   # own dropout/SpecAugment per rank
 
     def save_checkpoint() -> None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or rank != 0:
             return
         atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
@@ -277,27 +342,32 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     model.train()
     if config.freeze_feature_extractor:
         model.feature_extractor.eval()     # no dropout/norm updates in the frozen front end
-    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
+               dynamic_ncols=True)
     end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
     while step < end_step:
         batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
                                         seed=config.seed * 100_003 + epoch)
-        while position < len(batches) and step < end_step:
-            indices = batches[position]
-            position += 1
+        if len(batches) < world_size:
+            raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
+                             f"use a smaller batch size or more data")
+        # Every rank shuffles identically and takes its own slot of each group of world_size batches.
+        while position + world_size <= len(batches) and step < end_step:
+            indices = batches[position + rank]
+            position += world_size
             factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab) \
                 if features is None else _labels_only(audio, indices, model.vocab)
             method.before_step(model, step, config.steps)
-            logits, frame_lengths = forward_batch(
-                model, batch, device, None if features is None else features.batch(indices))
+            logits, frame_lengths, extra = network(
+                batch, None if features is None else features.batch(indices), step, config.steps)
             loss = ctc_loss(logits, frame_lengths, batch)
-            extra = method.extra_loss(model, step, config.steps)
             total = loss if extra is None else loss + extra
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(total):
+            # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
+            if not _all_ranks_agree(bool(torch.isfinite(total)), device):
                 skipped += 1
                 bar.write(f"step {step}: non-finite loss ({total.item()}); batch {batch.ids[:3]}... skipped")
                 step += 1
@@ -322,7 +392,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
             bar.update(1)
             if step % 50 == 0 or step == config.steps:
                 history.append({"step": step, "loss": loss.item(), **{k: v for k, v in shown.items() if k != "loss"}})
-            if config.eval_every and dev_audio is not None and step % config.eval_every == 0:
+            if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:
                 hypotheses = transcribe_corpus(model, dev_audio, device=device, progress=False)
                 dev_wer = error_counts([u.transcript for u in dev_audio.utterances], hypotheses).rate
                 history.append({"step": step, "dev_wer": dev_wer})
@@ -334,7 +404,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
                     model.feature_extractor.eval()
             if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
                 save_checkpoint()
-        if position >= len(batches):
+        if position + world_size > len(batches):
             epoch, position = epoch + 1, 0
     bar.close()
     save_checkpoint()
