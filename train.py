@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from spg import gates
 from spg.data import read_corpus
 from spg.magnitude import UMP, Mixed
 from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
-from spg.training import Method, TrainConfig, evaluate_corpus, sparsity_report, train
+from spg.training import Method, TrainConfig, evaluate_corpus, sparsity_report, tensors_digest, train
 from spg.wer import mapsswe
 
 REPO = Path(__file__).resolve().parent
@@ -75,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=int, default=None, help="stop this call after N steps (resume later)")
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--feature-cache", default=None,
+                        help="folder for the frozen front end's features, reused by later runs on the same corpus "
+                             "(default: runs/feature-cache for the built-in corpus, none otherwise)")
+    parser.add_argument("--dense-eval", default=None,
+                        help="JSON file holding the dense model's decoding of dev/test; reused when it matches "
+                             "the model's weights and the utterances, written otherwise (for sweeps)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("SPG (self-pinching gates)")
@@ -233,17 +240,18 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
     # the size of the model we start from (cluster reports it even for a random --init model)
     dense_size = None if args.init and args.method != "cluster" or rank != 0 else \
         saved_size(model, out, half=args.half)
-    before = {} if args.init or rank != 0 else {
-        name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
-        for name, data in {"dev": dev_set, **test_sets}.items()}
+    before = {} if args.init or rank != 0 else \
+        evaluate_dense(model, {"dev": dev_set, **test_sets}, device, args.dense_eval)
 
     if args.method == "cluster":
         return run_cluster(args, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
                            started)
 
+    feature_cache = args.feature_cache or (str(REPO / "runs" / "feature-cache") if args.data is None else None)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
-                         save_every=args.save_every, eval_every=args.eval_every, seed=args.seed)
+                         save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
+                         feature_cache_dir=feature_cache)
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=out.with_name(out.name + ".state"), resume=args.resume,
                    dev_utterances=dev_set, stop_after_steps=args.stop_after)
@@ -280,7 +288,7 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
         "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
         "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},
         "compression": {k: v for k, v in model.compression.items() if k != "per_matrix_sparsity"},
-        "train_seconds": result.seconds, "seconds": time.time() - started,
+        "train_seconds": result.seconds, "loop_seconds": result.loop_seconds, "seconds": time.time() - started,
     }
     if args.method == "l0":
         forward = forward_seconds({"dense": dense_copy, "compressed": model})
@@ -358,6 +366,28 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.device,
+                   cache: Optional[str]) -> dict:
+    """Decode every split with the starting model, or reuse a stored decoding of exactly this
+    model (a digest of its weights) on exactly these utterances."""
+    key = {"weights": tensors_digest(model.state_dict()),
+           "utterances": {name: [u.id for u in data] for name, data in evaluation_sets.items()}}
+    if cache and Path(cache).exists():
+        stored = json.loads(Path(cache).read_text())
+        if stored.get("key") == key:
+            print(f"dense decoding reused from {cache}")
+            return stored["results"]
+        print(f"{cache} holds another model's or corpus's decoding; decoding again")
+    results = {name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
+               for name, data in evaluation_sets.items()}
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(cache).with_name(Path(cache).name + ".tmp")
+        temporary.write_text(json.dumps({"key": key, "results": results}))
+        os.replace(temporary, cache)
+    return results
 
 
 def forward_seconds(models: dict, *, audio_seconds: float = 10.0, rounds: int = 5) -> dict:

@@ -19,6 +19,7 @@ What the loop guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -52,6 +53,7 @@ class TrainConfig:
     freeze_feature_extractor: bool = True
     cache_features: bool = True      # only with a frozen extractor, and only for a small corpus
     max_cached_hours: float = 10.0   # above this, audio and features are re-read/re-computed each step
+    feature_cache_dir: Optional[str] = None   # also keep cached features on disk here, for repeated runs
     save_every: int = 200
     eval_every: int = 0              # 0: no evaluation during training
     seed: int = 0
@@ -115,9 +117,18 @@ class Method:
 # ----------------------------------------------------------------------------------------
 
 class FeatureCache:
-    """Frozen feature-extractor outputs, computed once per utterance and kept as float16."""
+    """Frozen feature-extractor outputs, computed once per utterance and kept as float16.
 
-    def __init__(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device, desc: str = "caching features"):
+    With `folder`, the features are also stored on disk under a key made of the front end's
+    weights and the audio files' names, sizes and modification times, so repeated runs on the
+    same corpus (a sparsity sweep) skip the recomputation; any change gives a new key."""
+
+    def __init__(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device, desc: str = "caching features",
+                 folder: Optional[str | Path] = None):
+        path = None if folder is None else Path(folder) / f"features-{_feature_key(model, audio)}.pt"
+        if path is not None and path.exists():
+            self.features = torch.load(path, weights_only=True)
+            return
         self.features: list[torch.Tensor] = []
         was_training = model.training
         model.eval()
@@ -129,6 +140,8 @@ class FeatureCache:
                 wave = torch.from_numpy(waveform)[None].to(device)
                 self.features.append(model.extract_features(wave)[0].to("cpu", torch.float16))  # (T, C)
         model.train(was_training)
+        if path is not None:
+            atomic_torch_save(self.features, path)
 
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
         frames = max(self.features[i].shape[0] for i in indices)
@@ -137,6 +150,25 @@ class FeatureCache:
         for row, i in enumerate(indices):
             out[row, :self.features[i].shape[0]] = self.features[i].float()
         return out
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names and float32 values: equal for equal weights, whatever their dtype on disk."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _feature_key(model: Wav2Vec2CTC, audio: AudioCache) -> str:
+    """A digest of everything the cached features depend on."""
+    digest = hashlib.sha256(tensors_digest(model.feature_extractor.state_dict()).encode())
+    digest.update(repr(model.config.do_normalize).encode())
+    for utterance in audio.utterances:
+        stat = os.stat(utterance.audio_path)
+        digest.update(f"{utterance.audio_path}|{stat.st_size}|{stat.st_mtime_ns}|{utterance.num_samples}".encode())
+    return digest.hexdigest()[:20]
 
 
 def forward_batch(model: Wav2Vec2CTC, batch: Batch, device: torch.device,
@@ -261,6 +293,7 @@ class TrainResult:
     steps_done: int
     skipped_steps: int
     seconds: float
+    loop_seconds: float = 0.0      # the optimiser steps alone (no setup, caching or final calibration)
     history: list[dict] = field(default_factory=list)
 
 
@@ -311,7 +344,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
     audio = AudioCache(train_utterances, keep=small_corpus)
-    features = FeatureCache(model, audio, device) \
+    features = FeatureCache(model, audio, device, folder=config.feature_cache_dir) \
         if config.freeze_feature_extractor and config.cache_features and small_corpus else None
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
 
@@ -345,6 +378,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
                dynamic_ncols=True)
     end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
+    loop_started = time.time()
     while step < end_step:
         batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
                                         seed=config.seed * 100_003 + epoch)
@@ -407,11 +441,13 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
         if position + world_size > len(batches):
             epoch, position = epoch + 1, 0
     bar.close()
+    loop_seconds = time.time() - loop_started
     save_checkpoint()
     if step >= config.steps:
         method.finish(model)
     model.eval()
-    return TrainResult(steps_done=step, skipped_steps=skipped, seconds=time.time() - started, history=history)
+    return TrainResult(steps_done=step, skipped_steps=skipped, seconds=time.time() - started,
+                       loop_seconds=loop_seconds, history=history)
 
 
 def _labels_only(audio: AudioCache, indices: Sequence[int], vocab: Sequence[str]) -> Batch:

@@ -139,3 +139,22 @@ def test_l0_method_end_to_end(tmp_path):
     # the final calibration deploys at least the target sparsity of the prunable layers
     assert summary["sparsity"] >= 0.5
     assert len(summary["kept"]["heads"]) == 6 and summary["forward_time_ratio"] > 0
+
+
+def test_dense_decoding_is_reused_only_for_the_same_model(tmp_path, capsys):
+    data = noise_corpus(tmp_path / "corpus")
+    model = tmp_path / "start.pt"
+    assert train.main(["--init", "tiny", "--data", str(data), "--steps", "1", "--out", str(model)]) == 0
+    cache = tmp_path / "dense.json"
+    common = ["--model", str(model), "--data", str(data), "--test-split", "test", "--sparsity", "0.5",
+              "--method", "ump", "--steps", "1", "--dense-eval", str(cache)]
+    assert train.main(common + ["--out", str(tmp_path / "a.pt"), "--json", str(tmp_path / "a.json")]) == 0
+    assert cache.exists() and "dense decoding reused" not in capsys.readouterr().out
+    assert train.main(common + ["--out", str(tmp_path / "b.pt"), "--json", str(tmp_path / "b.json")]) == 0
+    assert "dense decoding reused" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["dense_wer"] == b["dense_wer"]
+    other = common.copy()
+    other[1] = str(tmp_path / "a.pt")                             # different weights: decoded again
+    assert train.main(other + ["--out", str(tmp_path / "c.pt")]) == 0
+    assert "decoding again" in capsys.readouterr().out

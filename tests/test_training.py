@@ -69,3 +69,20 @@ def test_learning_rate_schedule():
     assert learning_rate_factor(10, 100, 0.1) == 1.0
     assert abs(learning_rate_factor(55, 100, 0.1) - 0.5) < 1e-12
     assert learning_rate_factor(100, 100, 0.1) == 0.0
+
+
+def test_feature_cache_on_disk_is_reused_and_keyed_on_the_weights(tmp_path):
+    utterances = tiny_corpus(tmp_path)
+    config = TrainConfig(steps=3, batch_size=3, lr=1e-3, save_every=0, feature_cache_dir=str(tmp_path / "cache"))
+    first, second = tiny_model(), tiny_model()
+    train(first, utterances, config, progress=False)
+    files = list((tmp_path / "cache").glob("features-*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    train(second, utterances, config, progress=False)           # reads the stored features
+    assert files[0].stat().st_mtime_ns == stamp
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    other = tiny_model(seed=5)                                    # another front end: another key
+    train(other, utterances, config, progress=False)
+    assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
