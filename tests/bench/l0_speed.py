@@ -18,14 +18,16 @@ Batch 1, eval mode, torch.inference_mode(); after a warm-up the two models run a
 timed: the transformer encoder alone (cached conv features), since L0 pruning never
 touches the conv front end. The last line is ``pruned/dense forward time: R``.
 
---wer: TODO (needs the trained tiny model `models/tiny-dense.pt` and the SPG/UMP runs, which
-have not landed): compare the WER of L0 (`spg.l0.L0Method`), SPG and UMP at the same
-sparsity on the built-in corpus. The flag is reserved and exits with this message.
+--wer: instead of timing, print the built-in default's test WER of an L0 run (`train.py
+--method l0 --json FILE`, default runs/l0-0.7.json) next to SPG and UMP at the same parameter
+count: the sweep run (results/spg_sweep.json, `tests/bench/spg_sweep.py`) whose non-zero
+parameter count is closest to the L0 model's physical count.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -33,7 +35,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
 from spg import hardconcrete as hc  # noqa: E402
 from spg.model import Wav2Vec2CTC, preset  # noqa: E402
@@ -76,6 +79,36 @@ def plausible_gates(model: Wav2Vec2CTC, sparsity: float, seed: int = 0) -> hc.L0
     return gates
 
 
+def compare_wer(l0_path: str, sweep_path: str, split: str) -> None:
+    """L0 against the sweep's SPG and UMP runs with the closest non-zero parameter count."""
+    for path, how in ((l0_path, "python train.py --method l0 --sparsity 0.7 --ste --json runs/l0-0.7.json"),
+                      (sweep_path, "python tests/bench/spg_sweep.py")):
+        if not os.path.exists(path):
+            sys.exit(f"{path} does not exist; produce it with `{how}`")
+    with open(l0_path) as stream:
+        l0 = json.load(stream)
+    with open(sweep_path) as stream:
+        sweep = json.load(stream)
+    params = l0["params_total"]
+    rows = [("dense", None, l0["params_dense"], l0["dense_wer"][split], None),
+            ("l0" + (" (ste)" if l0.get("compression", {}).get("ste") else ""), l0["sparsity"], params,
+             l0["compressed_wer"][split], l0["mapsswe"][split])]
+    for method in ("spg", "ump"):
+        candidates = [r for r in sweep["runs"] if r["method"] == method]
+        if not candidates:
+            continue
+        run = min(candidates, key=lambda r: abs(r["params_nonzero"] - params))
+        rows.append((method, run["achieved_sparsity"], run["params_nonzero"], run["wer"][split], run["mapsswe"][split]))
+    print(f"{split} WER on the built-in corpus at about {params / 1e6:.2f}M parameters "
+          f"(L0: physically smaller; SPG/UMP: non-zero weights); * = significantly worse than dense")
+    print(f"{'method':<10}{'sparsity':>10}{'parameters':>14}{'WER':>10}")
+    for name, sparsity, count, wer, test in rows:
+        worse = test is not None and test.get("significant") and wer > rows[0][3]
+        shown = "-" if sparsity is None else f"{100 * sparsity:.1f}%"
+        print(f"{name:<10}{shown:>10}{count:>14,}{100 * wer:>9.2f}%{'*' if worse else ''}")
+    print(f"L0/SPG {split} WER: {l0['compressed_wer'][split] / rows[2][3]:.2f}" if len(rows) > 2 else "")
+
+
 def timed(forward) -> float:
     start = time.perf_counter()
     forward()
@@ -91,11 +124,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--sparsity", type=float, default=0.70, help="of the six prunable layers (default 0.70)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--wer", action="store_true", help="TODO: WER of L0 vs SPG vs UMP (see the docstring)")
+    parser.add_argument("--wer", action="store_true", help="WER of L0 vs SPG vs UMP (see the docstring)")
+    parser.add_argument("--l0-json", default=os.path.join(REPO, "runs", "l0-0.7.json"))
+    parser.add_argument("--sweep-json", default=os.path.join(REPO, "results", "spg_sweep.json"))
+    parser.add_argument("--split", default="test")
     args = parser.parse_args()
     if args.wer:
-        sys.exit("--wer is a TODO: it needs the trained tiny model (models/tiny-dense.pt) and the SPG/UMP "
-                 "runs; see the docstring of tests/bench/l0_speed.py")
+        compare_wer(args.l0_json, args.sweep_json, args.split)
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
                      "wer": run["compressed_wer"],
                      "mapsswe": {split: {"p": test["p_value"], "significant": test["significant"],
                                          "worse": worse[split]} for split, test in run["mapsswe"].items()},
+                     "params_total": run["params_total"], "params_nonzero": run["params_nonzero"],
                      "seconds": run["seconds"], "train_seconds": run["train_seconds"],
                      "per_matrix_sparsity": run["per_matrix_sparsity"]})
     for method in METHODS:      # lossless: every sparsity up to this one is not significantly worse
