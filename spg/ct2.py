@@ -353,4 +353,7 @@ def load_ct2_whisper(folder: PathLike) -> Whisper:
     vocab_size = model.get("decoder/embeddings/weight")
     if vocab_size is None:
         raise CheckpointError(f"{path}: variable decoder/embeddings/weight is missing")
-    return whisper_from_ct2(model, ct2_special_tokens(folder, vocab_size.shape[0]), source=path)
+    result = whisper_from_ct2(model, ct2_special_tokens(folder, vocab_size.shape[0]), source=path)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        result.tokenizer = whisper.load_tokenizer(folder)
+    return result

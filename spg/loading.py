@@ -90,9 +90,18 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
     vocab: the output tokens in id order; overrides the vocabulary stored with the model.
         Required for fairseq files whose head does not have the default 32 characters.
 
+    Whisper (a Hugging Face or CTranslate2 Whisper folder, a `spg.whisper.save_whisper` file,
+    or a name such as "whisper-tiny.en": see `spg.whisper.load_whisper`) gives a
+    `spg.whisper.Whisper` instead; `vocab` does not apply to it.
+
     Returns the model in eval mode, like `from_pretrained`.
     """
+    from spg import whisper            # imported here: spg.whisper imports this module
     path = os.fspath(path)
+    if whisper.is_whisper_source(path):
+        if vocab is not None:
+            raise CheckpointError(f"{path}: a Whisper model has its own tokenizer; vocab= does not apply")
+        return whisper.load_whisper(path, strict=strict).to(map_location).eval()
     if os.path.isdir(path):
         model = _load_hf_folder(path, strict=strict, vocab=vocab)
     elif os.path.isfile(path):
@@ -105,6 +114,8 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
                 raise CheckpointError(f"{path}: claims format 'spg' but holds objects other than tensors and "
                                       "plain data (save() never writes those)")
             model = _load_spg(payload, path, strict=strict, vocab=vocab)
+        elif isinstance(payload, dict) and payload.get("format") == whisper.FORMAT_NAME and weights_only:
+            model = whisper.whisper_from_checkpoint(payload, path, strict=strict)
         elif isinstance(payload, dict) and "model" in payload and ("cfg" in payload or "args" in payload):
             model = _load_fairseq(payload, path, strict=strict, vocab=vocab)
         else:

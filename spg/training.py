@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from spg.data import AudioCache, Batch, Utterance, length_sorted_batches, make_targets, normalize_waveform
 from spg.model import Wav2Vec2CTC, ctc_greedy_decode
-from spg.wer import error_counts
+from spg.wer import corpus_scores, error_counts
 
 
 @dataclass
@@ -124,7 +124,7 @@ class FeatureCache:
     same corpus (a sparsity sweep) skip the recomputation; any change gives a new key."""
 
     def __init__(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device, desc: str = "caching features",
-                 folder: Optional[str | Path] = None):
+                 folder: Optional[str | Path] = None, progress: bool = True):
         path = None if folder is None else Path(folder) / f"features-{_feature_key(model, audio)}.pt"
         if path is not None and path.exists():
             self.features = torch.load(path, weights_only=True)
@@ -133,7 +133,7 @@ class FeatureCache:
         was_training = model.training
         model.eval()
         with torch.inference_mode():
-            for index in tqdm(range(len(audio.utterances)), desc=desc, leave=False):
+            for index in tqdm(range(len(audio.utterances)), desc=desc, leave=False, disable=not progress):
                 waveform = audio.waveform(index)
                 if model.config.do_normalize:
                     waveform = normalize_waveform(waveform)
@@ -344,7 +344,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
     audio = AudioCache(train_utterances, keep=small_corpus)
-    features = FeatureCache(model, audio, device, folder=config.feature_cache_dir) \
+    features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress) \
         if config.freeze_feature_extractor and config.cache_features and small_corpus else None
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
 
@@ -494,11 +494,7 @@ def evaluate_corpus(model: Wav2Vec2CTC, utterances: Sequence[Utterance], *, batc
     hypotheses = transcribe_corpus(model, audio, batch_size=batch_size, device=device, progress=progress, desc=desc)
     seconds = time.perf_counter() - started
     references = [u.transcript for u in utterances]
-    words = error_counts(references, hypotheses)
-    chars = error_counts(references, hypotheses, unit="char")
     audio_seconds = sum(u.seconds for u in utterances)
-    return {"wer": words.rate, "cer": chars.rate,
-            "substitutions": words.substitutions, "deletions": words.deletions, "insertions": words.insertions,
-            "reference_words": words.reference_length, "utterances": len(utterances),
+    return {**corpus_scores(references, hypotheses), "utterances": len(utterances),
             "audio_seconds": audio_seconds, "rtf": seconds / audio_seconds if audio_seconds else 0.0,
             "ids": [u.id for u in utterances], "references": references, "hypotheses": hypotheses}

@@ -271,6 +271,14 @@ def cer(references: TextOrTexts, hypotheses: TextOrTexts) -> float:
     return error_counts(references, hypotheses, unit="char").rate
 
 
+def corpus_scores(references: TextOrTexts, hypotheses: TextOrTexts) -> dict:
+    """The figures the evaluation reports print: {"wer", "cer", "substitutions", "deletions",
+    "insertions", "reference_words"} (the counts are the word-level ones)."""
+    words = error_counts(references, hypotheses)
+    return {"wer": words.rate, "cer": cer(references, hypotheses), "substitutions": words.substitutions,
+            "deletions": words.deletions, "insertions": words.insertions, "reference_words": words.reference_length}
+
+
 # ----------------------------------------------------------------------------------
 # MAPSSWE significance test
 # ----------------------------------------------------------------------------------

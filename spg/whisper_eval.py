@@ -1,0 +1,116 @@
+"""Scoring Whisper like the CTC models: WER/CER on a corpus, and the real recordings.
+
+`evaluate_whisper(model, utterances)` returns the same figures as
+`spg.training.evaluate_corpus` (WER, CER, S/D/I, real-time factor, references and
+hypotheses), so `evaluate.py`, `train.py` and the benchmarks print Whisper results the same
+way. Whisper writes cased, punctuated text ("And Mr. John Dashwood ..."), so references and
+hypotheses both go through `spg.whisper.normalize_english` before scoring (lowercase, no
+punctuation, mr -> mister, ...); the built-in corpus's references (upper-case letters and
+apostrophes) are unchanged by it apart from the case.
+
+`read_transcription_folder(folder)` reads real recordings in the Sphinx test layout
+(`tests/data/librivox`: a `transcription` file of `<s> words </s> (utterance-id)` lines and
+`<utterance-id>.flac` or `.wav` next to it) as `spg.data.Utterance`s, for any model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import soundfile
+import torch
+
+from spg.data import SAMPLE_RATE, DataError, Utterance, normalize_text, read_audio
+from spg.wer import corpus_scores
+from spg.whisper import Whisper, normalize_english
+
+__all__ = ["TRANSCRIPTION_FILE", "is_transcription_folder", "read_transcription_folder", "evaluate_whisper",
+           "whisper_sparsity_report"]
+
+TRANSCRIPTION_FILE = "transcription"
+
+
+def is_transcription_folder(path: Union[str, os.PathLike]) -> bool:
+    return (Path(path) / TRANSCRIPTION_FILE).is_file()
+
+
+def read_transcription_folder(folder: Union[str, os.PathLike]) -> list[Utterance]:
+    """Utterances of a Sphinx-style test folder, in file order. Transcripts are upper-cased
+    like LibriSpeech's (spg.data.normalize_text), so CTC models can score them too."""
+    folder = Path(folder)
+    path = folder / TRANSCRIPTION_FILE
+    if not path.is_file():
+        raise DataError(f"{folder}: no '{TRANSCRIPTION_FILE}' file (expected lines '<s> words </s> (utterance-id)')")
+    utterances = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        words, bracket, rest = line.rpartition("(")
+        if not bracket or not rest.strip().endswith(")"):
+            raise DataError(f"{path}:{number}: expected '<s> words </s> (utterance-id)', got {line!r}")
+        utterance_id = rest.strip()[:-1].strip()
+        text = words.replace("<s>", " ").replace("</s>", " ")
+        audio = next((folder / f"{utterance_id}{ext}" for ext in (".flac", ".wav")
+                      if (folder / f"{utterance_id}{ext}").is_file()), None)
+        if audio is None:
+            raise DataError(f"{path}:{number}: no audio file {utterance_id}.flac or .wav in {folder}")
+        try:
+            info = soundfile.info(str(audio))
+        except Exception as error:  # soundfile raises several types for bad files
+            raise DataError(f"cannot read audio file {audio}: {error}") from None
+        num_samples = int(np.ceil(info.frames * SAMPLE_RATE / info.samplerate))
+        utterances.append(Utterance(utterance_id, audio, normalize_text(text), num_samples, info.samplerate,
+                                    info.channels))
+    if not utterances:
+        raise DataError(f"{path}: no utterances")
+    return utterances
+
+
+@torch.no_grad()
+def evaluate_whisper(model: Whisper, utterances: Sequence[Utterance], *, batch_size: int = 8,
+                     device: torch.device = torch.device("cpu")) -> dict:
+    """Greedy-decode every utterance and score it after English normalisation.
+
+    Returns the keys of `spg.training.evaluate_corpus` ("wer", "cer", "substitutions",
+    "deletions", "insertions", "reference_words", "utterances", "audio_seconds", "rtf", "ids",
+    "references", "hypotheses": both normalised) plus "raw_hypotheses" (Whisper's text).
+    Utterances are decoded in batches of similar length (fewer wasted decoder steps); every
+    input is padded to Whisper's 30 s window, so the cost hardly depends on the length."""
+    model.to(device)
+    waveforms = [read_audio(u) for u in utterances]           # before the clock starts
+    order = sorted(range(len(utterances)), key=lambda i: (utterances[i].num_samples, utterances[i].id))
+    started = time.perf_counter()
+    decoded = model.transcribe([waveforms[i] for i in order], batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    raw = [""] * len(utterances)
+    for position, index in enumerate(order):
+        raw[index] = decoded[position]
+    references = [normalize_english(u.transcript) for u in utterances]
+    hypotheses = [normalize_english(text) for text in raw]
+    audio_seconds = sum(u.seconds for u in utterances)
+    return {**corpus_scores(references, hypotheses), "utterances": len(utterances),
+            "audio_seconds": audio_seconds, "rtf": seconds / audio_seconds if audio_seconds else 0.0,
+            "ids": [u.id for u in utterances], "references": references, "hypotheses": hypotheses,
+            "raw_hypotheses": raw}
+
+
+def whisper_sparsity_report(model: Whisper) -> dict:
+    """Zero fraction of the attention and FFN matrices: overall, per layer ("encoder.0", ...,
+    "decoder.3") and per matrix (the keys of `spg.training.sparsity_report`)."""
+    per_matrix, per_layer = {}, {}
+    zeros_total = size_total = 0
+    for name, linear in model.prunable_linears():
+        zeros, size = int((linear.weight == 0).sum()), linear.weight.numel()
+        per_matrix[name] = zeros / size if size else 0.0
+        counts = per_layer.setdefault(".".join(name.split(".")[:3:2]), [0, 0])   # "encoder.layers.0" -> "encoder.0"
+        counts[0] += zeros
+        counts[1] += size
+        zeros_total += zeros
+        size_total += size
+    return {"sparsity": zeros_total / size_total if size_total else 0.0,
+            "per_block_sparsity": {layer: z / s if s else 0.0 for layer, (z, s) in per_layer.items()},
+            "per_matrix_sparsity": per_matrix, "prunable_params": size_total}
