@@ -309,6 +309,9 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
                            "qk_dims": [sum(config.block_qk_head_dims(b)) for b in range(config.num_hidden_layers)],
                            "v_dims": [sum(config.block_v_head_dims(b)) for b in range(config.num_hidden_layers)],
                            "ffn_units": [config.block_intermediate_size(b) for b in range(config.num_hidden_layers)]}
+        # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
+        summary.update(prunable_params=sparsity_report(dense_copy)["prunable_params"],
+                       prunable_params_kept=report["prunable_params"])
         summary.update(sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
                        forward_time_ratio=forward["compressed"] / forward["dense"])
@@ -484,6 +487,8 @@ def print_summary(summary: dict) -> None:
               f"{pct(figures['cer']):>9}   {test['verdict'] if test else '-'}")
     target = summary["target_sparsity"]
     line = f"global sparsity {pct(summary['sparsity'])} of {summary['prunable_params']:,} prunable weights"
+    if "prunable_params_kept" in summary:
+        line += f" removed ({summary['prunable_params_kept']:,} kept in the smaller model)"
     if summary["sparsity_before_calibration"] is not None:
         line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration)"
     print(line)

@@ -1,0 +1,49 @@
+"""Execute every notebook in notebooks/ top to bottom (nbclient + ipykernel, test-only
+dependencies); a cell that raises fails the test.
+
+The notebooks run with notebooks/ as working directory, as in Jupyter, and write nothing into
+the repository (temporary files go to temporary folders). They use the built-in corpus, which
+is synthesised once on first use (about a minute) and reused afterwards; the fixture below
+builds it before the first notebook so that no cell's timeout has to cover it.
+06_results.ipynb reads results/spg_sweep.json, which the SPG sweep benchmark writes
+(`python tests/bench/spg_sweep.py`); without that file its test fails and says so.
+"""
+
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+RESULTS = REPO / "results"
+CELL_TIMEOUT = 600          # seconds per cell; every notebook takes well under a minute of CPU time
+
+
+@pytest.fixture(scope="module")
+def built_in_corpus():
+    from spg.corpus import build_corpus
+    return build_corpus(progress=False)
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path, built_in_corpus, monkeypatch):
+    if path.name == "06_results.ipynb":
+        sweep = RESULTS / "spg_sweep.json"
+        if not sweep.is_file():
+            pytest.fail(f"{sweep} is missing: run `python tests/bench/spg_sweep.py` to write it "
+                        f"(06_results.ipynb plots it)", pytrace=False)
+        monkeypatch.setenv("SPG_RESULTS", str(RESULTS))
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+        f"{path.name} is committed with outputs; clear them (keeps the repository small)"
+    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()          # raises CellExecutionError, naming the cell, on any error
+
+
+def test_every_notebook_is_tested():
+    assert [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))] == [
+        "01_model_and_loader.ipynb", "02_self_pinching_gates.ipynb", "03_parameter_clustering.ipynb",
+        "04_hard_concrete_pruning.ipynb", "05_wer_and_significance.ipynb", "06_results.ipynb"]
