@@ -36,6 +36,7 @@ import torch.distributed as dist
 import spg
 from spg import gates
 from spg.data import read_corpus
+from spg.loading import atomic_write
 from spg.magnitude import UMP, Mixed
 from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.training import Method, TrainConfig, evaluate_corpus, sparsity_report, tensors_digest, train
@@ -311,8 +312,8 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
                            "ffn_units": [config.block_intermediate_size(b) for b in range(config.num_hidden_layers)]}
         # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
         summary.update(prunable_params=sparsity_report(dense_copy)["prunable_params"],
-                       prunable_params_kept=report["prunable_params"])
-        summary.update(sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
+                       prunable_params_kept=report["prunable_params"],
+                       sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
                        forward_time_ratio=forward["compressed"] / forward["dense"])
     if isinstance(method, gates.SPG):
@@ -391,21 +392,22 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
                    cache: Optional[str]) -> dict:
     """Decode every split with the starting model, or reuse a stored decoding of exactly this
     model (a digest of its weights) on exactly these utterances."""
+    def decode() -> dict:
+        return {name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
+                for name, data in evaluation_sets.items()}
+
+    if not cache:
+        return decode()
     key = {"weights": tensors_digest(model.state_dict()),
            "utterances": {name: [u.id for u in data] for name, data in evaluation_sets.items()}}
-    if cache and Path(cache).exists():
+    if Path(cache).exists():
         stored = json.loads(Path(cache).read_text())
         if stored.get("key") == key:
             print(f"dense decoding reused from {cache}")
             return stored["results"]
         print(f"{cache} holds another model's or corpus's decoding; decoding again")
-    results = {name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
-               for name, data in evaluation_sets.items()}
-    if cache:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(cache).with_name(Path(cache).name + ".tmp")
-        temporary.write_text(json.dumps({"key": key, "results": results}))
-        os.replace(temporary, cache)
+    results = decode()
+    atomic_write(os.fspath(cache), lambda file: file.write(json.dumps({"key": key, "results": results}).encode()))
     return results
 
 

@@ -40,7 +40,7 @@ import torch
 
 from spg.model import DEFAULT_VOCAB, ModelConfig, Wav2Vec2CTC
 
-__all__ = ["CheckpointError", "load", "save", "export_hf", "read_safetensors", "write_safetensors"]
+__all__ = ["CheckpointError", "load", "save", "export_hf", "read_safetensors", "write_safetensors", "atomic_write"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -150,7 +150,7 @@ def save(model: Wav2Vec2CTC, path: PathLike, *, half: bool = False) -> None:
         **weights,
         "compression": model.compression,
     }
-    _atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
+    atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
 
 
 def export_hf(model: Wav2Vec2CTC, folder: PathLike) -> None:
@@ -165,7 +165,7 @@ def export_hf(model: Wav2Vec2CTC, folder: PathLike) -> None:
         value = value.detach().to("cpu")
         tensors[hf_key(key, prefix)] = value.float() if value.is_floating_point() else value
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.join(folder, "model.safetensors"),
+    atomic_write(os.path.join(folder, "model.safetensors"),
                   lambda file: write_safetensors(file, tensors, metadata={"format": "pt"}))
     for name, content in [
         ("config.json", hf_config),
@@ -183,7 +183,7 @@ def export_hf(model: Wav2Vec2CTC, folder: PathLike) -> None:
         }),
     ]:
         text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-        _atomic_write(os.path.join(folder, name), lambda file, text=text: file.write(text.encode("utf-8")))
+        atomic_write(os.path.join(folder, name), lambda file, text=text: file.write(text.encode("utf-8")))
 
 
 # ========================================================================================
@@ -1090,7 +1090,7 @@ def _check_plain_data(value: Any, where: str) -> None:
                          "str, int, float, bool, None and tensors")
 
 
-def _atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Write a file so that `path` holds either the old or the complete new content: write to
     a temporary file in the same folder, flush and fsync it, then os.replace it onto `path`."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -20,16 +20,13 @@ What the loop guarantees:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from spg.data import AudioCache, Batch, Utterance, length_sorted_batches, make_targets, normalize_waveform
+from spg.loading import atomic_write
 from spg.model import Wav2Vec2CTC, ctc_greedy_decode
 from spg.wer import corpus_scores, error_counts
 
@@ -219,20 +217,8 @@ def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int 
 # ----------------------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    """torch.save through `spg.loading.atomic_write` (temp file, fsync, rename onto `path`)."""
+    atomic_write(os.fspath(path), lambda file: torch.save(obj, file))
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:

