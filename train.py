@@ -39,10 +39,11 @@ from spg.data import read_corpus
 from spg.loading import atomic_write
 from spg.magnitude import UMP, Mixed
 from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
-from spg.training import Method, TrainConfig, evaluate_corpus, sparsity_report, tensors_digest, train
+from spg.training import (Method, Objective, TrainConfig, distributed_rank, evaluate_corpus, sparsity_report,
+                          tensors_digest, train)
 from spg.wer import mapsswe
 from spg.whisper import Whisper, save_whisper
-from spg.whisper_eval import evaluate_whisper, read_transcription_folder
+from spg.whisper_eval import evaluate_whisper, read_transcription_folder, whisper_sparsity_report
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
@@ -52,7 +53,8 @@ METHODS = ("dense", "spg", "ump", "mixed", "cluster", "l0")
 DEFAULT_STEPS = 500
 # Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
 # scored on the real recordings and the first 50 utterances of each --test-split.
-REAL_RECORDINGS = REPO / "tests" / "data" / "librivox"
+# Real recorded speech shipped with the tests (Sphinx-style folders; see each folder's README).
+REAL_RECORDINGS = tuple(REPO / "tests" / "data" / name for name in ("librivox", "cards", "beckett"))
 WHISPER_EVAL_UTTERANCES = 50
 
 
@@ -120,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
     group.add_argument("--eval-utterances", type=int, default=WHISPER_EVAL_UTTERANCES,
                        help="Whisper: score the first N utterances of each --test-split (default %(default)s), "
-                            f"plus the real recordings in {REAL_RECORDINGS.relative_to(REPO)}")
+                            "plus the real recordings in " + ", ".join(str(f.relative_to(REPO)) for f in REAL_RECORDINGS))
     group = parser.add_argument_group("l0 (hard-concrete head, head-dimension and neuron pruning)")
     group.add_argument("--ste", action="store_true", help="binary masks forward, relaxed gates backward")
     group.add_argument("--distill", action="store_true",
@@ -140,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_method(args, model: Wav2Vec2CTC) -> Method:
+def build_method(args, model, *, whisper: bool = False) -> Method:
     if args.method == "l0":
         from spg.l0 import L0Method
         teacher = None
@@ -155,10 +157,12 @@ def build_method(args, model: Wav2Vec2CTC) -> Method:
     if args.method == "ump":
         return UMP(args.sparsity)
     if args.method == "mixed":
-        source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"spg-{args.sparsity:g}.pt"
+        default = f"whisper-spg-{args.sparsity:g}.pt" if whisper else f"spg-{args.sparsity:g}.pt"
+        source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / default
         if not source.exists():
+            model_option = f"--model {args.model} " if whisper else ""
             sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
-                     f"exist: run `python train.py --sparsity {args.sparsity:g}` first or pass --mixed-from")
+                     f"exist: run `python train.py {model_option}--sparsity {args.sparsity:g}` first or pass --mixed-from")
         per_matrix = spg.load(source).compression.get("per_matrix_sparsity")
         if not per_matrix:
             sys.exit(f"{source} has no compression['per_matrix_sparsity'] (not written by an SPG run)")
@@ -260,14 +264,27 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
         return run_cluster(args, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
                            started)
 
-    feature_cache = args.feature_cache or (str(REPO / "runs" / "feature-cache") if args.data is None else None)
+    return run_training(args, model, method, before, dense_size, train_set, dev_set, {"dev": dev_set, **test_sets},
+                        out, device, started, dense_copy=dense_copy)
+
+
+def run_training(args, model, method: Method, before: dict, dense_size: Optional[int], train_set, dev_set,
+                 evaluation_sets: dict, out: Path, device: torch.device, started: float, *,
+                 objective: Optional[Objective] = None, dense_copy=None) -> int:
+    """Train with `method` (dense, SPG, UMP, mixed, L0) on `objective` (default CTC), save,
+    evaluate every split of `evaluation_sets` against `before` (the starting model's
+    decoding) and print the summary. `dev_set` is what `--eval-every` scores."""
+    rank = distributed_rank()[0]
+
+    feature_cache = args.feature_cache or \
+        (str(REPO / "runs" / "feature-cache") if args.data is None and objective is None else None)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
                          feature_cache_dir=feature_cache)
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=out.with_name(out.name + ".state"), resume=args.resume,
-                   dev_utterances=dev_set, stop_after_steps=args.stop_after)
+                   dev_utterances=dev_set, stop_after_steps=args.stop_after, objective=objective)
     if rank != 0:
         return 0
     if result.steps_done < args.steps:
@@ -277,13 +294,13 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
     model.cpu()
     if args.method == "l0":             # deliver the physically smaller model
         model = method.pruned_model.cpu()
-    spg.save(model, out, half=args.half)
-    after = {name: evaluate_corpus(model, data, desc=f"{args.method} {name}")
-             for name, data in {"dev": dev_set, **test_sets}.items()}
+    save_model(model, out, half=args.half)
+    after = {name: evaluate(model, data, torch.device("cpu"), f"{args.method} {name}")
+             for name, data in evaluation_sets.items()}
     significance = {
         name: mapsswe(after[name]["references"], after[name]["hypotheses"], before[name]["hypotheses"], alpha=0.05)
         for name in after if name in before}
-    report = sparsity_report(model)
+    report = (whisper_sparsity_report if isinstance(model, Whisper) else sparsity_report)(model)
     summary = {
         "method": args.method, "target_sparsity": args.sparsity, "steps": result.steps_done,
         "skipped_steps": result.skipped_steps, "out": str(out),
@@ -297,6 +314,7 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
         "per_matrix_sparsity": report["per_matrix_sparsity"],
         "prunable_params": report["prunable_params"],
         "params_total": model.num_parameters(), "params_nonzero": model.num_parameters(nonzero_only=True),
+        "steps_per_second": result.steps_done / result.loop_seconds if result.loop_seconds else None,
         "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
         "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
         "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},
@@ -412,20 +430,29 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
 
 
 def run_whisper(args, model: Whisper, root: Path, device: torch.device, started: float) -> int:
-    """Whisper: data-free clustering (run_cluster), scored on the real recordings and the first
-    --eval-utterances of each --test-split. Fine-tuning (SPG, UMP, L0, --epochs) needs a
-    teacher-forced decoder loss in spg/training.py, which is not written yet."""
-    if args.method != "cluster" or args.epochs:
-        sys.exit(f"{args.model} is a Whisper model: train.py runs only --method cluster (data-free, "
-                 "without --epochs) on Whisper so far")
-    evaluation_sets = {"librivox": read_transcription_folder(REAL_RECORDINGS)}
+    """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
+    with a teacher-forced decoder loss (spg.whisper_training) under SPG, UMP, mixed or no
+    pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
+    if args.method == "l0" or args.method == "cluster" and args.epochs:
+        sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
+                 "dense, spg, ump or mixed on it; L0 and recovery epochs after clustering are written for "
+                 "wav2vec2/HuBERT only")
+    evaluation_sets = {folder.name: read_transcription_folder(folder) for folder in REAL_RECORDINGS}
     for split in [s for s in args.test_split.split(",") if s]:
         evaluation_sets[split] = read_corpus(root, split)[:args.eval_utterances]
     print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
-    out = Path(args.out) if args.out else REPO / "runs" / f"whisper-cluster-{args.sparsity:g}.pt"
+    out = Path(args.out) if args.out else REPO / "runs" / f"whisper-{args.method}-{args.sparsity:g}.pt"
+    print(f"output checkpoint: {out}")
+    method = None if args.method == "cluster" else build_method(args, model, whisper=True)
     before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
-    return run_cluster(args, model, before, saved_size(model, out, half=args.half), [], evaluation_sets, out, device,
-                       started)
+    dense_size = saved_size(model, out, half=args.half)
+    if args.method == "cluster":
+        return run_cluster(args, model, before, dense_size, [], evaluation_sets, out, device, started)
+    from spg.whisper_training import WhisperObjective
+    train_set = read_corpus(root, args.train_split)
+    dev_set = read_corpus(root, args.dev_split)[:args.eval_utterances]
+    return run_training(args, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
+                        started, objective=WhisperObjective())
 
 
 def evaluate(model, data, device: torch.device, desc: str) -> dict:
@@ -499,8 +526,12 @@ def print_summary(summary: dict) -> None:
             print(f"  kept {name:<9} per block {values}")
         print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; forward time (10 s of "
               f"audio) ratio {summary['forward_time_ratio']:.2f}")
-    elif summary["sparsity"] > 0:
+    elif summary["sparsity"] > 0 and all(f"encoder.layers.{block}.{m}" in summary["per_matrix_sparsity"]
+                                         for block in summary["per_block_sparsity"] for m in PRUNABLE_MATRICES):
         print_sparsity_table(summary["per_matrix_sparsity"], summary["per_block_sparsity"])
+    elif summary["sparsity"] > 0:           # Whisper: per encoder/decoder layer
+        print("sparsity per layer: " + ", ".join(f"{layer} {100 * value:.1f}%"
+                                                 for layer, value in summary["per_block_sparsity"].items()))
     print(f"parameters {summary['params_total']:,} total, {summary['params_nonzero']:,} non-zero")
     dense = summary["dense_size_bytes"]
     size = f"size on disk {summary['size_bytes'] / 1e6:.2f} MB"

@@ -1,8 +1,10 @@
-"""The one CTC training loop that every method shares (dense fine-tuning, SPG, UMP, mixed, L0).
+"""The one training loop that every method shares (dense fine-tuning, SPG, UMP, mixed, L0).
 
 This is the glue module: unlike the algorithm modules it imports several siblings. A
 compression method plugs in through a small `Method` object (extra loss, extra parameter
-groups, a hook after each step, its own resumable state); the loop itself never changes.
+groups, a hook after each step, its own resumable state), and the model family through an
+`Objective` (CTC for wav2vec2/HuBERT here; Whisper's decoder cross-entropy in
+`spg.whisper_training`); the loop itself never changes.
 
 What the loop guarantees:
   * AdamW with linear warm-up then linear decay to 0 (the SPG paper's schedule);
@@ -108,6 +110,75 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+# ----------------------------------------------------------------------------------------
+# Objective plug-in: what the loop minimises, per model family
+# ----------------------------------------------------------------------------------------
+
+class Objective:
+    """How the loop turns a list of utterance indices into a loss, for one model family.
+
+    `CTCObjective` (below) is the wav2vec2/HuBERT one; `spg.whisper_training.WhisperObjective`
+    gives Whisper its teacher-forced decoder loss. The loop calls `freeze` once before the
+    model is wrapped for data parallelism (a frozen parameter must not be registered with
+    DDP), `prepare` once after (e.g. to cache features), then `loss` every step,
+    `train_mode` whenever the model goes back to training, and `dev_wer` for `eval_every`."""
+
+    def freeze(self, model: nn.Module, config: TrainConfig) -> None:
+        """Set requires_grad=False on whatever `config` says is not trained."""
+
+    def prepare(self, model: nn.Module, audio: AudioCache, config: TrainConfig, device: torch.device,
+                in_memory: bool, progress: bool) -> None:
+        """One-off work before the first step (`in_memory`: the corpus is small enough to cache)."""
+
+    def loss(self, model: nn.Module, audio: AudioCache, indices: Sequence[int], device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def dev_wer(self, model: nn.Module, audio: AudioCache, device: torch.device) -> float:
+        raise NotImplementedError
+
+
+class CTCObjective(Objective):
+    """Mean-reduced CTC on a `Wav2Vec2CTC`, with the conv front end optionally frozen and its
+    outputs cached (`TrainConfig.freeze_feature_extractor`, `cache_features`)."""
+
+    def __init__(self) -> None:
+        self.features: Optional[FeatureCache] = None
+        self.frozen = False
+
+    def freeze(self, model: Wav2Vec2CTC, config: TrainConfig) -> None:
+        self.frozen = config.freeze_feature_extractor
+        if self.frozen:
+            for parameter in model.feature_extractor.parameters():
+                parameter.requires_grad_(False)
+
+    def prepare(self, model: Wav2Vec2CTC, audio: AudioCache, config: TrainConfig, device: torch.device,
+                in_memory: bool, progress: bool) -> None:
+        if self.frozen and config.cache_features and in_memory:
+            self.features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress)
+
+    def loss(self, model: Wav2Vec2CTC, audio: AudioCache, indices: Sequence[int],
+             device: torch.device) -> torch.Tensor:
+        if self.features is None:
+            batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab)
+            logits, frame_lengths = forward_batch(model, batch, device)
+        else:
+            batch = _labels_only(audio, indices, model.vocab)
+            logits, frame_lengths = forward_batch(model, batch, device, self.features.batch(indices))
+        return ctc_loss(logits, frame_lengths, batch)
+
+    def train_mode(self, model: Wav2Vec2CTC) -> None:
+        model.train()
+        if self.frozen:
+            model.feature_extractor.eval()     # no dropout/norm updates in the frozen front end
+
+    def dev_wer(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device) -> float:
+        hypotheses = transcribe_corpus(model, audio, device=device, progress=False)
+        return error_counts([u.transcript for u in audio.utterances], hypotheses).rate
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,24 +312,25 @@ def distributed_rank() -> tuple[int, int]:
 
 
 class TrainingStep(nn.Module):
-    """One forward of a training step: CTC logits plus the method's extra loss.
+    """One forward of a training step: the objective's loss plus the method's extra loss.
 
     The loop calls this module (or DDP wrapped around it) so that, under data parallelism, one
     forward produces every loss term and DDP sees every trainable parameter: the model's and
     the method's own (`Method.trainable_modules`). DDP runs with find_unused_parameters because
     layerdrop skips whole blocks, so some parameters get no gradient in a given step."""
 
-    def __init__(self, model: Wav2Vec2CTC, method: Method):
+    def __init__(self, model: nn.Module, method: Method, objective: Objective, audio: AudioCache):
         super().__init__()
         self.model = model
         self.method_modules = nn.ModuleList(method.trainable_modules())
-        self.method = method        # a plain attribute: not a module, its parameters are listed above
+        # plain attributes, not modules: the method's parameters are listed above
+        self.method, self.objective, self.audio = method, objective, audio
 
-    def forward(self, batch: Batch, features: Optional[torch.Tensor], step: int, total_steps: int):
-        device = self.model.lm_head.weight.device
-        logits, frame_lengths = forward_batch(self.model, batch, device, features)
+    def forward(self, indices: Sequence[int], step: int, total_steps: int):
+        device = next(self.model.parameters()).device
+        loss = self.objective.loss(self.model, self.audio, indices, device)
         extra = self.method.extra_loss(self.model, step, total_steps)
-        return logits, frame_lengths, extra
+        return loss, extra
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
@@ -283,13 +355,15 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: TrainConfig, *,
-          method: Optional[Method] = None, device: torch.device = torch.device("cpu"),
+def train(model: nn.Module, train_utterances: Sequence[Utterance], config: TrainConfig, *,
+          method: Optional[Method] = None, objective: Optional[Objective] = None,
+          device: torch.device = torch.device("cpu"),
           checkpoint_path: Optional[str | Path] = None, resume: bool = False,
           dev_utterances: Optional[Sequence[Utterance]] = None,
           on_eval: Optional[Callable[[int, float], None]] = None,
           progress: bool = True, stop_after_steps: Optional[int] = None) -> TrainResult:
-    """Fine-tune `model` with CTC for `config.steps` optimiser steps (plus `method`'s loss).
+    """Fine-tune `model` for `config.steps` optimiser steps on `objective`'s loss (default
+    `CTCObjective()`: a wav2vec2/HuBERT CTC model) plus `method`'s loss.
 
     `checkpoint_path` receives a resumable checkpoint every `config.save_every` steps and at
     the end; with `resume=True` training continues from it. `stop_after_steps` ends this call
@@ -299,6 +373,7 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
     step consumes `world_size` batches of `config.batch_size`, one per rank, and DDP averages
     the gradients. Only rank 0 writes checkpoints, evaluates and shows progress."""
     method = method or Method()
+    objective = objective or CTCObjective()
     rank, world_size = distributed_rank()
     model.to(device)
     method.attach(model)
@@ -317,21 +392,18 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
         model.load_state_dict(state["model"])     # before caching features: they depend on the weights
         method.load_state_dict(state["method"])
 
-    if config.freeze_feature_extractor:
-        for parameter in model.feature_extractor.parameters():
-            parameter.requires_grad_(False)
-    # DDP broadcasts rank 0's parameters and buffers now (before features are cached from them)
-    # and averages gradients in backward(); the standard PyTorch recipe, nothing home-made.
-    network = TrainingStep(model, method)
-    if world_size > 1:
-        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True)
+    objective.freeze(model, config)
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
     audio = AudioCache(train_utterances, keep=small_corpus)
-    features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress) \
-        if config.freeze_feature_extractor and config.cache_features and small_corpus else None
+    # DDP broadcasts rank 0's parameters and buffers now (before features are cached from them)
+    # and averages gradients in backward(); the standard PyTorch recipe, nothing home-made.
+    network = TrainingStep(model, method, objective, audio)
+    if world_size > 1:
+        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
+    objective.prepare(model, audio, config, device, in_memory=small_corpus, progress=progress)
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
 
     optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
@@ -355,12 +427,10 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
             "step": step, "epoch": epoch, "position": position, "skipped": skipped, "history": history,
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "train_config": asdict(config), "config": model.config.to_dict(), "vocab": model.vocab,
+            "train_config": asdict(config), "config": model.config.to_dict(), "vocab": getattr(model, "vocab", None),
         }, checkpoint_path)
 
-    model.train()
-    if config.freeze_feature_extractor:
-        model.feature_extractor.eval()     # no dropout/norm updates in the frozen front end
+    objective.train_mode(model)
     bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
                dynamic_ncols=True)
     end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
@@ -378,18 +448,14 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
             factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab) \
-                if features is None else _labels_only(audio, indices, model.vocab)
             method.before_step(model, step, config.steps)
-            logits, frame_lengths, extra = network(
-                batch, None if features is None else features.batch(indices), step, config.steps)
-            loss = ctc_loss(logits, frame_lengths, batch)
+            loss, extra = network(indices, step, config.steps)
             total = loss if extra is None else loss + extra
             optimizer.zero_grad(set_to_none=True)
             # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
             if not _all_ranks_agree(bool(torch.isfinite(total)), device):
                 skipped += 1
-                bar.write(f"step {step}: non-finite loss ({total.item()}); batch {batch.ids[:3]}... skipped")
+                bar.write(f"step {step}: non-finite loss ({total.item()}); batch {[audio.utterances[i].id for i in indices[:3]]}... skipped")
                 step += 1
                 bar.update(1)
                 continue
@@ -413,15 +479,12 @@ def train(model: Wav2Vec2CTC, train_utterances: Sequence[Utterance], config: Tra
             if step % 50 == 0 or step == config.steps:
                 history.append({"step": step, "loss": loss.item(), **{k: v for k, v in shown.items() if k != "loss"}})
             if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:
-                hypotheses = transcribe_corpus(model, dev_audio, device=device, progress=False)
-                dev_wer = error_counts([u.transcript for u in dev_audio.utterances], hypotheses).rate
+                dev_wer = objective.dev_wer(model, dev_audio, device)
                 history.append({"step": step, "dev_wer": dev_wer})
                 bar.write(f"step {step}: dev WER {100 * dev_wer:.2f}%")
                 if on_eval is not None:
                     on_eval(step, dev_wer)
-                model.train()
-                if config.freeze_feature_extractor:
-                    model.feature_extractor.eval()
+                objective.train_mode(model)
             if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
                 save_checkpoint()
         if position + world_size > len(batches):

