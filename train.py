@@ -6,7 +6,9 @@
     python train.py --sparsity 0.6 --method mixed # baseline: SPG's per-matrix sparsities, magnitude masks
     python train.py --sparsity 0                  # dense CTC fine-tuning of the shipped model
     python train.py --init tiny --train-feature-extractor --steps 40000 ...   # from scratch
-    python train.py --model whisper-tiny.en --method cluster --sparsity 0.2  # Whisper: data-free only
+    python train.py --model whisper-tiny.en --method cluster --sparsity 0.2  # Whisper: data-free clustering
+    python train.py --model whisper-tiny.en --sparsity 0.3 --steps 120 --batch-size 4 --lr 3e-5 \
+        --threshold-lr 5e-4                                                  # Whisper: SPG + fine-tuning
 
 With no --model and no --data it uses the shipped dense tiny model and the built-in
 synthetic corpus (synthesised on first use). Under `torchrun --nproc_per_node N train.py ...`
