@@ -439,6 +439,10 @@ def run_whisper(args, model: Whisper, root: Path, device: torch.device, started:
         sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
                  "dense, spg, ump or mixed on it; L0 and recovery epochs after clustering are written for "
                  "wav2vec2/HuBERT only")
+    for option, value in (("--feature-cache", args.feature_cache), ("--dense-eval", args.dense_eval),
+                          ("--dropout", args.dropout)):
+        if value is not None:
+            sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {args.model}")
     evaluation_sets = {folder.name: read_transcription_folder(folder) for folder in REAL_RECORDINGS}
     for split in [s for s in args.test_split.split(",") if s]:
         evaluation_sets[split] = read_corpus(root, split)[:args.eval_utterances]

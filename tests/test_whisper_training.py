@@ -159,6 +159,9 @@ def test_train_cli_fine_tunes_a_tiny_whisper_with_ump(tmp_path):
     saved = spg.load(out)
     assert isinstance(saved, Whisper)
     assert abs(whisper_sparsity_report(saved)["sparsity"] - summary["sparsity"]) < 1e-9
+    with pytest.raises(SystemExit, match="--dense-eval applies to wav2vec2/HuBERT models only"):
+        train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "ump", "--sparsity", "0.5",
+                        "--dense-eval", str(tmp_path / "dense.json"), "--data", str(tmp_path / "corpus")])
     with pytest.raises(SystemExit, match="L0 and recovery epochs"):
         train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "l0", "--sparsity", "0.5",
                         "--data", str(tmp_path / "corpus"), "--test-split", "test"])
