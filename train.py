@@ -53,10 +53,10 @@ METHODS = ("dense", "spg", "ump", "mixed", "cluster", "l0")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
 # at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
 DEFAULT_STEPS = 500
-# Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
-# scored on the real recordings and the first 50 utterances of each --test-split.
 # Real recorded speech shipped with the tests (Sphinx-style folders; see each folder's README).
 REAL_RECORDINGS = tuple(REPO / "tests" / "data" / name for name in ("librivox", "cards", "beckett"))
+# Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
+# scored on the real recordings and the first 50 utterances of each --test-split.
 WHISPER_EVAL_UTTERANCES = 50
 
 
@@ -124,7 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
     group.add_argument("--eval-utterances", type=int, default=WHISPER_EVAL_UTTERANCES,
                        help="Whisper: score the first N utterances of each --test-split (default %(default)s), "
-                            "plus the real recordings in " + ", ".join(str(f.relative_to(REPO)) for f in REAL_RECORDINGS))
+                            "plus the real recordings in "
+                            + ", ".join(str(folder.relative_to(REPO)) for folder in REAL_RECORDINGS))
     group = parser.add_argument_group("l0 (hard-concrete head, head-dimension and neuron pruning)")
     group.add_argument("--ste", action="store_true", help="binary masks forward, relaxed gates backward")
     group.add_argument("--distill", action="store_true",
@@ -164,7 +165,8 @@ def build_method(args, model, *, whisper: bool = False) -> Method:
         if not source.exists():
             model_option = f"--model {args.model} " if whisper else ""
             sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
-                     f"exist: run `python train.py {model_option}--sparsity {args.sparsity:g}` first or pass --mixed-from")
+                     f"exist: run `python train.py {model_option}--sparsity {args.sparsity:g}` first "
+                     "or pass --mixed-from")
         per_matrix = spg.load(source).compression.get("per_matrix_sparsity")
         if not per_matrix:
             sys.exit(f"{source} has no compression['per_matrix_sparsity'] (not written by an SPG run)")
@@ -316,7 +318,6 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
         "per_matrix_sparsity": report["per_matrix_sparsity"],
         "prunable_params": report["prunable_params"],
         "params_total": model.num_parameters(), "params_nonzero": model.num_parameters(nonzero_only=True),
-        "steps_per_second": result.steps_done / result.loop_seconds if result.loop_seconds else None,
         "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
         "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
         "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},

@@ -166,7 +166,7 @@ def export_hf(model: Wav2Vec2CTC, folder: PathLike) -> None:
         tensors[hf_key(key, prefix)] = value.float() if value.is_floating_point() else value
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, "model.safetensors"),
-                  lambda file: write_safetensors(file, tensors, metadata={"format": "pt"}))
+                 lambda file: write_safetensors(file, tensors, metadata={"format": "pt"}))
     for name, content in [
         ("config.json", hf_config),
         ("vocab.json", {token: i for i, token in enumerate(model.vocab)}),

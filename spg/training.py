@@ -455,7 +455,8 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
             # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
             if not _all_ranks_agree(bool(torch.isfinite(total)), device):
                 skipped += 1
-                bar.write(f"step {step}: non-finite loss ({total.item()}); batch {[audio.utterances[i].id for i in indices[:3]]}... skipped")
+                first_ids = [audio.utterances[i].id for i in indices[:3]]
+                bar.write(f"step {step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
                 step += 1
                 bar.update(1)
                 continue

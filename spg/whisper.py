@@ -31,6 +31,7 @@ keep the width d_model / attention_heads of the unpruned model, and the attentio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -48,7 +49,8 @@ from spg.loading import CheckpointError
 __all__ = [
     "WhisperConfig", "Whisper", "WhisperTokenizer", "CheckpointError",
     "log_mel_spectrogram", "mel_filter_bank", "load_whisper", "save_whisper", "load_tokenizer",
-    "normalize_english", "spell_number", "gpt2_pre_tokenizer", "merge_ranks", "NAMED_MODELS", "is_whisper_source", "whisper_from_checkpoint",
+    "normalize_english", "spell_number", "gpt2_pre_tokenizer", "merge_ranks", "NAMED_MODELS",
+    "is_whisper_source", "whisper_from_checkpoint",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -555,9 +557,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(table.items()))
 
 
-_PRE_TOKENIZER: Optional[re.Pattern] = None
-
-
+@functools.lru_cache(maxsize=None)
 def gpt2_pre_tokenizer() -> re.Pattern:
     r"""GPT-2's pre-tokenisation pattern (the ByteLevel pre-tokenizer of `tokenizers`)
         's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -571,15 +571,12 @@ def gpt2_pre_tokenizer() -> re.Pattern:
     that Python's `unicodedata` knows; they differ only for characters assigned after that
     Unicode version (14.0 in Python 3.11), which `re` takes as "others" and Oniguruma, on a
     newer Unicode, may take as letters or numbers."""
-    global _PRE_TOKENIZER
-    if _PRE_TOKENIZER is None:
-        other_numbers = "".join(c for c in map(chr, range(0x110000))
-                                if c.isnumeric() and not c.isdecimal() and not c.isalpha())
-        letters, numbers = rf"[^\W\d_{other_numbers}]", rf"[\d{other_numbers}]"
-        others, space, not_space = r"(?:[^\s\w]|[_\x1c-\x1f])", r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
-        _PRE_TOKENIZER = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?{letters}+| ?{numbers}+| ?{others}+"
-                                    rf"|{space}+(?!{not_space})|{space}+")
-    return _PRE_TOKENIZER
+    other_numbers = "".join(c for c in map(chr, range(0x110000))
+                            if c.isnumeric() and not c.isdecimal() and not c.isalpha())
+    letters, numbers = rf"[^\W\d_{other_numbers}]", rf"[\d{other_numbers}]"
+    others, space, not_space = r"(?:[^\s\w]|[_\x1c-\x1f])", r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?{letters}+| ?{numbers}+| ?{others}+"
+                      rf"|{space}+(?!{not_space})|{space}+")
 
 
 def merge_ranks(raw: object, source: str = "merges") -> dict[tuple[str, str], int]:

@@ -28,8 +28,9 @@ unlike the paper's Whisper-large-v3, tiny.en does not survive data-free compress
 heads. K = round(6 · 0.9) = 5 already removes one head in every attention module, and every
 head-and-FFN setting (both merge rules, uniform or mixed K, or magnitude) ends at 90 % WER or
 more on the real recordings (dense 4.2 %). In a check on two of the recordings, removing one
-encoder self-attention head per layer, and nothing else, already gave 80-93 % WER. Compressing only the FFN neurons, clustering with `mean` keeps the most: 22.5 %
-WER at 10 % against 50.7 % for structured magnitude pruning.
+encoder self-attention head per layer, and nothing else, already gave 80-93 % WER.
+Compressing only the FFN neurons, clustering with `mean` keeps the most: 22.5 % WER at 10 %
+against 50.7 % for structured magnitude pruning.
 
 Only torch, numpy, `spg.cluster`, `spg.whisper` and (for its report bookkeeping)
 `spg.clustering` are imported.

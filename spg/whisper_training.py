@@ -29,7 +29,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from spg.data import AudioCache
 from spg.training import Objective, TrainConfig
@@ -86,12 +85,9 @@ class WhisperObjective(Objective):
 
     def __init__(self, tokenizer: Optional[WhisperTokenizer] = None):
         self.tokenizer = tokenizer
-        self.frozen = False
-        self._token_cache: dict[str, list[int]] = {}
 
     def freeze(self, model: Whisper, config: TrainConfig) -> None:
-        self.frozen = config.freeze_feature_extractor
-        if self.frozen:
+        if config.freeze_feature_extractor:
             for parameter in [*model.encoder.conv1.parameters(), *model.encoder.conv2.parameters()]:
                 parameter.requires_grad_(False)
         if self.tokenizer is None:
@@ -100,23 +96,15 @@ class WhisperObjective(Objective):
             raise ValueError("Whisper fine-tuning needs a tokenizer for the targets; this model has none "
                              "(its folder had no tokenizer.json): pass WhisperObjective(tokenizer)")
 
-    def tokens(self, transcript: str) -> list[int]:
-        if transcript not in self._token_cache:
-            self._token_cache[transcript] = self.tokenizer.encode(target_text(transcript))
-        return self._token_cache[transcript]
-
     def loss(self, model: Whisper, audio: AudioCache, indices: Sequence[int], device: torch.device) -> torch.Tensor:
         config = model.config
         mel = torch.stack([log_mel_spectrogram(audio.waveform(i), config.num_mel_bins)
                            for i in indices])                                        # (B, n_mels, 3000)
-        inputs, labels = teacher_forcing_tokens([self.tokens(audio.utterances[i].transcript) for i in indices],
-                                                config.prompt_ids(), config.eos_token_id,
+        texts = [self.tokenizer.encode(target_text(audio.utterances[i].transcript)) for i in indices]
+        inputs, labels = teacher_forcing_tokens(texts, config.prompt_ids(), config.eos_token_id,
                                                 max_length=config.max_target_positions)
         logits = model(mel.to(device), inputs.to(device))                           # (B, S, V)
         return F.cross_entropy(logits.float().transpose(1, 2), labels.to(device), ignore_index=IGNORE_INDEX)
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
 
     def dev_wer(self, model: Whisper, audio: AudioCache, device: torch.device) -> float:
         return evaluate_whisper(model, audio.utterances, device=device)["wer"]
