@@ -40,7 +40,8 @@ import torch
 
 from spg.model import DEFAULT_VOCAB, ModelConfig, Wav2Vec2CTC
 
-__all__ = ["CheckpointError", "load", "save", "export_hf", "read_safetensors", "write_safetensors", "atomic_write"]
+__all__ = ["CheckpointError", "load", "save", "export_hf", "read_safetensors", "write_safetensors", "atomic_write",
+           "check_finite"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -79,7 +80,7 @@ def _format_keys(keys: Iterable[str], limit: int = 10) -> str:
 # ========================================================================================
 
 def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.device] = "cpu",
-         vocab: Optional[list[str]] = None) -> Wav2Vec2CTC:
+         vocab: Optional[list[str]] = None, allow_nonfinite: bool = False) -> Wav2Vec2CTC:
     """Load a CTC model from a Hugging Face folder, a fairseq `.pt` file or our own file.
 
     path: a folder (HF: `config.json` + weights) or a file (ours or fairseq's; told apart by
@@ -89,6 +90,8 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
     map_location: device of the returned model (tensors are read on the CPU first).
     vocab: the output tokens in id order; overrides the vocabulary stored with the model.
         Required for fairseq files whose head does not have the default 32 characters.
+    allow_nonfinite: load weights that hold NaN or inf (refused by default: see `check_finite`),
+        e.g. to find out what broke a file.
 
     Whisper (a Hugging Face or CTranslate2 Whisper folder, a `spg.whisper.save_whisper` file,
     or a name such as "whisper-tiny.en": see `spg.whisper.load_whisper`) gives a
@@ -101,7 +104,10 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
     if whisper.is_whisper_source(path):
         if vocab is not None:
             raise CheckpointError(f"{path}: a Whisper model has its own tokenizer; vocab= does not apply")
-        return whisper.load_whisper(path, strict=strict).to(map_location).eval()
+        model = whisper.load_whisper(path, strict=strict)
+        if not allow_nonfinite:
+            check_finite(model, path)
+        return model.to(map_location).eval()
     if os.path.isdir(path):
         model = _load_hf_folder(path, strict=strict, vocab=vocab)
     elif os.path.isfile(path):
@@ -126,6 +132,8 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
         raise CheckpointError(f"{path}: neither a file nor a folder")
     else:
         raise CheckpointError(f"{path}: no such file or folder")
+    if not allow_nonfinite:
+        check_finite(model, path)
     return model.to(map_location).eval()
 
 
@@ -565,6 +573,20 @@ def read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str,
         if problems:
             raise CheckpointError(f"{path}: truncated or corrupt ({data_size} data bytes after the header); "
                                   f"bad tensors: {_format_keys(problems)}")
+        # Like the reference reader, require the tensors to tile the data section exactly:
+        # overlapping tensors would share bytes (one write shows in both), gaps hide data.
+        position, previous = 0, None
+        for name, entry in sorted(entries.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+            begin, end = entry["data_offsets"]
+            if begin != position:
+                where = f"after {previous}, which ends at byte {position}" if previous else "at the start"
+                kind = "overlaps the tensor before it" if begin < position else "leaves a gap"
+                raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} (bytes {begin}..{end}) "
+                                      f"{kind} {where}")
+            position, previous = end, name
+        if position != data_size:
+            raise CheckpointError(f"{path}: corrupt safetensors file: the tensors end at byte {position} of the "
+                                  f"data section but it has {data_size} bytes")
 
         tensors = {}
         for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
@@ -871,11 +893,31 @@ def _load_fairseq(checkpoint: dict, source: str, *, strict: bool, vocab: Optiona
 #   * argparse.Namespace, omegaconf, typing and fairseq classes, which are replaced by
 #     `_Record`, an inert stand-in that only stores what the pickle hands it.
 # Everything else raises, before it is called.
+#
+# Admitting an object is not enough: the opcodes that mutate (BUILD sets attributes or state,
+# APPEND(S)/SETITEM(S)/ADDITEMS add items) could otherwise change an admitted module-level
+# object, e.g. set `torch._utils._rebuild_tensor_v2.__defaults__` so that every later
+# torch.load in the process returns wrong tensors. So the unpickler is pickle's pure-Python
+# one with those opcodes checked: they may only target objects the file itself created, of
+# the types a checkpoint needs (`_MUTABLE_TARGETS`); never anything find_class returned.
+# Work is bounded too: a pickle can describe a DAG of shared lists whose expansion (by repr,
+# hashing or conversion) is exponential in the file size. Arguments of calls and dict keys may
+# expand to at most `_MAX_ARGUMENT_OBJECTS` objects, and `_to_plain` stops after
+# `_MAX_CONFIG_SIZE` objects and characters.
 # ========================================================================================
 
-class _RefusedGlobal(Exception):
+_MAX_ARGUMENT_OBJECTS = 100_000      # a tensor rebuild takes ~10; fairseq's largest config call far fewer
+_MAX_KEY_OBJECTS = 1_000             # dict keys and set items are strings and ints in checkpoints
+_MAX_CONFIG_SIZE = 10_000_000        # objects + characters of the plain configs (real ones: ~10^4)
+
+
+class _Refused(Exception):
+    """Raised inside the unpickler; `_read_torch_file` turns it into a CheckpointError."""
+
+
+class _RefusedGlobal(_Refused):
     def __init__(self, qualified_name: str):
-        super().__init__(qualified_name)
+        super().__init__(f"refused to unpickle {qualified_name}")
         self.qualified_name = qualified_name
 
 
@@ -918,6 +960,19 @@ def _record_class(qualified_name: str) -> type:
     return _RECORD_CLASSES[qualified_name]
 
 
+def _rebuild_from_type(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
+    """torch._tensor._rebuild_from_type_v2, which calls `func(*args)` itself, admitted only
+    with one of torch's tensor rebuild functions and a tensor type."""
+    if func not in _TENSOR_REBUILDERS or not (isinstance(new_type, type) and issubclass(new_type, torch.Tensor)):
+        raise _Refused(f"refused torch._tensor._rebuild_from_type_v2({_qualified(func)}, {_qualified(new_type)})")
+    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+
+_TENSOR_REBUILDERS = tuple(f for f in (
+    torch._utils._rebuild_tensor, torch._utils._rebuild_tensor_v2, getattr(torch._utils, "_rebuild_tensor_v3", None),
+    torch._utils._rebuild_parameter, torch._utils._rebuild_parameter_with_state) if f is not None)
+
+
 def _allowed_global(module: str, name: str) -> Any:
     """The object a pickle may refer to as module.name, or raise _RefusedGlobal."""
     module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)   # Python 2 names
@@ -931,7 +986,7 @@ def _allowed_global(module: str, name: str) -> Any:
         ("torch._utils", "_rebuild_tensor_v3"): getattr(torch._utils, "_rebuild_tensor_v3", None),
         ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
         ("torch", "Tensor"): torch.Tensor,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
@@ -966,14 +1021,152 @@ def _numpy_global(name: str) -> Any:
             "dtype": numpy.dtype, "ndarray": numpy.ndarray}.get(name)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _qualified(value: Any) -> str:
+    """A readable name for an object in an error message (never its repr, which may be huge)."""
+    target = value if isinstance(value, type) or callable(value) else type(value)
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    name = f"{module}.{name}" if module and name else type(value).__name__
+    return name if target is value else f"a {name} object"
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many objects `value` expands to, counting a shared object each time it is reached
+    (the work repr, hashing or conversion does); stops counting past `limit`."""
+    count, pending = 0, [value]
+    while pending and count <= limit:
+        item = pending.pop()
+        count += 1
+        if isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, _Record):
+            pending.extend((item.args, item.contents, item.state))
+    return count
+
+
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+# Callables whose arguments must be atoms: str()/hash of a container could be exponential, and
+# bytes(n)/bytearray(n) would allocate n bytes.
+_ATOM_ARGUMENTS = (str, bytes, bytearray, int, float, complex, bool, slice, codecs.encode)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """pickle's pure-Python unpickler with find_class restricted and the calling and mutating
+    opcodes checked (see the section comment)."""
+
+    _MUTABLE_TARGETS: tuple = (_Record, torch.Tensor, collections.OrderedDict, dict, list, set)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admitted_ids: set[int] = set()          # everything find_class returned
+        self._admitted: list = []                      # keeps those objects alive, so ids stay unique
+
     def find_class(self, module: str, name: str) -> Any:
-        return _allowed_global(module, name)
+        found = _allowed_global(module, name)
+        self._admitted_ids.add(id(found))
+        self._admitted.append(found)
+        return found
+
+    # --- checks ------------------------------------------------------------------------
+    def _check_target(self, target: Any, action: str, extra_types: tuple = ()) -> None:
+        if id(target) in self._admitted_ids or isinstance(target, type) or \
+                not isinstance(target, self._MUTABLE_TARGETS + extra_types):
+            raise _Refused(f"refused to {action} {_qualified(target)} (a checkpoint may only fill in objects "
+                           "it created itself)")
+
+    def _check_key(self, key: Any) -> None:
+        if _expanded_size(key, _MAX_KEY_OBJECTS) > _MAX_KEY_OBJECTS:
+            raise _Refused(f"refused a dict key or set item that expands to more than {_MAX_KEY_OBJECTS} objects")
+
+    def _check_call(self, func: Any, args: Any) -> None:
+        if _expanded_size(args, _MAX_ARGUMENT_OBJECTS) > _MAX_ARGUMENT_OBJECTS:
+            raise _Refused(f"refused to call {_qualified(func)} with arguments that expand to more than "
+                           f"{_MAX_ARGUMENT_OBJECTS:,} objects")
+        if func in _ATOM_ARGUMENTS or func is copyreg.__newobj__ and args and args[0] in _ATOM_ARGUMENTS:
+            plain = args[1:] if func is copyreg.__newobj__ else args
+            if not all(isinstance(arg, _ATOMS) for arg in plain) or \
+                    func in (bytes, bytearray) and any(isinstance(arg, int) for arg in plain):
+                raise _Refused(f"refused to call {_qualified(func)} on anything but a string or number")
+        if func is copyreg._reconstructor and len(args) == 3:
+            self._check_call(args[1], (args[2],) if args[2] is not None else ())
+
+    # --- opcodes -------------------------------------------------------------------------
+    def load_reduce(self) -> None:
+        args, func = self.stack[-1], self.stack[-2]
+        self._check_call(func, args if isinstance(args, tuple) else ())
+        super().load_reduce()
+
+    def load_newobj(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self) -> None:
+        self._check_call(self.stack[-3], (self.stack[-2], self.stack[-1]))
+        super().load_newobj_ex()
+
+    def _instantiate(self, klass: Any, args: list) -> None:     # INST and OBJ (protocols 0-1)
+        self._check_call(klass, tuple(args))
+        super()._instantiate(klass, args)
+
+    def load_build(self) -> None:
+        import numpy
+        self._check_target(self.stack[-2], "set the state of", (numpy.ndarray, numpy.dtype))
+        super().load_build()
+
+    def load_append(self) -> None:
+        self._check_target(self.stack[-2], "append to")
+        super().load_append()
+
+    # After a MARK, pickle keeps the items since the mark in self.stack and the older stack,
+    # whose last item is the container being filled, in self.metastack[-1].
+    def load_appends(self) -> None:
+        self._check_target(self.metastack[-1][-1], "append to")
+        super().load_appends()
+
+    def load_setitem(self) -> None:
+        self._check_target(self.stack[-3], "set an item of")
+        self._check_key(self.stack[-2])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        self._check_target(self.metastack[-1][-1], "set an item of")
+        for key in self.stack[::2]:
+            self._check_key(key)
+        super().load_setitems()
+
+    def load_additems(self) -> None:
+        self._check_target(self.metastack[-1][-1], "add to")
+        for item in self.stack:
+            self._check_key(item)
+        super().load_additems()
+
+    def load_dict(self) -> None:
+        for key in self.stack[::2]:
+            self._check_key(key)
+        super().load_dict()
+
+    def load_frozenset(self) -> None:
+        for item in self.stack:
+            self._check_key(item)
+        super().load_frozenset()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _opcode, _method in [(pickle.REDUCE, load_reduce), (pickle.NEWOBJ, load_newobj),
+                             (pickle.NEWOBJ_EX, load_newobj_ex), (pickle.BUILD, load_build),
+                             (pickle.APPEND, load_append), (pickle.APPENDS, load_appends),
+                             (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
+                             (pickle.ADDITEMS, load_additems), (pickle.DICT, load_dict),
+                             (pickle.FROZENSET, load_frozenset)]:
+        dispatch[_opcode[0]] = _method
+    del _opcode, _method
 
 
 class _RestrictedPickleModule:
     """The part of the `pickle` module that torch.load uses, with the restricted Unpickler."""
     Unpickler = _RestrictedUnpickler
+    __name__ = "spg.loading restricted pickle"
 
     @staticmethod
     def load(file: BinaryIO, **kwargs: Any) -> Any:
@@ -997,33 +1190,44 @@ def _read_torch_file(path: str) -> tuple[Any, bool]:
         raise CheckpointError(f"refused to unpickle {refused.qualified_name} in {path}: only tensors, plain "
                               "containers and fairseq/omegaconf/argparse config objects are admitted; "
                               "nothing from the file was executed") from None
+    except _Refused as refused:
+        raise CheckpointError(f"{path}: {refused}; nothing from the file was executed") from None
     except Exception as error:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
                               f"{_first_line(error)})") from None
 
 
-def _to_plain(value: Any, depth: int = 0) -> Any:
+def _to_plain(value: Any, budget: Optional[list[int]] = None, depth: int = 0) -> Any:
     """Replace `_Record`s (and numpy scalars) by plain dicts, lists and values, recursively.
     omegaconf containers keep their data in state["_content"], its value nodes in
-    state["_val"]; a Namespace's state is its attribute dict; an enum member is its value."""
+    state["_val"]; a Namespace's state is its attribute dict; an enum member is its value.
+    The result is a tree: each object reached twice is copied twice, so the work is bounded by
+    `budget` (objects + characters, `_MAX_CONFIG_SIZE` by default) and refused past it."""
+    if budget is None:
+        budget = [_MAX_CONFIG_SIZE]
+    budget[0] -= 1 + (len(value) if isinstance(value, (str, bytes, bytearray)) else 0)
+    if budget[0] < 0:
+        raise CheckpointError(f"config too large: it expands to more than {_MAX_CONFIG_SIZE:,} objects and "
+                              "characters (real fairseq configs have about 10^4; shared or self-referencing "
+                              "containers?)")
     if depth > 100:
         raise CheckpointError("config nested more than 100 levels deep")
     deeper = depth + 1
     if isinstance(value, _Record):
         state = value.state if isinstance(value.state, dict) else {}
         if value.origin.startswith("omegaconf.") and "_content" in state:
-            return _to_plain(state["_content"], deeper)
+            return _to_plain(state["_content"], budget, deeper)
         if value.origin.startswith("omegaconf.") and "_val" in state:
-            return _to_plain(state["_val"], deeper)
+            return _to_plain(state["_val"], budget, deeper)
         if value.state is None and len(value.args) == 1 and not value.contents:
-            return _to_plain(value.args[0], deeper)        # enum member: Enum(value)
+            return _to_plain(value.args[0], budget, deeper)        # enum member: Enum(value)
         if value.contents and not state:
-            return _to_plain(value.contents, deeper)       # a list-like object
-        return {str(k): _to_plain(v, deeper) for k, v in state.items()}
+            return _to_plain(value.contents, budget, deeper)       # a list-like object
+        return {str(k): _to_plain(v, budget, deeper) for k, v in state.items()}
     if isinstance(value, dict):
-        return {_to_plain(k, deeper): _to_plain(v, deeper) for k, v in value.items()}
+        return {_to_plain(k, budget, deeper): _to_plain(v, budget, deeper) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_plain(v, deeper) for v in value)
+        return type(value)(_to_plain(v, budget, deeper) for v in value)
     if hasattr(value, "item") and not isinstance(value, torch.Tensor) and getattr(value, "shape", None) == ():
         return value.item()                                # numpy scalar
     return value
@@ -1061,9 +1265,15 @@ def _install_state_dict(model: Wav2Vec2CTC, state: dict[str, torch.Tensor], sour
     unexpected = list(unknown_source_keys) + [key for key in state if key not in expected]
     mismatched = [f"{key}: got shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
                   for key in expected if key in state and state[key].shape != expected[key].shape]
+    # Casting is only safe within a kind: int32 bits read as float32 weights are garbage.
+    wrong_kind = [f"{key}: got {state[key].dtype}, expected a {_dtype_kind(expected[key].dtype)} tensor"
+                  for key in expected if key in state
+                  and _dtype_kind(state[key].dtype) != _dtype_kind(expected[key].dtype)]
     problems = []
     if mismatched:
         problems.append(f"shape mismatch for {_format_keys(mismatched)}")
+    if wrong_kind:
+        problems.append(f"wrong dtype for {_format_keys(wrong_kind)}")
     if missing and strict:
         problems.append(f"missing keys: {_format_keys(missing)}")
     if unexpected and strict:
@@ -1074,6 +1284,28 @@ def _install_state_dict(model: Wav2Vec2CTC, state: dict[str, torch.Tensor], sour
         warnings.warn(f"{source}: missing keys: {_format_keys(missing) or 'none'}; "
                       f"unexpected keys: {_format_keys(unexpected) or 'none'}", stacklevel=3)
     model.load_state_dict({key: value for key, value in state.items() if key in expected}, strict=False)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Raise CheckpointError naming every parameter or buffer that holds NaN or ±inf (one
+    such weight among millions turns every output into NaN, with no other sign)."""
+    broken = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                broken.append(f"{name} ({bad:,} of {tensor.numel():,} values)")
+    if broken:
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {_format_keys(broken)}; "
+                              "pass spg.load(..., allow_nonfinite=True) to inspect the file anyway")
 
 
 def _check_plain_data(value: Any, where: str) -> None:

@@ -121,6 +121,16 @@ class ModelConfig:
         return self.intermediate_size
 
     @property
+    def min_input_samples(self) -> int:
+        """Shortest waveform (in samples) that gives one output frame: the receptive field of
+        the conv stack, 1 + sum_i (k_i - 1) * prod_{j<i} s_j (400 samples = 25 ms by default)."""
+        samples, jump = 1, 1
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
+            samples += (kernel - 1) * jump
+            jump *= stride
+        return samples
+
+    @property
     def is_uniform(self) -> bool:
         """True when every block has the unpruned shape (so HF can represent the model)."""
         return all(
@@ -131,16 +141,31 @@ class ModelConfig:
         )
 
     def validate(self) -> None:
+        """Raise ValueError, naming the field, for values that make no model."""
+        check_config_fields(self, positive_ints=(
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "num_conv_pos_embeddings", "num_conv_pos_embedding_groups", "vocab_size", "mask_time_length"),
+            non_negative_ints=("pad_token_id", "mask_time_min_masks"),
+            probabilities=("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout",
+                           "final_dropout", "layerdrop", "mask_time_prob"),
+            positive_floats=("layer_norm_eps",),
+            bools=("conv_bias", "feat_proj_layer_norm", "do_stable_layer_norm", "do_normalize"),
+            choices={"hidden_act": ("gelu", "relu"), "feat_extract_activation": ("gelu",),
+                     "feat_extract_norm": ("group", "layer"), "model_type": ("wav2vec2", "hubert")},
+            positive_int_lists=("conv_dim", "conv_kernel", "conv_stride"),
+            optional_size_lists=("layer_num_heads", "layer_intermediate_sizes"),
+            optional_nested_size_lists=("layer_qk_head_dims", "layer_v_head_dims"))
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} must be below vocab_size={self.vocab_size}")
+        if self.hidden_size % self.num_conv_pos_embedding_groups:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_conv_pos_embedding_groups "
+                             f"{self.num_conv_pos_embedding_groups}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride)):
             raise ValueError("conv_dim, conv_kernel and conv_stride must have the same length, got "
                              f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}")
-        if self.feat_extract_norm not in ("group", "layer"):
-            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
-        if self.model_type not in ("wav2vec2", "hubert"):
-            raise ValueError(f"model_type must be 'wav2vec2' or 'hubert', got {self.model_type!r}")
         for name in ("layer_num_heads", "layer_intermediate_sizes", "layer_qk_head_dims", "layer_v_head_dims"):
             value = getattr(self, name)
             if value is not None and len(value) != self.num_hidden_layers:
@@ -162,11 +187,62 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in names}
         for key in ("conv_dim", "conv_kernel", "conv_stride"):
-            if key in kwargs:
-                kwargs[key] = tuple(int(x) for x in kwargs[key])
+            if isinstance(kwargs.get(key), (list, tuple)):
+                kwargs[key] = tuple(kwargs[key])
         config = cls(**kwargs)
         config.validate()
         return config
+
+
+def check_config_fields(config: object, *, positive_ints: tuple = (), non_negative_ints: tuple = (),
+                        probabilities: tuple = (), positive_floats: tuple = (), bools: tuple = (),
+                        choices: Optional[dict] = None, positive_int_lists: tuple = (),
+                        optional_size_lists: tuple = (), optional_nested_size_lists: tuple = ()) -> None:
+    """Type and range checks of a config's fields by name, for configs read from files
+    (a null, a string or a negative size there should be refused, not crash later).
+    optional_size_lists: None, or a list of non-negative ints (one per layer);
+    optional_nested_size_lists: None, or a list (per layer) of lists of non-negative ints."""
+    def fail(name: str, expected: str) -> ValueError:
+        return ValueError(f"{name}={getattr(config, name)!r}: expected {expected}")
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: object) -> bool:
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+    for name in positive_ints:
+        if not (is_int(getattr(config, name)) and getattr(config, name) > 0):
+            raise fail(name, "a positive integer")
+    for name in non_negative_ints:
+        if not (is_int(getattr(config, name)) and getattr(config, name) >= 0):
+            raise fail(name, "a non-negative integer")
+    for name in probabilities:
+        if not (is_number(getattr(config, name)) and 0 <= getattr(config, name) <= 1):
+            raise fail(name, "a probability in [0, 1]")
+    for name in positive_floats:
+        if not (is_number(getattr(config, name)) and getattr(config, name) > 0):
+            raise fail(name, "a positive number")
+    for name in bools:
+        if not isinstance(getattr(config, name), bool):
+            raise fail(name, "true or false")
+    for name, allowed in (choices or {}).items():
+        if getattr(config, name) not in allowed:
+            raise fail(name, "one of " + ", ".join(repr(a) for a in allowed))
+    for name in positive_int_lists:
+        value = getattr(config, name)
+        if not (isinstance(value, (list, tuple)) and value and all(is_int(v) and v > 0 for v in value)):
+            raise fail(name, "a non-empty list of positive integers")
+    def sizes(value: object) -> bool:
+        return isinstance(value, (list, tuple)) and all(is_int(v) and v >= 0 for v in value)
+
+    for name in optional_size_lists:
+        if not (getattr(config, name) is None or sizes(getattr(config, name))):
+            raise fail(name, "null or a list of non-negative integers")
+    for name in optional_nested_size_lists:
+        value = getattr(config, name)
+        if not (value is None or isinstance(value, (list, tuple)) and all(sizes(item) for item in value)):
+            raise fail(name, "null or a list (one per layer) of lists of non-negative integers")
 
 
 def preset(name: str) -> ModelConfig:

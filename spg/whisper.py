@@ -45,6 +45,7 @@ from torch import nn
 
 from spg import loading
 from spg.loading import CheckpointError
+from spg.model import check_config_fields
 
 __all__ = [
     "WhisperConfig", "Whisper", "WhisperTokenizer", "CheckpointError",
@@ -160,6 +161,24 @@ class WhisperConfig:
         return prompt
 
     def validate(self) -> None:
+        """Raise ValueError, naming the field, for values that make no model."""
+        check_config_fields(self, positive_ints=(
+            "vocab_size", "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+            "decoder_layers", "decoder_attention_heads", "decoder_ffn_dim", "max_source_positions",
+            "max_target_positions"),
+            non_negative_ints=("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id"),
+            probabilities=("dropout", "attention_dropout", "activation_dropout"),
+            positive_floats=("layer_norm_eps",),
+            optional_size_lists=("suppress_tokens", "begin_suppress_tokens", "encoder_layer_heads",
+                                 "encoder_layer_ffn_dims", "decoder_layer_heads", "decoder_layer_cross_heads",
+                                 "decoder_layer_ffn_dims"))
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
+                     "no_timestamps_token_id"):
+            value = getattr(self, name)
+            if name == "no_timestamps_token_id" and value is None:
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name}={value!r}: expected a token id below vocab_size={self.vocab_size}")
         for heads_name in ("encoder_attention_heads", "decoder_attention_heads"):
             heads = getattr(self, heads_name)
             if heads <= 0 or self.d_model % heads:
