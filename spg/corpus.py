@@ -17,11 +17,23 @@ Four splits: ``train``, ``dev`` and ``test`` use the same *seen* voices; ``test-
 * Voices: an eSpeak NG voice is ``"<accent>+<variant>"`` (e.g. ``"en-us+m3"``).  Speaker id
   = index in :data:`VOICES`.  Per utterance the speaking rate and pitch are jittered.
 * Synthesis: eSpeak NG 1.52 from the pinned ``espeakng-loader`` wheel, driven through ctypes.
-  Its output depends on hidden global state (e.g. a ``static`` pitch-flutter index in
-  ``wavegen.c`` that keeps running across utterances), so each utterance is synthesised in a
-  freshly forked child process: the result is a pure function of (text, voice, rate, pitch),
-  independent of what was synthesised before and of the number of worker processes.
-  ``os.fork`` makes this POSIX-only (Linux, macOS).
+  Its output depends on hidden global state, of two kinds:
+
+  - state that keeps running across utterances (e.g. a ``static`` pitch-flutter index in
+    ``wavegen.c``): so each utterance is synthesised in a freshly forked child process, which
+    starts from the parent's pristine library state;
+  - two random number generators.  ``espeak_ng_Initialize`` seeds eSpeak's own generator
+    (``espeak_rand``, used for the "breath" noise of the variants ``f2`` and ``sandro``;
+    the Klatt code calls it too, but klatt2/klatt3 output measured the same under any seed)
+    with ``time(NULL)``, so those voices changed from one build to the next (680 of 3,656
+    files in the default corpus); the ``klatt 6`` speech-player voices
+    (``caleb``) draw from the C library's ``rand()``, which any other code in the process
+    may advance.  So the child re-seeds both (:func:`utterance_seed`) right before it
+    synthesises.
+
+  The result is a pure function of (text, voice, rate, pitch), independent of the time,
+  of what was synthesised before and of the number of worker processes.  ``os.fork`` makes
+  this POSIX-only (Linux, macOS).
 * Reproducibility: every utterance's text, voice, rate and pitch are drawn up front from
   ``numpy.random.default_rng`` streams seeded by ``(seed, split)``; same settings and same
   ``espeakng-loader`` version give bit-identical audio (on one machine; on another CPU, float
@@ -41,8 +53,10 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +88,9 @@ RATE_WPM_RANGE = (140, 200)  # inclusive
 PITCH_RANGE = (30, 70)  # inclusive
 
 # Bump when the generator or layout changes, so old corpora are not reused by mistake.
-CORPUS_FORMAT_VERSION = 1
+# 2: eSpeak's random generators are seeded per utterance (the breath-noise voices f2 and
+#    sandro were not reproducible before; caleb's noise changed with the new seed).
+CORPUS_FORMAT_VERSION = 2
 
 # --------------------------------------------------------------------------------------
 # Voices
@@ -426,6 +442,19 @@ _VOLUME = 60
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
+def utterance_seed(text: str, voice: str, rate_wpm: int, pitch: int) -> int:
+    """The seed of eSpeak's random generators for one utterance: 31 bits of a SHA-256 of
+    the arguments.
+
+    Our choice: a hash of the arguments rather than one fixed seed, because then every
+    utterance gets its own noise realisation (as recordings would), while the audio stays a
+    pure function of the arguments; 31 bits because ``espeak_ng_SetRandSeed`` keeps 32
+    and C's ``srand`` takes an unsigned int.
+    """
+    key = json.dumps([text, voice, int(rate_wpm), int(pitch)]).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFF_FFFF
+
+
 class EspeakSynthesizer:
     """The eSpeak NG library of the ``espeakng-loader`` wheel, initialised once per process.
 
@@ -448,6 +477,15 @@ class EspeakSynthesizer:
             raise RuntimeError(f"espeak_Initialize returned {sample_rate}, expected {ESPEAK_SAMPLE_RATE} Hz")
         self.library.espeak_Info.restype = ctypes.c_char_p
         self.version = self.library.espeak_Info(None).decode()
+        # espeak_ng_Initialize has just seeded espeak_rand with time(NULL); children re-seed it.
+        if not hasattr(self.library, "espeak_ng_SetRandSeed"):
+            raise RuntimeError(f"{espeakng_loader.get_library_path()} has no espeak_ng_SetRandSeed; "
+                               f"the corpus needs it to be reproducible (use espeakng-loader 0.2.4)")
+        self.library.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        self.library.espeak_ng_SetRandSeed.restype = None
+        self.c_library = ctypes.CDLL(None)  # the process's C library: the rand() that klatt 6 uses
+        self.c_library.srand.argtypes = [ctypes.c_uint]
+        self.c_library.srand.restype = None
         self._chunks: list[bytes] = []
         self._callback = _SYNTH_CALLBACK(self._collect_chunk)  # must outlive every synthesis
         self.library.espeak_SetSynthCallback(self._callback)
@@ -466,6 +504,9 @@ class EspeakSynthesizer:
         self.library.espeak_SetParameter(_PARAMETER_RATE, int(rate_wpm), 0)
         self.library.espeak_SetParameter(_PARAMETER_PITCH, int(pitch), 0)
         self.library.espeak_SetParameter(_PARAMETER_VOLUME, _VOLUME, 0)
+        seed = utterance_seed(text, voice, rate_wpm, pitch)
+        self.library.espeak_ng_SetRandSeed(seed)  # breath noise (f2, sandro, ...), Klatt noise
+        self.c_library.srand(seed)  # klatt 6 (speech player, e.g. caleb) uses the C library's rand()
         encoded = text.encode("utf-8")
         self._chunks.clear()
         status = self.library.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
@@ -562,6 +603,73 @@ def _read_manifest(root: Path) -> dict | None:
         return None
 
 
+# --------------------------------------------------------------------------------------
+# Leftovers of interrupted builds
+# --------------------------------------------------------------------------------------
+# A build writes into ``.<root name>.building-<random>`` next to the root, with a
+# ``_BUILDER_FILE`` inside naming its host, process id and start time (removed before the
+# folder is renamed into place).  A build that is killed leaves that folder behind.
+_BUILDING_MARK = ".building-"
+_BUILDER_FILE = ".builder.json"
+# Our choice: a build folder is stale when its builder process is gone (same host, PID not
+# alive), or whatever its owner when it is older than a day (a PID may have been reused, and
+# a build on another host of a shared folder cannot be checked; the default corpus takes
+# about a minute, a 100x larger one still well under a day).  A folder without the builder
+# file (written by an older spg, or a build that died within microseconds of starting) is
+# stale after an hour (the older code's builds took about a minute).
+STALE_BUILD_SECONDS = 24 * 3600
+STALE_UNOWNED_BUILD_SECONDS = 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _is_stale_build(folder: Path, now: float) -> bool:
+    try:
+        owner = json.loads((folder / _BUILDER_FILE).read_text())
+        host, pid, started = str(owner["host"]), int(owner["pid"]), float(owner["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            return now - folder.stat().st_mtime > STALE_UNOWNED_BUILD_SECONDS
+        except OSError:
+            return False  # vanished meanwhile
+    if now - started > STALE_BUILD_SECONDS:
+        return True
+    return host == socket.gethostname() and not _pid_alive(pid)
+
+
+def remove_stale_builds(folder: str | Path) -> list[Path]:
+    """Remove the ``.*.building-*`` folders in ``folder`` left by interrupted corpus builds
+    (the rule is at ``STALE_BUILD_SECONDS`` above); builds still running are left alone.
+    Returns the removed folders and says on stderr what it removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for candidate in sorted(folder.iterdir()):
+        if not (candidate.name.startswith(".") and _BUILDING_MARK in candidate.name and candidate.is_dir()
+                and not candidate.is_symlink()):
+            continue
+        if _is_stale_build(candidate, now):
+            shutil.rmtree(candidate, ignore_errors=True)
+            if not candidate.exists():
+                removed.append(candidate)
+    if removed:
+        print(f"spg.corpus: removed {len(removed)} folder(s) left by interrupted corpus builds: "
+              + ", ".join(str(path) for path in removed), file=sys.stderr)
+    return removed
+
+
 def build_corpus(
     root: str | Path | None = None,
     *,
@@ -578,7 +686,8 @@ def build_corpus(
     If ``root`` already holds a finished corpus with the same settings, it is returned at
     once.  Otherwise the corpus is generated into a temporary folder next to ``root`` and
     renamed into place at the end, so ``root`` never holds a half-built corpus; its
-    ``manifest.json`` records settings, eSpeak versions, voices, counts and hours.
+    ``manifest.json`` records settings, eSpeak versions, voices, counts and hours.  Folders
+    left next to ``root`` by interrupted builds are removed first (:func:`remove_stale_builds`).
 
     Args:
         root: where the corpus goes; default ``<repo>/data/synth-<hash of settings>``, or
@@ -592,6 +701,7 @@ def build_corpus(
     counts = {"train": num_train, "dev": num_dev, "test": num_test, "test-unseen": num_test_unseen}
     settings = corpus_settings(counts, seed)
     root = Path(root) if root is not None else default_root(settings)
+    remove_stale_builds(root.parent)
     manifest = _read_manifest(root)
     if manifest is not None and manifest.get("settings") == settings:
         return root
@@ -601,8 +711,10 @@ def build_corpus(
 
     planned = plan_corpus(counts, seed)
     root.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.building-"))
+    building = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}{_BUILDING_MARK}"))
     try:
+        (building / _BUILDER_FILE).write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}) + "\n")
         for folder in {utterance.relative_path.parent for utterance in planned}:
             (building / folder).mkdir(parents=True, exist_ok=True)
         jobs = [(u.spoken_text, u.voice, u.rate_wpm, u.pitch, str(building / u.relative_path)) for u in planned]
@@ -618,6 +730,7 @@ def build_corpus(
         _write_transcripts(building, planned)
         manifest = _make_manifest(settings, planned, lengths)
         (building / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (building / _BUILDER_FILE).unlink()
         os.rename(building, root)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)

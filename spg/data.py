@@ -8,7 +8,10 @@ One format serves both the built-in synthetic corpus and real LibriSpeech
 
 Bad input is either converted and reported (other sample rates are resampled, multi-channel
 audio is mixed down; a warning names the files) or refused with an error that names the
-file (unreadable audio, a transcript line without audio, characters outside the vocabulary).
+file (unreadable audio, a transcript line without audio, a transcript line with an id but
+no words, characters outside the vocabulary, a split with no utterances).  Audio files that
+no transcript lists are not used, and a warning gives their count and first names.
+`check_durations` refuses audio too short for the model or too long for memory, by name.
 """
 
 from __future__ import annotations
@@ -89,7 +92,12 @@ def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOC
     """Index one split of a LibriSpeech-layout corpus (headers only; audio is read later).
 
     `split` is a folder name under `root` (e.g. "train-clean-100", "test"). Every transcript
-    line must have its `.flac`; every transcript must fit the vocabulary."""
+    line must have its `.flac` and at least one word (LibriSpeech has no empty transcript; a
+    line with only an id is a DataError naming file:line, since scoring or training on an empty
+    reference would be a wrong number); every transcript must fit the vocabulary; a split with
+    no utterances is a DataError naming the split and folder. Entirely empty lines are skipped.
+    `.flac`/`.wav` files in the chapter folders that no transcript lists are not used; a
+    warning gives how many and the first few names."""
     split_dir = Path(root) / split
     if not split_dir.is_dir():
         available = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
@@ -105,6 +113,9 @@ def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOC
                 continue
             utterance_id, _, transcript = line.strip().partition(" ")
             where = f"{transcript_file}:{line_number}"
+            if not transcript.strip():
+                raise DataError(f"{where}: utterance {utterance_id} has an empty transcript "
+                                f"(expected '<ID> <TRANSCRIPT>' with at least one word)")
             try:
                 encode_text(transcript, vocab)
             except ValueError as error:
@@ -123,11 +134,51 @@ def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOC
             num_samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
             utterances.append(Utterance(utterance_id, audio_path, normalize_text(transcript),
                                         num_samples, info.samplerate, info.channels))
+    if not utterances:
+        raise DataError(f"split {split!r} has no utterances: the {len(transcript_files)} transcript file(s) "
+                        f"under {split_dir} list none (expected lines '<ID> <TRANSCRIPT>')")
     for action, files in converted.items():
         if files:
             warnings.warn(f"{split_dir}: {len(files)} file(s) {action} to 16 kHz mono on load, e.g. "
                           + "; ".join(files[:3]), stacklevel=2)
+    listed = {u.audio_path for u in utterances}
+    unlisted = sorted(path for pattern in ("*/*/*.flac", "*/*/*.wav") for path in split_dir.glob(pattern)
+                      if path not in listed)
+    if unlisted:
+        warnings.warn(f"{split_dir}: {len(unlisted)} audio file(s) not listed in any trans.txt are not used, e.g. "
+                      + ", ".join(str(path.relative_to(split_dir)) for path in unlisted[:5]), stacklevel=2)
     return utterances
+
+
+def check_durations(utterances: Sequence[Utterance], *, min_samples: int, max_seconds: Optional[float],
+                    where: str) -> None:
+    """Refuse, before any model runs, audio the model cannot take.
+
+    Too short: fewer than `min_samples` samples at 16 kHz (the model's receptive field, e.g.
+    `ModelConfig.min_input_samples`: 400 for wav2vec2's conv stack) gives no output frame and
+    crashes inside a convolution. Too long: more than `max_seconds` (None: no limit) would
+    exhaust memory (attention is quadratic in the length). Raises DataError starting with
+    `where` (e.g. "split test of data/synth-..."), giving how many utterances are affected and
+    the first five files with their length in seconds, and a hint."""
+    if min_samples < 0:
+        raise ValueError(f"min_samples must be >= 0, got {min_samples}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive or None, got {max_seconds}")
+    problems = []
+    short = [u for u in utterances if u.num_samples < min_samples]
+    if short:
+        problems.append(f"{len(short)} utterance(s) shorter than the model's receptive field of {min_samples} "
+                        f"samples ({min_samples / SAMPLE_RATE:g} s): "
+                        + ", ".join(f"{u.audio_path} ({u.seconds:.4f} s)" for u in short[:5])
+                        + "; remove them from the transcript file")
+    if max_seconds is not None:
+        long = [u for u in utterances if u.num_samples > max_seconds * SAMPLE_RATE]
+        if long:
+            problems.append(f"{len(long)} utterance(s) longer than --max-seconds={max_seconds:g}: "
+                            + ", ".join(f"{u.audio_path} ({u.seconds:.1f} s)" for u in long[:5])
+                            + "; raise --max-seconds or split the file")
+    if problems:
+        raise DataError(f"{where}: " + "; and ".join(problems))
 
 
 def read_audio(utterance: Utterance) -> np.ndarray:
@@ -212,24 +263,50 @@ def length_sorted_batches(utterances: Sequence[Utterance], *, batch_size: int = 
 
 
 class AudioCache:
-    """Reads utterances on demand and keeps them in memory as int16 (half the RAM of float32).
+    """Reads utterances on demand and keeps them in memory, exactly as `read_audio` returns them.
 
-    A small corpus (the built-in one: ~2 h, ~230 MB) fits; for LibriSpeech-size data pass
-    `keep=False` to re-read from disk every time."""
+    Stored as int16 (half the RAM of float32) when that is lossless, which it is for 16-bit
+    files at 16 kHz (LibriSpeech, the built-in corpus: ~2 h, ~230 MB); otherwise (float files,
+    resampled audio) as float32. Our choice: exact storage rather than rounding everything to
+    int16, because rounding clipped float audio louder than full scale (a WAV at peak 10.7 went
+    from 18.75% to 31.25% WER) and made cached and uncached numbers differ. Audio louder than
+    full scale (peak > 1) is kept as it is, not rescaled (models that normalise per utterance,
+    as wav2vec2's feature extractor does, are unaffected by the scale; rescaling would change
+    what the others see relative to the uncached read), and the first such file is named in a
+    warning with its peak; `louder_than_full_scale` lists all found so far as (path, peak).
+    For LibriSpeech-size data pass `keep=False` to re-read from disk every time."""
 
     def __init__(self, utterances: Sequence[Utterance], keep: bool = True):
         self.utterances = list(utterances)
         self.keep = keep
         self._store: dict[int, np.ndarray] = {}
+        self.louder_than_full_scale: list[tuple[Path, float]] = []
 
     def waveform(self, index: int) -> np.ndarray:
-        if index in self._store:
-            return self._store[index].astype(np.float32) / 32768.0
-        samples = read_audio(self.utterances[index])
-        if self.keep:
-            self._store[index] = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
-            return self._store[index].astype(np.float32) / 32768.0
-        return samples
+        if index not in self._store:
+            samples = read_audio(self.utterances[index])
+            peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
+            if peak > 1.0:
+                self._report_loud(self.utterances[index].audio_path, peak)
+            if not self.keep:
+                return samples
+            pcm = np.round(samples.astype(np.float64) * 32768.0)
+            if peak <= 1.0 and pcm.min(initial=0) >= -32768 and pcm.max(initial=0) <= 32767 \
+                    and np.array_equal((pcm / 32768.0).astype(np.float32), samples):
+                self._store[index] = pcm.astype(np.int16)
+            else:
+                self._store[index] = samples
+        stored = self._store[index]
+        return stored.astype(np.float32) / 32768.0 if stored.dtype == np.int16 else stored.copy()
+
+    def _report_loud(self, path: Path, peak: float) -> None:
+        if any(known == path for known, _ in self.louder_than_full_scale):
+            return
+        self.louder_than_full_scale.append((path, peak))
+        if len(self.louder_than_full_scale) == 1:
+            warnings.warn(f"{path}: audio louder than full scale (peak {peak:.3g} > 1.0); kept unclipped as "
+                          f"float32, not clipped to 16 bits (later such files are not warned about again; "
+                          f"see AudioCache.louder_than_full_scale)", stacklevel=3)
 
     def batch(self, indices: Sequence[int], *, normalize: bool, vocab: Sequence[str] = DEFAULT_VOCAB) -> Batch:
         return collate([self.utterances[i] for i in indices], [self.waveform(i) for i in indices],

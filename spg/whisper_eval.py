@@ -11,12 +11,18 @@ apostrophes) are unchanged by it apart from the case.
 `read_transcription_folder(folder)` reads real recordings in the Sphinx test layout
 (`tests/data/librivox`: a `transcription` file of `<s> words </s> (utterance-id)` lines and
 `<utterance-id>.flac` or `.wav` next to it) as `spg.data.Utterance`s, for any model.
+
+Whisper hears one 30 s window (`spg.whisper.N_SAMPLES`); `Whisper.transcribe` would cut
+longer audio to its first 30 s and score the rest as deleted, a wrong number. So both
+functions refuse audio longer than 30 s with a DataError naming the file and its length
+(there is no long-form sliding window here).
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -26,12 +32,24 @@ import torch
 
 from spg.data import SAMPLE_RATE, DataError, Utterance, normalize_text, read_audio
 from spg.wer import corpus_scores
-from spg.whisper import Whisper, normalize_english
+from spg.whisper import N_SAMPLES, Whisper, normalize_english
 
 __all__ = ["TRANSCRIPTION_FILE", "is_transcription_folder", "read_transcription_folder", "evaluate_whisper",
            "whisper_sparsity_report"]
 
 TRANSCRIPTION_FILE = "transcription"
+MAX_SECONDS = N_SAMPLES / SAMPLE_RATE   # 30.0: Whisper's one window
+
+
+def check_whisper_durations(utterances: Sequence[Utterance], where: str) -> None:
+    """DataError naming every utterance (first five, and how many) longer than Whisper's 30 s
+    window, which `Whisper.transcribe` would silently truncate."""
+    too_long = [u for u in utterances if u.num_samples > N_SAMPLES]
+    if too_long:
+        raise DataError(f"{where}: {len(too_long)} utterance(s) longer than Whisper's {MAX_SECONDS:g} s window "
+                        f"(it would hear only the first {MAX_SECONDS:g} s; no long-form transcription here): "
+                        + ", ".join(f"{u.audio_path} ({u.seconds:.1f} s)" for u in too_long[:5])
+                        + "; split the file")
 
 
 def is_transcription_folder(path: Union[str, os.PathLike]) -> bool:
@@ -40,7 +58,12 @@ def is_transcription_folder(path: Union[str, os.PathLike]) -> bool:
 
 def read_transcription_folder(folder: Union[str, os.PathLike]) -> list[Utterance]:
     """Utterances of a Sphinx-style test folder, in file order. Transcripts are upper-cased
-    like LibriSpeech's (spg.data.normalize_text), so CTC models can score them too."""
+    like LibriSpeech's (spg.data.normalize_text), so CTC models can score them too.
+
+    DataError (naming the file, and line where there is one) for: a line not in the layout, a
+    line with no words, a missing or unreadable audio file, audio longer than Whisper's 30 s,
+    no utterances. Audio files in the folder that no line lists are not used; a warning gives
+    how many and the first few names."""
     folder = Path(folder)
     path = folder / TRANSCRIPTION_FILE
     if not path.is_file():
@@ -54,6 +77,9 @@ def read_transcription_folder(folder: Union[str, os.PathLike]) -> list[Utterance
             raise DataError(f"{path}:{number}: expected '<s> words </s> (utterance-id)', got {line!r}")
         utterance_id = rest.strip()[:-1].strip()
         text = words.replace("<s>", " ").replace("</s>", " ")
+        if not text.strip():
+            raise DataError(f"{path}:{number}: utterance {utterance_id or '?'} has an empty transcript "
+                            f"(expected '<s> words </s> (utterance-id)')")
         audio = next((folder / f"{utterance_id}{ext}" for ext in (".flac", ".wav")
                       if (folder / f"{utterance_id}{ext}").is_file()), None)
         if audio is None:
@@ -66,7 +92,13 @@ def read_transcription_folder(folder: Union[str, os.PathLike]) -> list[Utterance
         utterances.append(Utterance(utterance_id, audio, normalize_text(text), num_samples, info.samplerate,
                                     info.channels))
     if not utterances:
-        raise DataError(f"{path}: no utterances")
+        raise DataError(f"{folder}: no utterances in {path} (expected lines '<s> words </s> (utterance-id)')")
+    check_whisper_durations(utterances, str(folder))
+    listed = {u.audio_path for u in utterances}
+    unlisted = sorted(p for pattern in ("*.flac", "*.wav") for p in folder.glob(pattern) if p not in listed)
+    if unlisted:
+        warnings.warn(f"{folder}: {len(unlisted)} audio file(s) not listed in {path} are not used, e.g. "
+                      + ", ".join(p.name for p in unlisted[:5]), stacklevel=2)
     return utterances
 
 
@@ -79,7 +111,11 @@ def evaluate_whisper(model: Whisper, utterances: Sequence[Utterance], *, batch_s
     "deletions", "insertions", "reference_words", "utterances", "audio_seconds", "rtf", "ids",
     "references", "hypotheses": both normalised) plus "raw_hypotheses" (Whisper's text).
     Utterances are decoded in batches of similar length (fewer wasted decoder steps); every
-    input is padded to Whisper's 30 s window, so the cost hardly depends on the length."""
+    input is padded to Whisper's 30 s window, so the cost hardly depends on the length. Audio
+    longer than 30 s is refused (DataError naming the files), not truncated; so is an empty list."""
+    if not utterances:
+        raise DataError("evaluate_whisper: no utterances to score")
+    check_whisper_durations(utterances, "evaluate_whisper")
     model.to(device)
     waveforms = [read_audio(u) for u in utterances]           # before the clock starts
     order = sorted(range(len(utterances)), key=lambda i: (utterances[i].num_samples, utterances[i].id))

@@ -1,8 +1,16 @@
 """Tests for spg.audio (resampling, FLAC writing) and spg.corpus (the synthetic corpus)."""
 
+import ctypes
 import hashlib
+import json
 import math
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +231,115 @@ def test_default_root_follows_settings(monkeypatch, tmp_path):
     root = corpus.default_root(settings)
     assert root.parent == tmp_path and root.name.startswith("synth-")
     assert corpus.default_root({**settings, "seed": 1}) != root
+
+
+# --------------------------------------------------------------------------------------
+# Reproducibility across processes (issue 13, item 6) and leftovers (item 14)
+# --------------------------------------------------------------------------------------
+NOISE_VOICES = ("en-us+f2", "en+sandro", "en-us+caleb")  # breath noise (f2, sandro), klatt 6 (caleb)
+SMALL = dict(num_train=12, num_dev=2, num_test=2, num_test_unseen=2, seed=0, progress=False)
+
+
+def _perturb_random_state(seed: int) -> None:
+    """What a process that initialised eSpeak at another second, or in which other code
+    called the C library's rand(), has: other random states in the parent."""
+    corpus._synthesizer().library.espeak_ng_SetRandSeed(seed)
+    ctypes.CDLL(None).srand(seed + 1)
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_noise_voices_do_not_depend_on_history_or_random_state():
+    text = "The old baker carried a basket across the bridge."
+    _perturb_random_state(4321)
+    first = {voice: corpus.synthesize(text, voice, 170, 50) for voice in NOISE_VOICES}
+    corpus.synthesize("Something else entirely.", "en-gb-x-rp+m3", 200, 70)
+    _perturb_random_state(98765)
+    for voice in reversed(NOISE_VOICES):  # after other voices, in another order
+        assert np.array_equal(corpus.synthesize(text, voice, 170, 50), first[voice]), voice
+    # A fresh interpreter (eSpeak initialised at another time) that speaks it first.
+    script = ("import hashlib, sys; from spg import corpus; "
+              "print(' '.join(hashlib.sha256(corpus.synthesize(sys.argv[1], v, 170, 50).tobytes()).hexdigest() "
+              "for v in sys.argv[2:]))")
+    time.sleep(1.0)  # time(NULL), the seed eSpeak uses, has moved on
+    fresh = subprocess.run([sys.executable, "-c", script, text, *NOISE_VOICES], capture_output=True, text=True,
+                           check=True, cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert fresh == [hashlib.sha256(first[voice].tobytes()).hexdigest() for voice in NOISE_VOICES]
+    assert len(set(fresh)) == 3
+
+
+def test_corpus_is_bit_identical_across_processes(tmp_path):
+    planned = corpus.plan_corpus({"train": 12, "dev": 2, "test": 2, "test-unseen": 2}, seed=0)
+    variants = {u.voice.split("+")[1] for u in planned}
+    assert {"f2", "sandro", "caleb"} <= variants  # the voices that used to differ are covered
+    _perturb_random_state(2024)
+    here = corpus.build_corpus(tmp_path / "here", **SMALL, num_workers=2)
+    script = ("import sys; from spg import corpus; "
+              "corpus.build_corpus(sys.argv[1], num_train=12, num_dev=2, num_test=2, num_test_unseen=2, "
+              "seed=0, progress=False, num_workers=1)")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "fresh")], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)
+    first, second = _file_hashes(here), _file_hashes(tmp_path / "fresh")
+    assert len([name for name in first if name.endswith(".flac")]) == 18
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_corpus_settings_name_the_synthesis_version():
+    settings = corpus.corpus_settings({"train": 1, "dev": 1, "test": 1, "test-unseen": 1}, seed=0)
+    assert settings["format_version"] == 2  # bumped when per-utterance seeding changed the audio
+    assert corpus.utterance_seed("HI", "en-us+f2", 170, 50) == corpus.utterance_seed("HI", "en-us+f2", 170, 50)
+    assert corpus.utterance_seed("HI", "en-us+f2", 170, 50) != corpus.utterance_seed("HI", "en-us+f2", 171, 50)
+    assert 0 <= corpus.utterance_seed("HI", "en-us+f2", 170, 50) < 2**31
+
+
+def _fake_build(parent: Path, name: str, *, owner: dict | None, age_seconds: float = 0.0) -> Path:
+    folder = parent / name
+    (folder / "train").mkdir(parents=True)
+    if owner is not None:
+        (folder / corpus._BUILDER_FILE).write_text(json.dumps(owner))
+    stamp = time.time() - age_seconds
+    os.utime(folder, (stamp, stamp))
+    return folder
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_build_folders_are_removed(tmp_path):
+    host, now = socket.gethostname(), time.time()
+    dead = _fake_build(tmp_path, ".synth-a.building-1", owner={"host": host, "pid": _dead_pid(), "started": now})
+    live = _fake_build(tmp_path, ".synth-a.building-2", owner={"host": host, "pid": os.getpid(), "started": now})
+    elsewhere = _fake_build(tmp_path, ".synth-b.building-3", owner={"host": host + "-other", "pid": 1, "started": now})
+    old = _fake_build(tmp_path, ".synth-b.building-4",
+                      owner={"host": host, "pid": os.getpid(), "started": now - 25 * 3600})
+    legacy_old = _fake_build(tmp_path, ".synth-c.building-5", owner=None, age_seconds=2 * 3600)
+    legacy_new = _fake_build(tmp_path, ".synth-c.building-6", owner=None, age_seconds=60)
+    unrelated = _fake_build(tmp_path, "synth-d.building-7", owner=None, age_seconds=10 * 24 * 3600)
+    assert sorted(corpus.remove_stale_builds(tmp_path)) == sorted([dead, old, legacy_old])
+    assert sorted(p for p in tmp_path.iterdir()) == sorted([live, elsewhere, legacy_new, unrelated])
+
+
+def test_killed_build_is_cleaned_up_by_the_next(tmp_path):
+    root = tmp_path / "corpus"
+    script = ("import sys; from spg import corpus; corpus.build_corpus(sys.argv[1], num_train=400, num_dev=0, "
+              "num_test=0, num_test_unseen=0, progress=False, num_workers=1)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.time() + 60
+    leftovers = []
+    while time.time() < deadline and not any(p.glob("train/*/*/*.flac") for p in leftovers):
+        time.sleep(0.05)
+        leftovers = list(tmp_path.glob(".corpus.building-*"))
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(leftovers) == 1 and (leftovers[0] / corpus._BUILDER_FILE).is_file()
+    assert not root.exists()
+    built = corpus.build_corpus(root, num_train=1, num_dev=0, num_test=0, num_test_unseen=0, progress=False)
+    assert sorted(tmp_path.iterdir()) == [built]
+    assert not (built / corpus._BUILDER_FILE).exists()
