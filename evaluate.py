@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 import spg
-from spg.data import DEFAULT_VOCAB, read_corpus
-from spg.training import evaluate_corpus, sparsity_report
+from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
+from spg.loading import atomic_write
+from spg.training import evaluate_corpus, exit_code_of, naming_write_errors, sparsity_report
 from spg.wer import mapsswe
 from spg.whisper import NAMED_MODELS, Whisper, named_model_folder
 from spg.whisper_eval import evaluate_whisper, is_transcription_folder, read_transcription_folder, \
@@ -75,28 +78,65 @@ def print_result(result: dict, title: str) -> None:
           f"({result['audio_seconds']:.0f} s of audio)")
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
+def check_model_durations(args, utterances, model, *, where: str) -> None:
+    """DataError naming the files `model` cannot take: shorter than its receptive field, or
+    longer than --max-seconds (Whisper: one 30 s window at most)."""
+    if isinstance(model, Whisper):
+        check_durations(utterances, min_samples=1, max_seconds=min(args.max_seconds, 30.0), where=where)
+    else:
+        check_durations(utterances, min_samples=model.config.min_input_samples, max_seconds=args.max_seconds,
+                        where=where)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Exit code 0; 2 for a usage error; 1 with one line "evaluate.py: error: ..." for a bad
+    file, bad data or a full disk. Anything else is a bug and keeps its traceback."""
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="any checkpoint spg.load accepts")
     parser.add_argument("--data", default=None, help="LibriSpeech-layout corpus root (default: built-in corpus)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--compare", default=None, help="a second model to test against (MAPSSWE)")
     parser.add_argument("--json", default=None, help="write the figures and per-utterance transcripts here")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-seconds", type=positive_seconds, default=60.0,
+                        help="refuse utterances longer than this (seconds; Whisper: at most 30); default %(default)g")
     args = parser.parse_args(argv)
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"argument --device: expected a torch device such as cpu or cuda:0, got {args.device!r} ({error})")
+    return exit_code_of("evaluate.py", lambda: run(args))
 
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    model_path = Path(args.model)
+    model = spg.load(model_path)          # first: a bad --model fails before the corpus is built
     if args.data:
         root = Path(args.data)
     else:
         from spg.corpus import build_corpus
         root = build_corpus()
-    device = torch.device(args.device)
-    model_path = Path(args.model)
-    model = spg.load(model_path)
     if is_transcription_folder(root):
-        utterances, args.split = read_transcription_folder(root), "recordings"
+        utterances, args.split, where = read_transcription_folder(root), "recordings", str(root)
     else:
         utterances = read_corpus(root, args.split, getattr(model, "vocab", DEFAULT_VOCAB))
+        where = str(root / args.split)
+    check_model_durations(args, utterances, model, where=where)
+    if args.compare:
+        other_model = spg.load(args.compare)        # before decoding: a bad --compare fails early
+        check_model_durations(args, utterances, other_model, where=where)
     result = describe(model, model_path, device, utterances, "decoding")
     print_result(result, f"{args.split} ({root})")
     report = {key: result[key] for key in (
@@ -108,7 +148,7 @@ def main(argv=None) -> int:
                             for i, r, h in zip(result["ids"], result["references"], result["hypotheses"])]
 
     if args.compare:
-        other = describe(spg.load(args.compare), Path(args.compare), device, utterances, "decoding (compare)")
+        other = describe(other_model, Path(args.compare), device, utterances, "decoding (compare)")
         print_result(other, "compared with")
         test = mapsswe(result["references"], other["hypotheses"], result["hypotheses"])
         print(f"\nMAPSSWE ({test.n_segments} segments): WER {100 * other['wer']:.2f}% (compare) -> "
@@ -117,7 +157,8 @@ def main(argv=None) -> int:
                              "p_value": test.p_value, "significant": test.significant, "verdict": test.verdict,
                              "n_segments": test.n_segments}
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        with naming_write_errors(args.json):       # atomically: a reader never sees half of it
+            atomic_write(os.fspath(args.json), lambda file: file.write(json.dumps(report, indent=2).encode()))
         print(f"wrote {args.json}")
     return 0
 

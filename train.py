@@ -25,7 +25,9 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -37,12 +39,13 @@ import torch.distributed as dist
 
 import spg
 from spg import gates
-from spg.data import read_corpus
+from spg.data import check_durations, read_corpus
 from spg.loading import atomic_write
 from spg.magnitude import UMP, Mixed
 from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
-from spg.training import (Method, Objective, TrainConfig, distributed_rank, evaluate_corpus, sparsity_report,
-                          tensors_digest, train)
+from spg.training import (Method, Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
+                          exit_code_of, load_resume_state, naming_write_errors, sparsity_report, tensors_digest,
+                          train)
 from spg.wer import mapsswe
 from spg.whisper import Whisper, save_whisper
 from spg.whisper_eval import evaluate_whisper, read_transcription_folder, whisper_sparsity_report
@@ -60,8 +63,32 @@ REAL_RECORDINGS = tuple(REPO / "tests" / "data" / name for name in ("librivox", 
 WHISPER_EVAL_UTTERANCES = 50
 
 
+def number(kind: type, accept, expected: str):
+    """An argparse `type=` that also refuses values outside the sensible range (NaN and inf
+    included): argparse then reports "argument --flag: expected ..., got ..." with exit code 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if kind is float and not math.isfinite(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    parse.__name__ = expected          # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = number(int, lambda v: v > 0, "a positive integer")
+COUNT = number(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE = number(float, lambda v: v > 0, "a number > 0")
+NON_NEGATIVE = number(float, lambda v: v >= 0, "a number >= 0")
+FRACTION = number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+FINITE = number(float, lambda v: True, "a finite number")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help=f"checkpoint to start from (default: {DEFAULT_MODEL.relative_to(REPO)})")
     parser.add_argument("--init", choices=["tiny"], default=None,
                         help="start from a randomly initialised preset instead of a checkpoint")
@@ -71,23 +98,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-split", default="test", help="comma-separated; the built-in corpus adds test-unseen")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="default: spg when --sparsity > 0, dense when it is 0")
-    parser.add_argument("--sparsity", type=float, default=0.0,
+    parser.add_argument("--sparsity", type=FRACTION, default=0.0,
                         help="target global sparsity of the prunable matrices (0 = dense training)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    parser.add_argument("--lr", type=POSITIVE, default=2e-4)
+    parser.add_argument("--warmup", type=FRACTION, default=0.1, help="warm-up fraction of the steps, in [0, 1)")
+    parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.01)
     parser.add_argument("--train-feature-extractor", action="store_true",
                         help="also train the conv front end (default: frozen and cached)")
-    parser.add_argument("--dropout", type=float, default=None, help="override every dropout probability")
+    parser.add_argument("--dropout", type=FRACTION, default=None, help="override every dropout probability")
     parser.add_argument("--out", default=None, help="output checkpoint (default: runs/<method>-<sparsity>.pt)")
     parser.add_argument("--half", action="store_true", help="store the output weights as float16")
     parser.add_argument("--json", default=None, help="write the summary figures to this JSON file")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>.state")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop this call after N steps (resume later)")
-    parser.add_argument("--save-every", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <out>.state, with the same settings (only --stop-after, --save-every, "
+                             "--eval-every, --json, --device, --feature-cache, --dense-eval, --half, --dev-split, "
+                             "--test-split, --eval-utterances and --max-seconds may change)")
+    parser.add_argument("--stop-after", type=POSITIVE_INT, default=None,
+                        help="stop this call after N steps (resume later)")
+    parser.add_argument("--save-every", type=COUNT, default=200, help="0: only at the end")
+    parser.add_argument("--eval-every", type=COUNT, default=0, help="0: no evaluation during training")
+    parser.add_argument("--max-seconds", type=POSITIVE, default=60.0,
+                        help="refuse utterances longer than this (seconds; Whisper: at most 30); default %(default)g")
     parser.add_argument("--feature-cache", default=None,
                         help="folder for the frozen front end's features, reused by later runs on the same corpus "
                              "(default: runs/feature-cache for the built-in corpus, none otherwise)")
@@ -95,19 +128,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="JSON file holding the dense model's decoding of dev/test; reused when it matches "
                              "the model's weights and the utterances, written otherwise (for sweeps)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=COUNT, default=0)
     group = parser.add_argument_group("SPG (self-pinching gates)")
-    group.add_argument("--eta", type=float, default=None,
+    group.add_argument("--eta", type=NON_NEGATIVE, default=None,
                        help=f"normalised penalty weight eta' on the mean soft mask (default "
                             f"{gates.ETA_NORMALISED:g} below a 0.65 target, {gates.ETA_NORMALISED_HIGH:g} from 0.65: "
                             "the paper's wav2vec2-base eta 2e-5 / 3e-5 times its 84.9M prunable weights)")
-    group.add_argument("--eta-raw", type=float, default=None,
+    group.add_argument("--eta-raw", type=NON_NEGATIVE, default=None,
                        help="the paper's form instead: eta times the count of kept weights (e.g. 2e-5 for "
                             "wav2vec2-base); overrides --eta")
-    group.add_argument("--tau-start", type=float, default=gates.TAU_START, help="default %(default)g (paper)")
-    group.add_argument("--tau-end", type=float, default=gates.TAU_END, help="default %(default)g (paper)")
-    group.add_argument("--threshold-init", type=float, default=gates.THRESHOLD_INIT, help="default %(default)g (paper)")
-    group.add_argument("--threshold-lr", type=float, default=None,
+    group.add_argument("--tau-start", type=POSITIVE, default=gates.TAU_START, help="default %(default)g (paper)")
+    group.add_argument("--tau-end", type=POSITIVE, default=gates.TAU_END, help="default %(default)g (paper)")
+    group.add_argument("--threshold-init", type=FINITE, default=gates.THRESHOLD_INIT,
+                       help="default %(default)g (paper)")
+    group.add_argument("--threshold-lr", type=POSITIVE, default=None,
                        help="learning rate of the thresholds (default: --lr, as in the paper)")
     group.add_argument("--no-reset", action="store_true",
                        help="keep the thresholds' optimiser state when eta switches (the paper's bare controller)")
@@ -120,9 +154,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--merge", choices=["sum_out", "mean"], default="mean",
                        help="how a cluster becomes one unit (default %(default)s; see spg/cluster.py)")
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
-    group.add_argument("--epochs", type=int, default=0,
+    group.add_argument("--epochs", type=COUNT, default=0,
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
-    group.add_argument("--eval-utterances", type=int, default=WHISPER_EVAL_UTTERANCES,
+    group.add_argument("--eval-utterances", type=POSITIVE_INT, default=WHISPER_EVAL_UTTERANCES,
                        help="Whisper: score the first N utterances of each --test-split (default %(default)s), "
                             "plus the real recordings in "
                             + ", ".join(str(folder.relative_to(REPO)) for folder in REAL_RECORDINGS))
@@ -142,6 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.model and args.init:
         parser.error("give either --model or --init, not both")
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"argument --device: expected a torch device such as cpu or cuda:0, got {args.device!r} ({error})")
     return args
 
 
@@ -227,17 +265,104 @@ def setup_distributed(args) -> tuple[int, torch.device]:
 
 
 def main(argv=None) -> int:
+    """Exit code 0; 2 for a usage error (argparse's, or a --resume with other settings); 1 with
+    one line "train.py: error: ..." for a bad file, bad data, a full disk or diverged training.
+    Anything else is a bug and keeps its traceback."""
     args = parse_args(argv)
     started = time.time()
-    rank, device = setup_distributed(args)
-    try:
-        return run(args, rank, device, started)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def setup_and_run() -> int:
+        rank, device = setup_distributed(args)
+        try:
+            return run(args, rank, device, started)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return exit_code_of("train.py", setup_and_run)
+
+
+def output_path(args, *, whisper: bool = False) -> Path:
+    if args.out:
+        return Path(args.out)
+    return REPO / "runs" / f"{'whisper-' if whisper else ''}{args.method}-{args.sparsity:g}.pt"
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state")
+
+
+def _where(value) -> Optional[str]:
+    """A path setting as an absolute path (a name such as whisper-tiny.en stays as it is)."""
+    if value is None:
+        return None
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+
+def run_settings(args) -> dict:
+    """The options that decide the trained weights, by flag: stored in the resume state and
+    compared on --resume (see the --resume help for the ones that may change)."""
+    settings = {"--model": _where(args.model) if args.model or args.init else str(DEFAULT_MODEL),
+                "--init": args.init, "--data": _where(args.corpus), "--train-split": args.train_split,
+                "--method": args.method, "--sparsity": args.sparsity, "--steps": args.steps,
+                "--batch-size": args.batch_size, "--lr": args.lr, "--warmup": args.warmup,
+                "--weight-decay": args.weight_decay, "--train-feature-extractor": args.train_feature_extractor,
+                "--dropout": args.dropout, "--seed": args.seed}
+    if args.method == "spg":
+        settings.update({"--eta": args.eta, "--eta-raw": args.eta_raw, "--tau-start": args.tau_start,
+                         "--tau-end": args.tau_end, "--threshold-init": args.threshold_init,
+                         "--threshold-lr": args.threshold_lr, "--no-reset": args.no_reset,
+                         "--no-calibrate": args.no_calibrate})
+    elif args.method == "mixed":
+        settings["--mixed-from"] = _where(args.mixed_from)
+    elif args.method == "cluster":
+        settings.update({"--merge": args.merge, "--mixed": args.mixed, "--epochs": args.epochs})
+        del settings["--steps"]                      # derived from --epochs
+    elif args.method == "l0":
+        settings.update({"--ste": args.ste, "--distill": args.distill})
+    return settings
+
+
+def prepare_output(args, out: Path, rank: int) -> None:
+    """Before any long work: remove what interrupted saves of this run's files left behind
+    (rank 0), and with --resume check the state and its settings (every rank: all must stop)."""
+    if rank == 0:
+        remove_stale_temporaries([out, state_path(out)] + [Path(p) for p in (args.json, args.dense_eval) if p])
+    if args.resume and (args.method != "cluster" or args.epochs):
+        state = load_resume_state(state_path(out))
+        check_resume_settings(state, state_path(out), settings=run_settings(args))
+
+
+def remove_stale_temporaries(paths: list[Path]) -> tuple[int, int]:
+    """Delete `.NAME.XXXXXXXX.tmp` beside each of `paths`: the temporary files that
+    `spg.loading.atomic_write` leaves when a save of NAME is killed. Only that exact pattern
+    (mkstemp's random part has no dot) for these names; returns (files, bytes)."""
+    count = size = 0
+    for path in paths:
+        if not path.parent.is_dir():
+            continue
+        pattern = re.compile(r"\." + re.escape(path.name) + r"\.[A-Za-z0-9_]+\.tmp")
+        for candidate in path.parent.iterdir():
+            if pattern.fullmatch(candidate.name) and candidate.is_file() and not candidate.is_symlink():
+                try:
+                    bytes_ = candidate.stat().st_size
+                    candidate.unlink()
+                except FileNotFoundError:
+                    continue
+                count, size = count + 1, size + bytes_
+    if count:
+        print(f"removed {count} stale temporary file{'s' if count > 1 else ''} of interrupted saves beside "
+              f"{paths[0]} ({f'{size / 1e6:.1f} MB' if size >= 100_000 else f'{size:,} bytes'} freed)")
+    return count, size
+
+
+def write_json(path, data) -> None:
+    """The summary, atomically (a reader never sees half of it); a full disk names `path`."""
+    with naming_write_errors(path):
+        atomic_write(os.fspath(path), lambda file: file.write(json.dumps(data, indent=2).encode()))
 
 
 def run(args, rank: int, device: torch.device, started: float) -> int:
+    model = build_model(args)            # first: a bad --model fails before the corpus is built
     if rank != 0 and args.data is None:
         dist.barrier()                   # rank 0 synthesises the built-in corpus first
     root = corpus_root(args)
@@ -246,16 +371,17 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
     test_splits = [s for s in args.test_split.split(",") if s]
     if args.data is None and "test-unseen" not in test_splits:
         test_splits.append("test-unseen")
-    model = build_model(args)
+    args.corpus = root
     if isinstance(model, Whisper):
         return run_whisper(args, model, root, device, started)
-    train_set = read_corpus(root, args.train_split, model.vocab)
-    dev_set = read_corpus(root, args.dev_split, model.vocab)
-    test_sets = {name: read_corpus(root, name, model.vocab) for name in test_splits}
-
-    out = Path(args.out) if args.out else REPO / "runs" / f"{args.method}-{args.sparsity:g}.pt"
+    out = output_path(args)
     if rank == 0:
         print(f"output checkpoint: {out}")
+    prepare_output(args, out, rank)
+    train_set = read_split(args, root, args.train_split, model)
+    dev_set = read_split(args, root, args.dev_split, model)
+    test_sets = {name: read_split(args, root, name, model) for name in test_splits}
+
     method = build_method(args, model)   # before training: `mixed` may refuse early
     dense_copy = copy.deepcopy(model) if args.method == "l0" else None
     # the size of the model we start from (cluster reports it even for a random --init model)
@@ -287,7 +413,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
                          feature_cache_dir=feature_cache)
     result = train(model, train_set, config, method=method, device=device,
-                   checkpoint_path=out.with_name(out.name + ".state"), resume=args.resume,
+                   checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args),
                    dev_utterances=dev_set, stop_after_steps=args.stop_after, objective=objective)
     if rank != 0:
         return 0
@@ -341,7 +467,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
         summary["spg_history"] = method.history
     print_summary(summary)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     return 0
 
 
@@ -363,8 +489,8 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
         steps = args.epochs * -(-len(train_set) // args.batch_size)
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                              weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed)
-        train(clustered, train_set, config, device=device, checkpoint_path=out.with_name(out.name + ".state"),
-              resume=args.resume)
+        train(clustered, train_set, config, device=device, checkpoint_path=state_path(out),
+              resume=args.resume, settings=run_settings(args))
         clustered.cpu()
         results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
                                  for name, data in evaluation_sets.items()}
@@ -405,7 +531,7 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
           f"{1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
           f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     return 0
 
 
@@ -428,7 +554,8 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
             return stored["results"]
         print(f"{cache} holds another model's or corpus's decoding; decoding again")
     results = decode()
-    atomic_write(os.fspath(cache), lambda file: file.write(json.dumps({"key": key, "results": results}).encode()))
+    with naming_write_errors(cache):
+        atomic_write(os.fspath(cache), lambda file: file.write(json.dumps({"key": key, "results": results}).encode()))
     return results
 
 
@@ -444,20 +571,23 @@ def run_whisper(args, model: Whisper, root: Path, device: torch.device, started:
                           ("--dropout", args.dropout)):
         if value is not None:
             sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {args.model}")
-    evaluation_sets = {folder.name: read_transcription_folder(folder) for folder in REAL_RECORDINGS}
-    for split in [s for s in args.test_split.split(",") if s]:
-        evaluation_sets[split] = read_corpus(root, split)[:args.eval_utterances]
-    print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
-    out = Path(args.out) if args.out else REPO / "runs" / f"whisper-{args.method}-{args.sparsity:g}.pt"
+    out = output_path(args, whisper=True)
     print(f"output checkpoint: {out}")
+    prepare_output(args, out, 0)
+    evaluation_sets = {folder.name: read_transcription_folder(folder) for folder in REAL_RECORDINGS}
+    for folder in REAL_RECORDINGS:
+        check_model_durations(args, evaluation_sets[folder.name], model, where=str(folder))
+    for split in [s for s in args.test_split.split(",") if s]:
+        evaluation_sets[split] = read_split(args, root, split, model, limit=args.eval_utterances)
+    print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
     method = None if args.method == "cluster" else build_method(args, model, whisper=True)
     before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
     dense_size = saved_size(model, out, half=args.half)
     if args.method == "cluster":
         return run_cluster(args, model, before, dense_size, [], evaluation_sets, out, device, started)
     from spg.whisper_training import WhisperObjective
-    train_set = read_corpus(root, args.train_split)
-    dev_set = read_corpus(root, args.dev_split)[:args.eval_utterances]
+    train_set = read_split(args, root, args.train_split, model)
+    dev_set = read_split(args, root, args.dev_split, model, limit=args.eval_utterances)
     return run_training(args, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
                         started, objective=WhisperObjective())
 
@@ -469,8 +599,27 @@ def evaluate(model, data, device: torch.device, desc: str) -> dict:
     return evaluate_corpus(model, data, device=device, desc=desc)
 
 
+def read_split(args, root: Path, split: str, model, *, limit: Optional[int] = None) -> list:
+    """One split of the corpus (its first `limit` utterances), for `model`: its vocabulary
+    (Whisper reads any text), and audio it can take (`check_durations`: DataError naming
+    the files shorter than its receptive field or longer than --max-seconds)."""
+    utterances = read_corpus(root, split) if isinstance(model, Whisper) else read_corpus(root, split, model.vocab)
+    utterances = utterances[:limit]
+    check_model_durations(args, utterances, model, where=str(Path(root) / split))
+    return utterances
+
+
+def check_model_durations(args, utterances, model, *, where: str) -> None:
+    if isinstance(model, Whisper):         # pads or cuts every input to one 30 s window
+        check_durations(utterances, min_samples=1, max_seconds=min(args.max_seconds, 30.0), where=where)
+    else:
+        check_durations(utterances, min_samples=model.config.min_input_samples, max_seconds=args.max_seconds,
+                        where=where)
+
+
 def save_model(model, path: Path, *, half: bool) -> None:
-    (save_whisper if isinstance(model, Whisper) else spg.save)(model, path, half=half)
+    with naming_write_errors(path):
+        (save_whisper if isinstance(model, Whisper) else spg.save)(model, path, half=half)
 
 
 def forward_seconds(models: dict, *, audio_seconds: float = 10.0, rounds: int = 5) -> dict:

@@ -8,10 +8,14 @@ groups, a hook after each step, its own resumable state), and the model family t
 
 What the loop guarantees:
   * AdamW with linear warm-up then linear decay to 0 (the SPG paper's schedule);
-  * a non-finite loss is reported and skipped, never written into the weights;
+  * a non-finite loss is reported and skipped, never written into the weights; weights that
+    stop being finite anyway stop the run with `NonFiniteWeightsError` (checked after every
+    optimiser step) before any checkpoint is overwritten with them;
   * checkpoints are written atomically (temp file, then rename) every `save_every` steps, and
     `resume` continues from one exactly: step, schedule, optimiser, RNG, batch order and
-    the method's state;
+    the method's state. A resume state holds only tensors and plain data and is read with
+    `torch.load(weights_only=True)` (nothing in it is executed); a resume whose settings
+    differ from the stored ones is refused (`ResumeMismatchError`), naming each one;
   * optional frozen, cached feature extractor (the papers never prune it, and caching its
     output roughly halves the cost of a training step on CPU);
   * data-parallel training with PyTorch DDP when `torch.distributed` is initialised (e.g.
@@ -21,9 +25,13 @@ What the loop guarantees:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import pickle
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +44,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spg.data import AudioCache, Batch, Utterance, length_sorted_batches, make_targets, normalize_waveform
-from spg.loading import atomic_write
+from spg.data import AudioCache, Batch, DataError, Utterance, length_sorted_batches, make_targets, normalize_waveform
+from spg.loading import CheckpointError, atomic_write
 from spg.model import Wav2Vec2CTC, ctc_greedy_decode
 from spg.wer import corpus_scores, error_counts
 
@@ -287,9 +295,199 @@ def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int 
 # Checkpoints
 # ----------------------------------------------------------------------------------------
 
+class ResumeMismatchError(ValueError):
+    """`resume=True` with settings other than the ones the resume state was written with."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights stopped being finite during training (the run is stopped, nothing saved)."""
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path):
+    """Re-raise an OSError from writing `path` (whose own filename may be missing or be the
+    temporary file's) as one that names `path`: "cannot write PATH: no space left on device"."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        else:
+            reason = error.strerror or str(error)
+            if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
+                reason += f" ({error.filename})"
+        raise OSError(error.errno, f"cannot write {path}: {reason}") from error
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save through `spg.loading.atomic_write` (temp file, fsync, rename onto `path`)."""
-    atomic_write(os.fspath(path), lambda file: torch.save(obj, file))
+    """torch.save through `spg.loading.atomic_write` (temp file, fsync, rename onto `path`);
+    an OSError (a full disk) names `path`, and the file already there stays as it was."""
+    with naming_write_errors(path):
+        atomic_write(os.fspath(path), lambda file: torch.save(obj, file))
+
+
+def plain_data(value, where: str = "state"):
+    """`value` made of what torch.load(weights_only=True) reads back (tensors, bool, int,
+    float, str, None, and lists, tuples and dicts of them): NumPy scalars and arrays are
+    converted; anything else is a TypeError naming where it is (a bug in whoever stored it)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, dict):
+        return {plain_data(key, f"{where} key"): plain_data(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_data(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    module = type(value).__module__.split(".")[0]
+    if module == "numpy":
+        import numpy as np
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value.copy())
+        if isinstance(value, np.generic):
+            return value.item()
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}; a resume state holds "
+                    "only tensors, bool, int, float, str, None, lists, tuples and dicts")
+
+
+RESUME_STATE_KEYS = ("model", "optimizer", "method", "step", "epoch", "position", "skipped", "history",
+                     "torch_rng", "python_rng", "train_config")
+# TrainConfig fields that may differ on resume: they change when and where things are
+# written or scored, never the weights. Every other field, the method and the caller's
+# `settings` must be the ones the state was written with.
+RESUMABLE_FIELDS = ("save_every", "eval_every", "feature_cache_dir")
+# train.py's flag for a TrainConfig field, for the messages
+_FIELD_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "warmup_fraction": "--warmup",
+                "weight_decay": "--weight-decay", "seed": "--seed",
+                "freeze_feature_extractor": "freeze_feature_extractor (--train-feature-extractor)"}
+
+
+def _first_reason(text: str) -> str:
+    """The informative line of torch's long weights_only message."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(text).__name__])[0].replace("WeightsUnpickler error: ", "")
+
+
+def load_resume_state(path: str | Path, map_location="cpu") -> dict:
+    """Read a resume state written by `train` with torch.load(weights_only=True): tensors and
+    plain data only, so nothing in the file can run. Raises FileNotFoundError when there is
+    none and CheckpointError (naming the file) for anything that is not such a state."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume given but there is no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"refused to load {path}: not a resume state written by train.py; nothing from it "
+                              f"was executed ({_first_reason(str(error))})") from None
+    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise CheckpointError(f"cannot read the resume state {path} (truncated or not written by train.py): "
+                              f"{_first_reason(str(error)) if str(error) else type(error).__name__}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a resume state written by train.py (a {type(state).__name__}, "
+                              "not a dict)")
+    missing = [key for key in RESUME_STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a resume state written by train.py: missing {', '.join(missing)}")
+    for key, kind in (("model", dict), ("optimizer", dict), ("method", dict), ("train_config", dict),
+                      ("history", list), ("torch_rng", torch.Tensor)):
+        if not isinstance(state[key], kind):
+            raise CheckpointError(f"{path}: '{key}' is a {type(state[key]).__name__}, expected a {kind.__name__}")
+    for key in ("step", "epoch", "position", "skipped"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+            raise CheckpointError(f"{path}: '{key}' is {state[key]!r}, expected a non-negative integer")
+    try:    # random.getstate(): (version, 625 ints, gauss_next); rebuilt so that lists work too
+        version, internal, gauss = state["python_rng"]
+        state["python_rng"] = (int(version), tuple(int(x) for x in internal), None if gauss is None else float(gauss))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: 'python_rng' is not a random.getstate() value ({error})") from None
+    for name, tensor in state["model"].items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: model weight {name} has non-finite values (NaN or inf)")
+    return state
+
+
+def resume_differences(state: dict, config: TrainConfig, *, method_name: Optional[str] = None,
+                       settings: Optional[dict] = None) -> list[str]:
+    """'setting: stored X, given Y' for every setting of this run that differs from the ones
+    the resume state was written with (`RESUMABLE_FIELDS` may differ)."""
+    differences = []
+    stored_config, given_config = state["train_config"], asdict(config)
+    missing = object()
+    for key in list(given_config) + [k for k in stored_config if k not in given_config]:
+        if key in RESUMABLE_FIELDS:
+            continue
+        stored, given = stored_config.get(key, missing), given_config.get(key, missing)
+        if stored != given:
+            differences.append(f"{_FIELD_FLAGS.get(key, key)}: stored "
+                               f"{'(none)' if stored is missing else repr(stored)}, given "
+                               f"{'(none)' if given is missing else repr(given)}")
+    stored_method = state.get("method_name")
+    if method_name is not None and stored_method is not None and stored_method != method_name:
+        differences.append(f"method: stored {stored_method!r}, given {method_name!r}")
+    if settings is not None:
+        stored_settings = state.get("settings")
+        if not isinstance(stored_settings, dict):
+            differences.append("settings: none stored (a state written by an older train.py or by spg.training.train "
+                               "without settings), so this run's cannot be checked")
+        else:
+            for key in list(stored_settings) + [k for k in settings if k not in stored_settings]:
+                stored, given = stored_settings.get(key, missing), settings.get(key, missing)
+                if stored != given:
+                    differences.append(f"{key}: stored {'(none)' if stored is missing else repr(stored)}, given "
+                                       f"{'(none)' if given is missing else repr(given)}")
+    return differences
+
+
+def check_resume_settings(state: dict, path: str | Path, config: Optional[TrainConfig] = None, *,
+                          method_name: Optional[str] = None, settings: Optional[dict] = None) -> None:
+    """Raise ResumeMismatchError naming every setting that differs from the stored ones
+    (with `config=None` only `settings` and the method are compared)."""
+    if config is None:
+        config = TrainConfig(**{k: v for k, v in state["train_config"].items()
+                                if k in TrainConfig.__dataclass_fields__})
+    differences = resume_differences(state, config, method_name=method_name, settings=settings)
+    if differences:
+        raise ResumeMismatchError(
+            f"{path} was written with other settings than this run's; resume with the same ones or start a new "
+            f"run (only --stop-after, --save-every, --eval-every, --json, --device, --feature-cache, --dense-eval, "
+            f"--half, --dev-split, --test-split, --eval-utterances and --max-seconds may change): "
+            + "; ".join(differences))
+
+
+def failure_message(error: BaseException) -> Optional[tuple[int, str]]:
+    """(exit code, one line) for an error a command-line user can cause and fix (a bad file or
+    argument, a full disk, diverged training); None for anything else, which is a bug and
+    keeps its traceback. Exit code 2: the command line contradicts a file (a resume with
+    other settings); 1: the rest."""
+    if isinstance(error, ResumeMismatchError):
+        return 2, str(error)
+    if isinstance(error, (CheckpointError, DataError, NonFiniteWeightsError)):
+        return 1, str(error)
+    if isinstance(error, OSError):
+        if error.errno is not None and error.strerror:
+            text = error.strerror
+            if error.filename is not None:
+                text += f": {error.filename}"
+            if getattr(error, "filename2", None) is not None:
+                text += f" -> {error.filename2}"
+            return 1, text
+        return 1, str(error) or type(error).__name__
+    return None
+
+
+def exit_code_of(program: str, run: Callable[[], int]) -> int:
+    """`run()`'s exit code; for an expected error (see `failure_message`) one line
+    "PROGRAM: error: ..." on stderr and its exit code instead. Bugs keep their traceback."""
+    try:
+        return run()
+    except Exception as error:
+        failure = failure_message(error)
+        if failure is None:
+            raise
+        code, text = failure
+        print(f"{program}: error: {' '.join(text.splitlines())}", file=sys.stderr)
+        return code
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
@@ -361,13 +559,18 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
           checkpoint_path: Optional[str | Path] = None, resume: bool = False,
           dev_utterances: Optional[Sequence[Utterance]] = None,
           on_eval: Optional[Callable[[int, float], None]] = None,
-          progress: bool = True, stop_after_steps: Optional[int] = None) -> TrainResult:
+          progress: bool = True, stop_after_steps: Optional[int] = None,
+          settings: Optional[dict] = None) -> TrainResult:
     """Fine-tune `model` for `config.steps` optimiser steps on `objective`'s loss (default
     `CTCObjective()`: a wav2vec2/HuBERT CTC model) plus `method`'s loss.
 
     `checkpoint_path` receives a resumable checkpoint every `config.save_every` steps and at
     the end; with `resume=True` training continues from it. `stop_after_steps` ends this call
-    early (the checkpoint is still written), to run a long job in several parts.
+    early (the checkpoint is still written), to run a long job in several parts. `settings`
+    (plain data, e.g. the command line's options) is stored with the checkpoint; a resume
+    is refused (`ResumeMismatchError`) unless it, `config` (but `RESUMABLE_FIELDS`) and the
+    method's name are the stored ones. Training stops with `NonFiniteWeightsError` when a
+    weight stops being finite; the last checkpoint is not overwritten then.
 
     Under torch.distributed (every rank calls `train` with the same arguments) each optimiser
     step consumes `world_size` batches of `config.batch_size`, one per rank, and DDP averages
@@ -383,14 +586,16 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
 
     state = None
     if resume:
-        if checkpoint_path is None or not Path(checkpoint_path).exists():
-            raise FileNotFoundError(f"--resume given but there is no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["train_config"]["steps"] != config.steps:
-            raise ValueError(f"{checkpoint_path} was written for {state['train_config']['steps']} steps, "
-                             f"not {config.steps}; resume with the same --steps")
-        model.load_state_dict(state["model"])     # before caching features: they depend on the weights
-        method.load_state_dict(state["method"])
+        if checkpoint_path is None:
+            raise FileNotFoundError("--resume given but there is no checkpoint path")
+        state = load_resume_state(checkpoint_path, map_location=device)
+        check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings)
+        try:
+            model.load_state_dict(state["model"])     # before caching features: they depend on the weights
+            method.load_state_dict(state["method"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{checkpoint_path}: its model or method state does not fit this model and "
+                                  f"method: {str(error).splitlines()[0] if str(error) else repr(error)}") from None
 
     objective.freeze(model, config)
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
@@ -412,85 +617,125 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
     step, epoch, position, skipped = 0, 0, 0, 0
     history: list[dict] = []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+            random.setstate(state["python_rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{checkpoint_path}: its optimiser or RNG state does not fit this run: "
+                                  f"{str(error).splitlines()[0] if str(error) else repr(error)}") from None
         step, epoch, position, skipped = state["step"], state["epoch"], state["position"], state["skipped"]
         history = state["history"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+    saved_step = step if state is not None else None
     if world_size > 1:
         torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)   # own dropout/SpecAugment per rank
 
     def save_checkpoint() -> None:
+        nonlocal saved_step
         if checkpoint_path is None or rank != 0:
             return
-        atomic_torch_save({
+        # only plain data and tensors: load_resume_state reads it back with weights_only=True
+        atomic_torch_save(plain_data({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
             "step": step, "epoch": epoch, "position": position, "skipped": skipped, "history": history,
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "train_config": asdict(config), "config": model.config.to_dict(), "vocab": getattr(model, "vocab", None),
-        }, checkpoint_path)
+            "train_config": asdict(config), "method_name": method.name, "settings": settings,
+            "config": model.config.to_dict(), "vocab": getattr(model, "vocab", None),
+        }), checkpoint_path)
+        saved_step = step
+
+    # Finiteness of the weights after every optimiser step: one sum per parameter, stacked
+    # (a NaN or inf anywhere makes the total non-finite), then a single isfinite; only when
+    # that fails is each parameter looked at, to name the first broken one (a finite total
+    # that overflowed is a false alarm and training goes on).
+    checked = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for i, module in enumerate(method.trainable_modules()):
+        names.update({id(p): f"{method.name} module {i}: {n}" for n, p in module.named_parameters()})
+
+    def check_weights_finite() -> None:
+        if not checked:
+            return
+        with torch.no_grad():
+            total = torch.stack([p.detach().sum(dtype=torch.float32).to(device) for p in checked]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        for index, parameter in enumerate(checked):
+            bad = int((~torch.isfinite(parameter.detach())).sum())
+            if bad:
+                name = names.get(id(parameter), f"optimiser parameter {index}")
+                kept = (f"the last checkpoint, {checkpoint_path} at step {saved_step}, was left as it was"
+                        if checkpoint_path is not None and saved_step is not None else "no checkpoint was written")
+                raise NonFiniteWeightsError(
+                    f"step {step - 1}: the weights are no longer finite after its optimiser step: {name} has {bad} "
+                    f"NaN/inf of {parameter.numel()} values (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                    f"training stopped and {kept}; try a lower --lr")
 
     objective.train_mode(model)
     bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
                dynamic_ncols=True)
     end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
     loop_started = time.time()
-    while step < end_step:
-        batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
-                                        seed=config.seed * 100_003 + epoch)
-        if len(batches) < world_size:
-            raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
-                             f"use a smaller batch size or more data")
-        # Every rank shuffles identically and takes its own slot of each group of world_size batches.
-        while position + world_size <= len(batches) and step < end_step:
-            indices = batches[position + rank]
-            position += world_size
-            factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            method.before_step(model, step, config.steps)
-            loss, extra = network(indices, step, config.steps)
-            total = loss if extra is None else loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
-            if not _all_ranks_agree(bool(torch.isfinite(total)), device):
-                skipped += 1
-                first_ids = [audio.utterances[i].id for i in indices[:3]]
-                bar.write(f"step {step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
-                step += 1
-                bar.update(1)
-                continue
-            total.backward()
-            gradient_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
-                config.grad_clip)
-            unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
-            if not torch.isfinite(gradient_norm) or \
-                    not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped):
-                skipped += 1
+    try:
+        while step < end_step:
+            batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
+                                            seed=config.seed * 100_003 + epoch)
+            if len(batches) < world_size:
+                raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
+                                 f"use a smaller batch size or more data")
+            # Every rank shuffles identically and takes its own slot of each group of world_size batches.
+            while position + world_size <= len(batches) and step < end_step:
+                indices = batches[position + rank]
+                position += world_size
+                factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                method.before_step(model, step, config.steps)
+                loss, extra = network(indices, step, config.steps)
+                total = loss if extra is None else loss + extra
                 optimizer.zero_grad(set_to_none=True)
-                bar.write(f"step {step}: non-finite gradient; update skipped")
-            else:
-                optimizer.step()
-            step += 1
-            shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
-            shown.update(method.after_step(model, step, config.steps, optimizer=optimizer))
-            bar.set_postfix(shown, refresh=False)
-            bar.update(1)
-            if step % 50 == 0 or step == config.steps:
-                history.append({"step": step, "loss": loss.item(), **{k: v for k, v in shown.items() if k != "loss"}})
-            if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:
-                dev_wer = objective.dev_wer(model, dev_audio, device)
-                history.append({"step": step, "dev_wer": dev_wer})
-                bar.write(f"step {step}: dev WER {100 * dev_wer:.2f}%")
-                if on_eval is not None:
-                    on_eval(step, dev_wer)
-                objective.train_mode(model)
-            if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
-                save_checkpoint()
-        if position + world_size > len(batches):
-            epoch, position = epoch + 1, 0
-    bar.close()
+                # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
+                if not _all_ranks_agree(bool(torch.isfinite(total)), device):
+                    skipped += 1
+                    first_ids = [audio.utterances[i].id for i in indices[:3]]
+                    bar.write(f"step {step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
+                    step += 1
+                    bar.update(1)
+                    continue
+                total.backward()
+                gradient_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
+                    config.grad_clip)
+                unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
+                if not torch.isfinite(gradient_norm) or \
+                        not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped):
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    bar.write(f"step {step}: non-finite gradient; update skipped")
+                else:
+                    optimizer.step()
+                step += 1
+                shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
+                shown.update(method.after_step(model, step, config.steps, optimizer=optimizer))
+                check_weights_finite()
+                bar.set_postfix(shown, refresh=False)
+                bar.update(1)
+                if step % 50 == 0 or step == config.steps:
+                    history.append({"step": step, "loss": loss.item(),
+                                    **{k: v for k, v in shown.items() if k != "loss"}})
+                if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:
+                    dev_wer = objective.dev_wer(model, dev_audio, device)
+                    history.append({"step": step, "dev_wer": dev_wer})
+                    bar.write(f"step {step}: dev WER {100 * dev_wer:.2f}%")
+                    if on_eval is not None:
+                        on_eval(step, dev_wer)
+                    objective.train_mode(model)
+                if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
+                    save_checkpoint()
+            if position + world_size > len(batches):
+                epoch, position = epoch + 1, 0
+    finally:
+        bar.close()        # also when training stops with an error: its line then starts clean
     loop_seconds = time.time() - loop_started
     save_checkpoint()
     if step >= config.steps:

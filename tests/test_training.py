@@ -1,11 +1,18 @@
-"""The shared training loop: resuming loses nothing, non-finite losses are skipped."""
+"""The shared training loop: resuming loses nothing (and runs nothing from the state file),
+non-finite losses are skipped, non-finite weights stop the run."""
 
+import builtins
+
+import numpy as np
+import pytest
 import torch
 from helpers import write_corpus
 
 from spg.data import read_corpus
+from spg.loading import CheckpointError
 from spg.model import ModelConfig, Wav2Vec2CTC
-from spg.training import Method, TrainConfig, learning_rate_factor, train
+from spg.training import (Method, NonFiniteWeightsError, ResumeMismatchError, TrainConfig, learning_rate_factor,
+                          load_resume_state, plain_data, train)
 
 WORDS = ["A B", "CAT", "THE DOG", "HI", "NO YES", "IT IS"]
 
@@ -86,3 +93,115 @@ def test_feature_cache_on_disk_is_reused_and_keyed_on_the_weights(tmp_path):
     other = tiny_model(seed=5)                                    # another front end: another key
     train(other, utterances, config, progress=False)
     assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
+
+
+class Planted:
+    """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def test_resume_state_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path):
+    utterances = tiny_corpus(tmp_path)
+    config = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=1)
+    # the payload is live: an unrestricted load runs it
+    torch.save({"model": Planted(tmp_path / "proof")}, tmp_path / "proof.state")
+    torch.load(tmp_path / "proof.state", weights_only=False)
+    assert (tmp_path / "proof").exists()
+
+    marker, state = tmp_path / "marker", tmp_path / "run.state"
+    torch.save({"model": Planted(marker), "step": 0}, state)
+    with pytest.raises(CheckpointError, match=f"refused to load {state}: not a resume state written by "
+                                              "train.py; nothing from it was executed"):
+        train(tiny_model(), utterances, config, checkpoint_path=state, resume=True, progress=False)
+    assert not marker.exists()
+    # a legitimate resume in the same process is still exact
+    straight = tiny_model()
+    train(straight, utterances, config, progress=False)
+    train(tiny_model(), utterances, config, checkpoint_path=state, progress=False, stop_after_steps=2)
+    resumed = tiny_model(seed=9)
+    train(resumed, utterances, config, checkpoint_path=state, resume=True, progress=False)
+    for (name, a), b in zip(state_of(straight).items(), state_of(resumed).values()):
+        assert torch.equal(a, b), name
+
+
+def test_every_method_writes_a_weights_only_state(tmp_path):
+    from spg.gates import SPG
+    from spg.l0 import L0Method
+    from spg.magnitude import UMP, Mixed
+    utterances = tiny_corpus(tmp_path)
+    config = TrainConfig(steps=3, batch_size=3, lr=1e-3, save_every=1)
+    for name, make in (("spg", lambda m: SPG(0.5)), ("ump", lambda m: UMP(0.5)),
+                       ("mixed", lambda m: Mixed({n: 0.5 for n, _ in m.prunable_linears()})),
+                       ("l0", lambda m: L0Method(0.5, seed=0))):
+        model = tiny_model()
+        path = tmp_path / f"{name}.state"
+        train(model, utterances, config, method=make(model), checkpoint_path=path, progress=False,
+              stop_after_steps=1)
+        state = load_resume_state(path)                  # weights_only=True inside
+        assert state["method_name"] == name and state["step"] == 1
+        model = tiny_model()
+        assert train(model, utterances, config, method=make(model), checkpoint_path=path, resume=True,
+                     progress=False).steps_done == 3
+
+
+def test_plain_data_converts_numpy_and_refuses_other_objects():
+    converted = plain_data({"a": np.int64(3), "b": [np.float32(0.5), (np.arange(3),)],
+                            "rng": np.random.default_rng(0).bit_generator.state})
+    assert converted["a"] == 3 and type(converted["a"]) is int and type(converted["b"][0]) is float
+    assert torch.equal(converted["b"][1][0], torch.arange(3))
+    torch.save(converted, __import__("io").BytesIO())
+    with pytest.raises(TypeError, match=r"state\['method'\]\['gen'\] is a numpy.random.*Generator"):
+        plain_data({"method": {"gen": np.random.default_rng(0)}})
+
+
+def test_resume_with_other_settings_is_refused_by_name(tmp_path):
+    utterances = tiny_corpus(tmp_path)
+    config = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=1)
+    state = tmp_path / "run.state"
+    train(tiny_model(), utterances, config, checkpoint_path=state, progress=False, stop_after_steps=2,
+          settings={"--sparsity": 0.5})
+    before = state.read_bytes()
+    other = TrainConfig(steps=4, batch_size=2, lr=2e-3, save_every=1, seed=1)
+    with pytest.raises(ResumeMismatchError) as refused:
+        train(tiny_model(), utterances, other, checkpoint_path=state, resume=True, progress=False,
+              settings={"--sparsity": 0.6})
+    message = str(refused.value)
+    for expected in ("--batch-size: stored 3, given 2", "--lr: stored 0.001, given 0.002", "--seed: stored 0, given 1",
+                     "--sparsity: stored 0.5, given 0.6"):
+        assert expected in message, message
+    with pytest.raises(ResumeMismatchError, match="method: stored 'dense', given 'ump'"):
+        from spg.magnitude import UMP
+        model = tiny_model()
+        train(model, utterances, config, method=UMP(0.5), checkpoint_path=state, resume=True, progress=False,
+              settings={"--sparsity": 0.5})
+    assert state.read_bytes() == before
+    # when and where things are written may change
+    allowed = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=3, eval_every=2)
+    assert train(tiny_model(), utterances, allowed, checkpoint_path=state, resume=True, progress=False,
+                 settings={"--sparsity": 0.5}).steps_done == 4
+
+
+class NanWeightAfterStepThree(Method):
+    def after_step(self, model, step, total_steps, optimizer=None):
+        if step == 3:
+            with torch.no_grad():
+                model.encoder.layers[1].feed_forward.output_dense.weight[0, 0] = float("nan")
+        return {}
+
+
+def test_non_finite_weights_stop_training_and_keep_the_last_checkpoint(tmp_path):
+    utterances = tiny_corpus(tmp_path)
+    state = tmp_path / "run.state"
+    config = TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=1)
+    with pytest.raises(NonFiniteWeightsError, match=r"step 2: the weights are no longer finite .*"
+                                                    r"encoder\.layers\.1\.feed_forward\.output_dense\.weight has 1 "
+                                                    rf"NaN/inf .*{state} at step 2"):
+        train(tiny_model(), utterances, config, method=NanWeightAfterStepThree(), checkpoint_path=state,
+              progress=False)
+    kept = load_resume_state(state)                      # also checks that its weights are finite
+    assert kept["step"] == 2
