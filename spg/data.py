@@ -21,7 +21,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import soundfile
@@ -31,7 +31,7 @@ from spg.audio import resample
 
 SAMPLE_RATE = 16_000
 # The 32-token character vocabulary of facebook/wav2vec2-base-960h (id 0 = CTC blank).
-# Same list as spg.model.DEFAULT_VOCAB; repeated here so this module stands alone.
+# Same list as spg.wav2vec2.model.DEFAULT_VOCAB; repeated here so this module stands alone.
 DEFAULT_VOCAB: list[str] = [
     "<pad>", "<s>", "</s>", "<unk>", "|",
     "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U", "M", "W", "C", "F", "G",
@@ -66,7 +66,7 @@ def encode_text(text: str, vocab: Sequence[str] = DEFAULT_VOCAB) -> list[int]:
 
 
 def decode_ids(ids: Sequence[int], vocab: Sequence[str] = DEFAULT_VOCAB) -> str:
-    """Token ids -> text (no CTC collapsing; that is `spg.model.ctc_greedy_decode`)."""
+    """Token ids -> text (no CTC collapsing; that is `spg.wav2vec2.model.ctc_greedy_decode`)."""
     return "".join(" " if vocab[i] == "|" else vocab[i] for i in ids)
 
 
@@ -311,8 +311,3 @@ class AudioCache:
     def batch(self, indices: Sequence[int], *, normalize: bool, vocab: Sequence[str] = DEFAULT_VOCAB) -> Batch:
         return collate([self.utterances[i] for i in indices], [self.waveform(i) for i in indices],
                        normalize=normalize, vocab=vocab)
-
-    def batches(self, batch_indices: Sequence[Sequence[int]], *, normalize: bool,
-                vocab: Sequence[str] = DEFAULT_VOCAB) -> Iterator[Batch]:
-        for indices in batch_indices:
-            yield self.batch(indices, normalize=normalize, vocab=vocab)

@@ -4,7 +4,7 @@ This is the glue module: unlike the algorithm modules it imports several sibling
 compression method plugs in through a small `Method` object (extra loss, extra parameter
 groups, a hook after each step, its own resumable state), and the model family through an
 `Objective` (CTC for wav2vec2/HuBERT here; Whisper's decoder cross-entropy in
-`spg.whisper_training`); the loop itself never changes.
+`spg.whisper.training`); the loop itself never changes.
 
 What the loop guarantees:
   * AdamW with linear warm-up then linear decay to 0 (the SPG paper's schedule);
@@ -45,8 +45,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from spg.data import AudioCache, Batch, DataError, Utterance, length_sorted_batches, make_targets, normalize_waveform
-from spg.loading import CheckpointError, atomic_write
-from spg.model import Wav2Vec2CTC, ctc_greedy_decode
+from spg.checkpoint import CheckpointError, atomic_write
+from spg.compress.interface import Method
+from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
 from spg.wer import corpus_scores, error_counts
 
 
@@ -68,66 +69,13 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------
-# Method plug-in
-# ----------------------------------------------------------------------------------------
-
-class Method:
-    """Dense CTC fine-tuning. Compression methods subclass this.
-
-    The loop calls, in order: `attach` once (before a resumed checkpoint is loaded, so that
-    gates/masks exist and their state is restored into them), `parameter_groups` once, then
-    per step `before_step` -> forward -> `extra_loss` -> backward/optimiser step ->
-    `after_step`, and `finish` once when the last step is done (not when a run stops early
-    to be resumed). A parameter group may carry "clip_grad": False to be left out of the
-    gradient-norm clipping."""
-
-    name = "dense"
-
-    def attach(self, model: Wav2Vec2CTC) -> None:
-        """Prepare `model` before training (add gates, prune and fix masks, ...)."""
-
-    def parameter_groups(self, model: Wav2Vec2CTC, config: TrainConfig) -> list[dict]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        return [{"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
-
-    def before_step(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> None:
-        """Called before the forward pass of step `step` (0-based), e.g. to set a temperature."""
-
-    def extra_loss(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> Optional[torch.Tensor]:
-        return None
-
-    def after_step(self, model: Wav2Vec2CTC, step: int, total_steps: int,
-                   optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-        """Called after every optimiser step (`step` = steps done); returns figures for the
-        progress bar. `optimizer` is the loop's, for methods that must touch its state."""
-        return {}
-
-    def finish(self, model: Wav2Vec2CTC) -> None:
-        """Called once after the last step: turn the trained model into the deliverable."""
-
-    def trainable_modules(self) -> list[nn.Module]:
-        """Trainable modules the method keeps outside the model (e.g. L0 gates applied by hooks).
-        Data-parallel training wraps them with the model so DDP broadcasts and averages them too."""
-        return []
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------------------
 # Objective plug-in: what the loop minimises, per model family
 # ----------------------------------------------------------------------------------------
 
 class Objective:
     """How the loop turns a list of utterance indices into a loss, for one model family.
 
-    `CTCObjective` (below) is the wav2vec2/HuBERT one; `spg.whisper_training.WhisperObjective`
+    `CTCObjective` (below) is the wav2vec2/HuBERT one; `spg.whisper.training.WhisperObjective`
     gives Whisper its teacher-forced decoder loss. The loop calls `freeze` once before the
     model is wrapped for data parallelism (a frozen parameter must not be registered with
     DDP), `prepare` once after (e.g. to cache features), then `loss` every step,
@@ -320,7 +268,7 @@ def naming_write_errors(path: str | Path):
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save through `spg.loading.atomic_write` (temp file, fsync, rename onto `path`);
+    """torch.save through `spg.checkpoint.atomic_write` (temp file, fsync, rename onto `path`);
     an OSError (a full disk) names `path`, and the file already there stays as it was."""
     with naming_write_errors(path):
         atomic_write(os.fspath(path), lambda file: torch.save(obj, file))

@@ -109,7 +109,7 @@ def test_cluster_method_end_to_end(tmp_path):
     data = noise_corpus(tmp_path / "corpus")
     dense_path = tmp_path / "dense.pt"
     torch.manual_seed(0)
-    from spg.model import Wav2Vec2CTC, preset
+    from spg.wav2vec2.model import Wav2Vec2CTC, preset
     spg.save(Wav2Vec2CTC(preset("tiny")), dense_path)
     summary_path = tmp_path / "cluster.json"
     assert train.main(["--method", "cluster", "--sparsity", "0.5", "--model", str(dense_path), "--data", str(data),
@@ -129,7 +129,7 @@ def test_l0_method_end_to_end(tmp_path):
     data = noise_corpus(tmp_path / "corpus")
     dense_path = tmp_path / "dense.pt"
     torch.manual_seed(0)
-    from spg.model import Wav2Vec2CTC, preset
+    from spg.wav2vec2.model import Wav2Vec2CTC, preset
     dense = Wav2Vec2CTC(preset("tiny"))
     spg.save(dense, dense_path)
     summary_path = tmp_path / "l0.json"

@@ -1,4 +1,4 @@
-"""Tests for parameter clustering (spg.cluster Part 2 and spg.clustering, arXiv 2606.11836)
+"""Tests for parameter clustering (spg.compress.kmeans Part 2 and spg.compress.clustering, arXiv 2606.11836)
 and its structured magnitude pruning baseline."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import spg
-from spg import cluster, surgery
-from spg.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
+from spg.compress import kmeans
+from spg.compress.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
+from spg.wav2vec2 import surgery
 from test_surgery import HEAD_DIM, logits, tiny_model
 
 HIDDEN, HEADS, FFN = 32, 4, 24
@@ -27,12 +28,12 @@ FFN_UNIT = 2 * HIDDEN + 1                                   # fc1 row + bias, fc
     (12, 0.375, 8),     # 7.5 (7.499999... in floating point) rounds half up
 ])
 def test_kept_units_formula(n: int, s: float, k: int) -> None:
-    assert cluster.kept_units(n, s) == k
+    assert kmeans.kept_units(n, s) == k
 
 
 def test_kept_units_rejects_bad_sparsity() -> None:
     with pytest.raises(ValueError):
-        cluster.kept_units(12, 1.5)
+        kmeans.kept_units(12, 1.5)
 
 
 # --- unit layouts and merging --------------------------------------------------------
@@ -42,37 +43,37 @@ def test_unit_layouts_round_trip() -> None:
     q, k, v = (rng.normal(size=(HEADS * HEAD_DIM, HIDDEN)) for _ in range(3))
     qb, kb, vb = (rng.normal(size=HEADS * HEAD_DIM) for _ in range(3))
     out = rng.normal(size=(HIDDEN, HEADS * HEAD_DIM))
-    units = cluster.attention_head_units(q, qb, k, kb, v, vb, out, HEADS)
+    units = kmeans.attention_head_units(q, qb, k, kb, v, vb, out, HEADS)
     assert units.input_side.shape == (HEADS, 3 * HEAD_DIM * (HIDDEN + 1))
     assert units.unit_size == ATTENTION_UNIT
     # Head 1 = its rows of q (first) and its columns of out.
     np.testing.assert_array_equal(units.input_side[1, :HEAD_DIM * HIDDEN], q[HEAD_DIM:2 * HEAD_DIM].ravel())
     np.testing.assert_array_equal(units.output_side[1], out[:, HEAD_DIM:2 * HEAD_DIM].T.ravel())
-    back = cluster.attention_weights_from_units(units, HIDDEN)
+    back = kmeans.attention_weights_from_units(units, HIDDEN)
     for name, value in dict(q_weight=q, q_bias=qb, k_weight=k, k_bias=kb, v_weight=v, v_bias=vb,
                             out_weight=out).items():
         np.testing.assert_array_equal(back[name], value)
 
     fc1, b1, fc2 = rng.normal(size=(FFN, HIDDEN)), rng.normal(size=FFN), rng.normal(size=(HIDDEN, FFN))
-    units = cluster.ffn_neuron_units(fc1, b1, fc2)
+    units = kmeans.ffn_neuron_units(fc1, b1, fc2)
     assert units.unit_size == FFN_UNIT
-    back = cluster.ffn_weights_from_units(units)
+    back = kmeans.ffn_weights_from_units(units)
     np.testing.assert_array_equal(back["fc1_weight"], fc1)
     np.testing.assert_array_equal(back["fc1_bias"], b1)
     np.testing.assert_array_equal(back["fc2_weight"], fc2)
 
 
 def test_merge_rules_by_hand() -> None:
-    units = cluster.ModuleUnits(input_side=[[0.0, 2.0], [2.0, 4.0], [5.0, 5.0]],
-                                output_side=[[1.0], [3.0], [7.0]])
-    mean = cluster.merge_units(units, np.array([0, 0, 1]), "mean")
+    units = kmeans.ModuleUnits(input_side=[[0.0, 2.0], [2.0, 4.0], [5.0, 5.0]],
+                               output_side=[[1.0], [3.0], [7.0]])
+    mean = kmeans.merge_units(units, np.array([0, 0, 1]), "mean")
     np.testing.assert_array_equal(mean.input_side, [[1.0, 3.0], [5.0, 5.0]])
     np.testing.assert_array_equal(mean.output_side, [[2.0], [7.0]])
-    summed = cluster.merge_units(units, np.array([0, 0, 1]), "sum_out")
+    summed = kmeans.merge_units(units, np.array([0, 0, 1]), "sum_out")
     np.testing.assert_array_equal(summed.input_side, [[1.0, 3.0], [5.0, 5.0]])
     np.testing.assert_array_equal(summed.output_side, [[4.0], [7.0]])
     with pytest.raises(ValueError, match="merge rule"):
-        cluster.merge_units(units, np.array([0, 0, 1]), "median")
+        kmeans.merge_units(units, np.array([0, 0, 1]), "median")
 
 
 # --- merging exact duplicates reproduces the model -----------------------------------
@@ -147,8 +148,8 @@ def test_mixed_kept_units_rule_and_parameter_count() -> None:
     unit_sizes = [4 * 64 * 768 + 3 * 64, 2 * 768 + 1] * 12
     for sparsity in (0.1, 0.3, 0.5, 0.7):
         variances = rng.uniform(size=24).tolist()
-        ks, groups = cluster.mixed_kept_units(num_units, unit_sizes, variances, sparsity)
-        base = [cluster.kept_units(n, sparsity) for n in num_units]
+        ks, groups = kmeans.mixed_kept_units(num_units, unit_sizes, variances, sparsity)
+        base = [kmeans.kept_units(n, sparsity) for n in num_units]
         assert groups.count("low") == groups.count("mid") == groups.count("high") == 8
         order = np.argsort(variances)
         assert {groups[m] for m in order[:8]} == {"low"} and {groups[m] for m in order[16:]} == {"high"}
@@ -184,9 +185,9 @@ def test_mixed_model_has_the_uniform_parameter_count() -> None:
 # --- structured magnitude baseline ---------------------------------------------------
 
 def test_largest_norm_units() -> None:
-    units = cluster.ModuleUnits(input_side=[[1.0], [5.0], [0.0], [3.0]], output_side=[[0.0], [0.0], [4.0], [0.0]])
-    assert cluster.largest_norm_units(units, 2).tolist() == [1, 2]      # norms 1, 5, 4, 3
-    assert cluster.largest_norm_units(units, 0).tolist() == []
+    units = kmeans.ModuleUnits(input_side=[[1.0], [5.0], [0.0], [3.0]], output_side=[[0.0], [0.0], [4.0], [0.0]])
+    assert kmeans.largest_norm_units(units, 2).tolist() == [1, 2]      # norms 1, 5, 4, 3
+    assert kmeans.largest_norm_units(units, 0).tolist() == []
 
 
 def test_structured_magnitude_keeps_largest_norm_units() -> None:

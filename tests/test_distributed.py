@@ -15,7 +15,7 @@ from helpers import write_corpus
 from test_training import tiny_corpus, tiny_model
 
 import spg
-from spg.gates import SPG
+from spg.compress.self_pinching import SPG
 from spg.training import TrainConfig, sparsity_report, train
 
 REPO = Path(__file__).resolve().parent.parent

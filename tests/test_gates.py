@@ -1,4 +1,4 @@
-"""Self-pinching gates (spg.gates): masks and gradients by hand, the straight-through
+"""Self-pinching gates (spg.compress.self_pinching): masks and gradients by hand, the straight-through
 estimator, the controller, finalize, a short run to the target, and exact resumption."""
 
 import math
@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from test_training import tiny_corpus, tiny_model
 
-from spg.gates import (SPG, SelfPinchingGate, SparsityController, attach_gates, calibrate_thresholds,
-                       cosine_temperature, finalize, gated_matrices, hard_sparsity, sparsity_penalty)
+from spg.compress.self_pinching import (SPG, SelfPinchingGate, SparsityController, attach_gates, calibrate_thresholds,
+                                        cosine_temperature, finalize, gated_matrices, hard_sparsity, sparsity_penalty)
 from spg.training import TrainConfig, sparsity_report, train
 
 # W, t = 0.3, τ = 0.1. Then (W² − t²)/τ =

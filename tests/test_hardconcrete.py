@@ -1,4 +1,4 @@
-"""Tests for spg.hardconcrete (L0 hard-concrete gates, arXiv 2306.01385) and spg.l0 (its
+"""Tests for spg.compress.hardconcrete (L0 hard-concrete gates, arXiv 2306.01385) and spg.compress.l0 (its
 training-loop plug-in): gate statistics, the closed-form parameter count against a physically
 pruned model, exactness of the fold + surgery, the Lagrangian, and the training plumbing."""
 
@@ -12,11 +12,12 @@ import torch
 from helpers import padded_noise, perturbed, write_corpus
 
 import spg
-from spg import hardconcrete as hc
+from spg.compress import hardconcrete as hc
+from spg.compress import l0
+from spg.compress.l0 import L0Method, default_distill_layers
 from spg.data import read_corpus
-from spg.l0 import L0Method, default_distill_layers
-from spg.model import ModelConfig, Wav2Vec2CTC
 from spg.training import TrainConfig, learning_rate_factor, train
+from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
 LENGTHS = torch.tensor([4000, 2900])
 WORDS = ["A B", "CAT", "THE DOG", "HI", "NO YES", "IT IS"]
@@ -158,7 +159,7 @@ def test_closed_form_count_equals_the_pruned_model(ste: bool) -> None:
         gates = hc.L0Gates.for_model(model, ste=ste)
         assert gates.full_num_parameters() == full
         set_binary_gates(gates, random_pattern(gates, generator))
-        pruned = hc.finalize(model, gates)
+        pruned = l0.finalize(model, gates)
         assert pruned.config.layer_num_heads[0] == 0 and pruned.config.layer_intermediate_sizes[0] == 0
         counted = prunable_count(pruned)
         assert gates.deployed_num_parameters() == counted
@@ -195,14 +196,14 @@ def test_pruned_model_equals_the_masked_model(pre_layer_norm: bool) -> None:
             parameter.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(parameter.numel()))
     hooks = hc.apply_gates(model, gates)
     masked = logits(model)
-    pruned = hc.finalize(model, gates)
+    pruned = l0.finalize(model, gates)
     assert prunable_count(pruned) == gates.deployed_num_parameters() < gates.full_num_parameters()
     assert pruned.config.layer_qk_head_dims is not None          # per-head widths differ
     torch.testing.assert_close(logits(pruned), masked, atol=1e-5, rtol=0)
     # Folding in place (dense shapes, pruned units exactly zero) computes the same.
     hooks.remove()                                  # (before copying: a deep copy would share them)
     folded = copy.deepcopy(model)
-    hc.fold_masks_(folded, gates.deterministic_masks())
+    l0.fold_masks_(folded, gates.deterministic_masks())
     torch.testing.assert_close(logits(folded), masked, atol=1e-5, rtol=0)
     zeros = sum(int((linear.weight == 0).sum()) + int((linear.bias == 0).sum())
                 for _, linear in folded.prunable_linears())
@@ -218,7 +219,7 @@ def test_fully_pruned_head_and_block_stay_valid(tmp_path) -> None:
     hooks = hc.apply_gates(model, gates)
     masked = logits(model)
     hooks.remove()
-    pruned = hc.finalize(model, gates)
+    pruned = l0.finalize(model, gates)
     assert pruned.config.layer_num_heads[0] == 0 and pruned.config.layer_intermediate_sizes[0] == 0
     assert pruned.config.layer_num_heads[1] == 2                # heads 0 and 1 of block 1 are gone,
     assert pruned.config.layer_qk_head_dims[1][0] == 0          # head 2 survives with no q/k dims

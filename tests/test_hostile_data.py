@@ -10,7 +10,7 @@ import soundfile
 from helpers import write_corpus
 
 from spg.data import SAMPLE_RATE, AudioCache, DataError, Utterance, check_durations, read_audio, read_corpus
-from spg.whisper_eval import evaluate_whisper, read_transcription_folder
+from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from test_loading import (assert_same_valid_frames, fairseq_pretrain_fields, fai
 
 import spg
 from spg.loading import CheckpointError, load, save
-from spg.model import ModelConfig, Wav2Vec2CTC
-from spg.whisper import Whisper, WhisperConfig, save_whisper
+from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
+from spg.whisper.io import save_whisper
+from spg.whisper.model import Whisper, WhisperConfig
 
 # ----------------------------------------------------------------------------------------
 # Hand-written pickles (protocol 2 opcodes), so that no Python object is built to write them

@@ -1,12 +1,12 @@
-"""Tests for the k-means part of spg.cluster (scikit-learn is only a reference here)."""
+"""Tests for the k-means part of spg.compress.kmeans (scikit-learn is only a reference here)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import spg.cluster as cluster
-from spg.cluster import kmeans, kmeans_plusplus
+import spg.compress.kmeans as km
+from spg.compress.kmeans import kmeans, kmeans_plusplus
 
 # Two clear groups of 3 points. Group A is centred on (0, 0):
 #   (2, 0), (-1, 1), (-1, -1)  -> mean (0, 0); squared distances 4 + 2 + 2 = 8.
@@ -50,22 +50,22 @@ def test_empty_cluster_gets_farthest_point() -> None:
     x = np.array([[0, 0], [1, 0], [0, 1], [6, 6]], dtype=np.float64)
     x_sq = (x**2).sum(axis=1)
     bad_init = np.array([[0.0, 0.0], [1000.0, 1000.0]])  # centre 1 attracts nobody
-    labels, d2 = cluster._assign(x, x_sq, bad_init)
+    labels, d2 = km._assign(x, x_sq, bad_init)
     assert labels.tolist() == [0, 0, 0, 0]
-    new = cluster._update_centers(x, labels, d2, 2)
+    new = km._update_centers(x, labels, d2, 2)
     # (6, 6) is farthest from its centre (d^2 = 72): it moves to the empty cluster.
     np.testing.assert_allclose(new, [[1 / 3, 1 / 3], [6, 6]])
     # Full Lloyd from the bad start: (0,0),(1,0),(0,1) around (1/3,1/3) give
     # 2/9 + 5/9 + 5/9 = 4/3.
-    centers, labels, inertia, _ = cluster._lloyd(x, x_sq, bad_init, 300, 0.0)
+    centers, labels, inertia, _ = km._lloyd(x, x_sq, bad_init, 300, 0.0)
     assert inertia == pytest.approx(4 / 3)
     assert labels.tolist() == [0, 0, 0, 1]
 
     # Two empty clusters get two distinct points: (6, 6), then (1, 0) (d^2 = 1, tied
     # with (0, 1); the lower index wins).
     init3 = np.array([[0.0, 0.0], [1000.0, 1000.0], [-1000.0, -1000.0]])
-    labels, d2 = cluster._assign(x, x_sq, init3)
-    new = cluster._update_centers(x, labels, d2, 3)
+    labels, d2 = km._assign(x, x_sq, init3)
+    new = km._update_centers(x, labels, d2, 3)
     np.testing.assert_allclose(new, [[0, 0.5], [6, 6], [1, 0]])
 
 
@@ -73,9 +73,9 @@ def test_empty_cluster_never_takes_a_singletons_only_point() -> None:
     x = np.array([[0, 0], [10, 0], [11, 0]], dtype=np.float64)
     x_sq = (x**2).sum(axis=1)
     init = np.array([[-3.0, 0.0], [10.5, 0.0], [1000.0, 0.0]])
-    labels, d2 = cluster._assign(x, x_sq, init)
+    labels, d2 = km._assign(x, x_sq, init)
     assert labels.tolist() == [0, 1, 1] and d2[0] == 9.0
-    new = cluster._update_centers(x, labels, d2, 3)
+    new = km._update_centers(x, labels, d2, 3)
     # (0, 0) is farthest but alone in cluster 0; (10, 0) is taken from cluster 1.
     np.testing.assert_allclose(new, [[0, 0], [11, 0], [10, 0]])
 
@@ -109,7 +109,7 @@ def test_gram_and_direct_seeding_agree() -> None:
 def test_chunked_assignment_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     x = np.random.default_rng(6).normal(size=(97, 5)).astype(np.float32)
     full = kmeans(x, 9, seed=1)
-    monkeypatch.setattr(cluster, "_CHUNK_BYTES", 8 * 9 * 10)  # 10 rows per chunk
+    monkeypatch.setattr(km, "_CHUNK_BYTES", 8 * 9 * 10)  # 10 rows per chunk
     chunked = kmeans(x, 9, seed=1)
     np.testing.assert_array_equal(full[1], chunked[1])
     np.testing.assert_allclose(full[0], chunked[0])

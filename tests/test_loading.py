@@ -15,8 +15,9 @@ import torch
 from transformers import HubertConfig, HubertForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
 
 import spg
-from spg.loading import CheckpointError, export_hf, load, read_safetensors, save
-from spg.model import ModelConfig, Wav2Vec2CTC
+from spg.checkpoint import read_safetensors
+from spg.loading import CheckpointError, export_hf, load, save
+from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
 LAYOUTS = [("wav2vec2", "group"), ("wav2vec2", "layer"), ("hubert", "group"), ("hubert", "layer")]
 LENGTHS = torch.tensor([3200, 2300])          # samples: a batch of unequal lengths
@@ -155,7 +156,7 @@ def test_wav2vec2_base_size_shapes(tmp_path):
         file.truncate(8 + len(header_bytes) + offset)
     (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": ["Wav2Vec2ForCTC"]}))
     model = load(tmp_path)
-    ours = {spg.loading.hf_key(key, "wav2vec2."): tuple(v.shape) for key, v in model.state_dict().items()}
+    ours = {spg.wav2vec2.io.hf_key(key, "wav2vec2."): tuple(v.shape) for key, v in model.state_dict().items()}
     assert ours == hf_shapes
     assert model.num_parameters() == sum(torch.Size(s).numel() for s in hf_shapes.values())
 
@@ -442,7 +443,7 @@ def test_safetensors_reader_dtypes(tmp_path):
     tensors = {"f16": torch.randn(3, 2).half(), "bf16": torch.randn(4).bfloat16(), "f64": torch.randn(2).double(),
                "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "empty": torch.zeros(0, 3)}
     with open(tmp_path / "t.safetensors", "wb") as file:
-        spg.loading.write_safetensors(file, tensors, {"format": "pt"})
+        spg.checkpoint.write_safetensors(file, tensors, {"format": "pt"})
     from safetensors.torch import load_file   # the reference reader
     for read in (read_safetensors(tmp_path / "t.safetensors")[0], load_file(tmp_path / "t.safetensors")):
         assert read.keys() == tensors.keys()

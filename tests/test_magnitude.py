@@ -7,8 +7,8 @@ import torch
 from test_training import tiny_corpus, tiny_model
 
 import spg
+from spg.compress.magnitude import Mixed, UMP, magnitude_mask
 from spg.loading import load, save
-from spg.magnitude import UMP, Mixed, magnitude_mask
 from spg.training import TrainConfig, sparsity_report, train
 
 WAVEFORMS, LENGTHS = torch.randn(2, 4000, generator=torch.Generator().manual_seed(5)), torch.tensor([4000, 2900])

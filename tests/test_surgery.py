@@ -1,4 +1,4 @@
-"""Tests for spg.surgery: a physically smaller model must compute exactly what the full model
+"""Tests for spg.wav2vec2.surgery: a physically smaller model must compute exactly what the full model
 computes with the removed units masked to zero."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from helpers import padded_noise, perturbed
 
 import spg
-from spg import surgery
-from spg.model import ModelConfig, Wav2Vec2CTC
+from spg.wav2vec2 import surgery
+from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
 HEAD_DIM = 8          # hidden 32 / 4 heads
 LENGTHS = torch.tensor([4000, 2900])

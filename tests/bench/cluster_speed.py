@@ -6,7 +6,7 @@ A script, run by hand (pytest does not collect it):
     python tests/bench/cluster_speed.py                       # 1 FFN layer for k-means, 5 rounds
     python tests/bench/cluster_speed.py --kmeans-layers 12 --rounds 10 --threads 2
 
-1. k-means: spg.cluster.kmeans vs scikit-learn's KMeans on wav2vec2-base-sized FFN units
+1. k-means: spg.compress.kmeans.kmeans vs scikit-learn's KMeans on wav2vec2-base-sized FFN units
    (3,072 units of 1,537 numbers per layer, k = 1,536, n_init=1; the random stand-in layers
    of tests/bench/kmeans_speed.py, which runs the same comparison on its own).
 2. Forward time: wav2vec2-base (preset "wav2vec2-base", random weights), batch 1, 10 s of
@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kmeans_speed import make_layer_units  # noqa: E402
-from spg.cluster import kmeans  # noqa: E402
-from spg.clustering import cluster_compress, structured_magnitude_prune  # noqa: E402
-from spg.model import Wav2Vec2CTC, preset  # noqa: E402
+from spg.compress.clustering import cluster_compress, structured_magnitude_prune  # noqa: E402
+from spg.compress.kmeans import kmeans  # noqa: E402
+from spg.wav2vec2.model import Wav2Vec2CTC, preset  # noqa: E402
 
 SPARSITIES = (0.3, 0.5)
 

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from spg.loading import model_config_from_hf, our_key  # noqa: E402
-from spg.model import Wav2Vec2CTC  # noqa: E402
+from spg.wav2vec2.io import model_config_from_hf, our_key  # noqa: E402
+from spg.wav2vec2.model import Wav2Vec2CTC  # noqa: E402
 
 
 def build_models():

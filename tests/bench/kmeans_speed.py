@@ -1,4 +1,4 @@
-"""Benchmark: spg.cluster.kmeans vs scikit-learn's KMeans on wav2vec2-base-sized FFN units.
+"""Benchmark: spg.compress.kmeans.kmeans vs scikit-learn's KMeans on wav2vec2-base-sized FFN units.
 
 A script, run by hand (pytest does not collect it):
 
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from spg.cluster import kmeans  # noqa: E402
+from spg.compress.kmeans import kmeans  # noqa: E402
 
 HIDDEN = 768
 FFN = 3072

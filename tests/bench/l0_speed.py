@@ -6,7 +6,7 @@ A script, run by hand (pytest does not collect it):
     OMP_NUM_THREADS=1 python tests/bench/l0_speed.py --threads 1 --rounds 5
 
 The dense model is `preset("wav2vec2-base")` with random weights. The pruned one comes from
-random but plausible L0 gates (arXiv 2306.01385, our fine-grained reading; `spg.hardconcrete`),
+random but plausible L0 gates (arXiv 2306.01385, our fine-grained reading; `spg.compress.hardconcrete`),
 saturated to 0/1 and turned into a smaller model by `hardconcrete.finalize`: in every block
 6-10 of the 12 heads survive, each with 24-56 of its 64 query/key dims and 24-56 of its 64
 value dims (drawn independently, so head widths differ and attention takes the padded
@@ -38,8 +38,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from spg import hardconcrete as hc  # noqa: E402
-from spg.model import Wav2Vec2CTC, preset  # noqa: E402
+from spg.compress import hardconcrete as hc  # noqa: E402
+from spg.compress import l0  # noqa: E402
+from spg.wav2vec2.model import Wav2Vec2CTC, preset  # noqa: E402
 
 
 def plausible_gates(model: Wav2Vec2CTC, sparsity: float, seed: int = 0) -> hc.L0Gates:
@@ -138,7 +139,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense = Wav2Vec2CTC(preset("wav2vec2-base")).eval()
     gates = plausible_gates(dense, args.sparsity)
-    pruned = hc.finalize(dense, gates).eval()
+    pruned = l0.finalize(dense, gates).eval()
     dense.to(device)
     pruned.to(device)
     config = pruned.config

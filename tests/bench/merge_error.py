@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import spg  # noqa: E402
-from spg.clustering import cluster_compress, structured_magnitude_prune  # noqa: E402
-from spg.model import Wav2Vec2CTC, normalize_waveforms, preset  # noqa: E402
+from spg.compress.clustering import cluster_compress, structured_magnitude_prune  # noqa: E402
+from spg.wav2vec2.model import Wav2Vec2CTC, normalize_waveforms, preset  # noqa: E402
 
 
 def audio(count: int) -> list[torch.Tensor]:

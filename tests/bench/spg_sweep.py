@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from spg.compress.interface import Method  # noqa: E402
+from spg.compress.self_pinching import SPG  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
-from spg.gates import SPG  # noqa: E402
-from spg.training import Method, TrainConfig  # noqa: E402
+from spg.training import TrainConfig  # noqa: E402
 from spg.training import train as train_loop  # noqa: E402
 
 METHODS = ("spg", "mixed", "ump")

@@ -27,7 +27,7 @@ Writes results/whisper_cluster.json (after every run, so --resume can continue):
                "mixed": bool, "sparsity": float, "units": "heads+ffn" | "ffn", "params": int,
                "wer": {dataset: float}, "cer": {dataset: float}, "kept": {module kind: [K per layer]}}],
      "seconds": total wall time of the measurements (float)}
-WER and CER are fractions (0.042 = 4.2 %), computed after spg.whisper.normalize_english.
+WER and CER are fractions (0.042 = 4.2 %), computed after spg.text.normalize_english.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
+from spg.checkpoint import atomic_write  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
-from spg.loading import atomic_write  # noqa: E402
-from spg.whisper_clustering import cluster_compress, plan_kept_units, structured_magnitude_prune  # noqa: E402
-from spg.whisper_eval import evaluate_whisper, read_transcription_folder  # noqa: E402
+from spg.whisper.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune  # noqa: E402
+from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder  # noqa: E402
 
 MODEL = "whisper-tiny.en"
 SPARSITIES = (0.1, 0.2, 0.3)

@@ -5,7 +5,7 @@
     python tests/bench/whisper_finetune.py --print-only               # the table of the JSON
 
 Runs `train.py --model whisper-tiny.en` (teacher-forced decoder cross-entropy,
-spg/whisper_training.py) for every row below, each with the same steps, batch, learning rate
+spg/whisper/training.py) for every row below, each with the same steps, batch, learning rate
 and seed, skipping a run whose JSON already exists under --out:
 
     spg   at 30 % and 50 %   (thresholds learn at --threshold-lr; the weights at --lr)
@@ -16,7 +16,7 @@ and seed, skipping a run whose JSON already exists under --out:
 Then it decodes the uncompressed model and every result on the same sets, with the same
 code: the real recordings in tests/data (librivox: 5 LibriVox sentences, cards: 5 card
 names, beckett: one quotation; "real" pools the 11) and the first --utterances of the
-built-in test split. WER after spg.whisper.normalize_english; MAPSSWE (alpha 0.05) against
+built-in test split. WER after spg.text.normalize_english; MAPSSWE (alpha 0.05) against
 the uncompressed model on "real" and on the built-in test. Prunable matrices: every
 attention projection and FFN matrix of the encoder and the decoder (16.5 M weights).
 
@@ -43,10 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
+from spg.checkpoint import atomic_write  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
-from spg.loading import atomic_write  # noqa: E402
 from spg.wer import error_counts, mapsswe  # noqa: E402
-from spg.whisper_eval import evaluate_whisper, read_transcription_folder  # noqa: E402
+from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder  # noqa: E402
 
 MODEL = "whisper-tiny.en"
 REAL = ("librivox", "cards", "beckett")

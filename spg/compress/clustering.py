@@ -7,10 +7,10 @@ narrower FFN). The structured magnitude pruning baseline of the paper (drop the 
 the smallest norm, same number kept per module) is here too.
 
 This module is the thin glue between the two halves, so that each stays single-purpose:
-  * spg.cluster (numpy only): unit vectors, k-means, merge rules, how many units to keep;
-  * spg.surgery (torch + spg.model only): building the smaller model from given weights.
-It reads a model's tensors into numpy, asks spg.cluster what to keep or merge, and hands
-the resulting weights to spg.surgery. Nothing else lives here.
+  * spg.compress.kmeans (numpy only): unit vectors, k-means, merge rules, how many units to keep;
+  * spg.wav2vec2.surgery (torch + spg.wav2vec2.model only): building the smaller model from given weights.
+It reads a model's tensors into numpy, asks spg.compress.kmeans what to keep or merge, and hands
+the resulting weights to spg.wav2vec2.surgery. Nothing else lives here.
 
     new_model, report = cluster_compress(model, 0.5)                  # sum_out, uniform
     new_model, report = cluster_compress(model, 0.5, merge="mean", mixed=True)
@@ -30,10 +30,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from spg import cluster, surgery
-from spg.model import Wav2Vec2CTC
+from spg.compress import kmeans
+from spg.wav2vec2 import surgery
+from spg.wav2vec2.model import Wav2Vec2CTC
 
-__all__ = ["DEFAULT_MERGE", "cluster_compress", "structured_magnitude_prune", "plan_kept_units"]
+__all__ = ["DEFAULT_MERGE", "cluster_compress", "structured_magnitude_prune", "plan_kept_units", "record_compression"]
 
 # Default merge rule: "mean", the paper's wording, because it gave the lower WER on the shipped
 # tiny model (built-in test split, `python train.py --method cluster --sparsity S --merge M`):
@@ -51,7 +52,7 @@ class _Module:
 
     block: int
     kind: str                       # "attention" or "ffn"
-    units: cluster.ModuleUnits
+    units: kmeans.ModuleUnits
     variance: float                 # variance of the module's weight matrices
 
 
@@ -60,7 +61,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _modules(model: Wav2Vec2CTC) -> list[_Module]:
-    """[attention 0, ffn 0, attention 1, ffn 1, ...] as units (see spg.cluster, Part 2)."""
+    """[attention 0, ffn 0, attention 1, ffn 1, ...] as units (see spg.compress.kmeans, Part 2)."""
     modules = []
     for block in range(model.config.num_hidden_layers):
         weights = surgery.block_weights(model, block)
@@ -69,14 +70,14 @@ def _modules(model: Wav2Vec2CTC) -> list[_Module]:
         if len(widths) > 1:
             raise ValueError(f"block {block}: heads of different widths {a.qk_head_dims} / {a.v_head_dims} "
                              "cannot be compared as units; compress a model with whole heads")
-        attention_units = cluster.attention_head_units(
+        attention_units = kmeans.attention_head_units(
             _numpy(a.q_weight), _numpy(a.q_bias), _numpy(a.k_weight), _numpy(a.k_bias),
             _numpy(a.v_weight), _numpy(a.v_bias), _numpy(a.out_weight), a.num_heads)
-        modules.append(_Module(block, "attention", attention_units, cluster.weight_variance(
+        modules.append(_Module(block, "attention", attention_units, kmeans.weight_variance(
             _numpy(a.q_weight), _numpy(a.k_weight), _numpy(a.v_weight), _numpy(a.out_weight))))
-        ffn_units = cluster.ffn_neuron_units(_numpy(f.fc1_weight), _numpy(f.fc1_bias), _numpy(f.fc2_weight))
+        ffn_units = kmeans.ffn_neuron_units(_numpy(f.fc1_weight), _numpy(f.fc1_bias), _numpy(f.fc2_weight))
         modules.append(_Module(block, "ffn", ffn_units,
-                               cluster.weight_variance(_numpy(f.fc1_weight), _numpy(f.fc2_weight))))
+                               kmeans.weight_variance(_numpy(f.fc1_weight), _numpy(f.fc2_weight))))
     return modules
 
 
@@ -84,9 +85,9 @@ def _plan(modules: list[_Module], sparsity: float, mixed: bool) -> tuple[list[in
     """K for every module (uniform or variance-based mixed), and the variance groups."""
     num_units = [m.units.num_units for m in modules]
     if not mixed:
-        return [cluster.kept_units(n, sparsity) for n in num_units], None
-    return cluster.mixed_kept_units(num_units, [m.units.unit_size for m in modules],
-                                    [m.variance for m in modules], sparsity)
+        return [kmeans.kept_units(n, sparsity) for n in num_units], None
+    return kmeans.mixed_kept_units(num_units, [m.units.unit_size for m in modules],
+                                   [m.variance for m in modules], sparsity)
 
 
 def _per_block(modules: list[_Module], values: list) -> dict[str, list]:
@@ -125,29 +126,29 @@ def _to_tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=like.device, dtype=like.dtype)
 
 
-def _install(model: Wav2Vec2CTC, modules: list[_Module], new_units: list[cluster.ModuleUnits]) -> Wav2Vec2CTC:
-    """Build the smaller model whose modules hold `new_units` (spg.surgery.rebuild)."""
+def _install(model: Wav2Vec2CTC, modules: list[_Module], new_units: list[kmeans.ModuleUnits]) -> Wav2Vec2CTC:
+    """Build the smaller model whose modules hold `new_units` (spg.wav2vec2.surgery.rebuild)."""
     hidden = model.config.hidden_size
     updates: dict[int, surgery.BlockWeights] = {}
     for module, units in zip(modules, new_units):
         old = surgery.block_weights(model, module.block)
         new = updates.setdefault(module.block, surgery.BlockWeights())
         if module.kind == "attention":
-            arrays = cluster.attention_weights_from_units(units, hidden)
+            arrays = kmeans.attention_weights_from_units(units, hidden)
             head_dim = arrays["q_weight"].shape[0] // units.num_units if units.num_units else 0
             new.attention = surgery.AttentionWeights(
                 **{name: _to_tensor(value, old.attention.q_weight) for name, value in arrays.items()},
                 out_bias=old.attention.out_bias,                     # belongs to no head: unchanged
                 qk_head_dims=[head_dim] * units.num_units, v_head_dims=[head_dim] * units.num_units)
         else:
-            arrays = cluster.ffn_weights_from_units(units)
+            arrays = kmeans.ffn_weights_from_units(units)
             new.feed_forward = surgery.FeedForwardWeights(
                 **{name: _to_tensor(value, old.feed_forward.fc1_weight) for name, value in arrays.items()},
                 fc2_bias=old.feed_forward.fc2_bias)                  # belongs to no neuron: unchanged
     return surgery.rebuild(model, updates)
 
 
-def _record(model: Wav2Vec2CTC, new_model: Wav2Vec2CTC, record: dict) -> dict:
+def record_compression(model: Wav2Vec2CTC, new_model: Wav2Vec2CTC, record: dict) -> dict:
     """Add parameter counts, store the record in `new_model.compression` (any earlier record
     of the input model is kept under "previous"), and return the report."""
     record["params_before"] = model.num_parameters()
@@ -163,10 +164,10 @@ def cluster_compress(model: Wav2Vec2CTC, sparsity: float, *, merge: str = DEFAUL
     """Parameter clustering (arXiv 2606.11836) of every block's heads and FFN neurons.
 
     sparsity: s; every module keeps K = round(N * (1 - s)) units, or the variance-based
-        mixed K when `mixed` (see `spg.cluster.mixed_kept_units`), or the given `ks`
+        mixed K when `mixed` (see `spg.compress.kmeans.mixed_kept_units`), or the given `ks`
         ({"heads": [K per block], "ffn_units": [K per block]}; then `mixed` is ignored).
     merge: "sum_out" (input sides averaged, output sides summed) or "mean" (the centroid);
-        see `spg.cluster.merge_units`.
+        see `spg.compress.kmeans.merge_units`.
     seed, n_init: k-means seeding (every module uses the same seed).
 
     Returns (new_model, report). The input model is not modified. report (also stored in
@@ -175,13 +176,13 @@ def cluster_compress(model: Wav2Vec2CTC, sparsity: float, *, merge: str = DEFAUL
     same layout, "variance_group" (mixed only), "inertia": same layout, "params_before",
     "params_after"}.
     """
-    if merge not in cluster.MERGE_RULES:
-        raise ValueError(f"merge must be one of {cluster.MERGE_RULES}; got {merge!r}")
+    if merge not in kmeans.MERGE_RULES:
+        raise ValueError(f"merge must be one of {kmeans.MERGE_RULES}; got {merge!r}")
     modules = _modules(model)
     kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     new_units, inertias = [], []
     for module, k in zip(modules, kept):
-        merged, _labels, inertia = cluster.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init)
+        merged, _labels, inertia = kmeans.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init)
         new_units.append(merged)
         inertias.append(inertia)
     new_model = _install(model, modules, new_units)
@@ -192,7 +193,7 @@ def cluster_compress(model: Wav2Vec2CTC, sparsity: float, *, merge: str = DEFAUL
               "inertia": _per_block(modules, [float(x) for x in inertias])}
     if groups is not None:
         record["variance_group"] = _per_block(modules, groups)
-    return new_model, _record(model, new_model, record)
+    return new_model, record_compression(model, new_model, record)
 
 
 @torch.no_grad()
@@ -208,7 +209,7 @@ def structured_magnitude_prune(model: Wav2Vec2CTC, sparsity: float, *, mixed: bo
     kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     heads, ffn_units = {}, {}
     for module, k in zip(modules, kept):
-        keep = cluster.largest_norm_units(module.units, k).tolist()
+        keep = kmeans.largest_norm_units(module.units, k).tolist()
         (heads if module.kind == "attention" else ffn_units)[module.block] = keep
     new_model = surgery.keep_units(model, heads=heads, ffn_units=ffn_units)
     record = {"method": "structured_magnitude", "paper": PAPER, "sparsity": float(sparsity),
@@ -216,4 +217,4 @@ def structured_magnitude_prune(model: Wav2Vec2CTC, sparsity: float, *, mixed: bo
               "units_before": _per_block(modules, [m.units.num_units for m in modules])}
     if groups is not None:
         record["variance_group"] = _per_block(modules, groups)
-    return new_model, _record(model, new_model, record)
+    return new_model, record_compression(model, new_model, record)

@@ -41,7 +41,6 @@ Whisper variable names (WhisperSpec; decoder = TransformerDecoderSpec), against 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -51,8 +50,10 @@ from typing import BinaryIO, Optional, Union
 
 import torch
 
-from spg import whisper
-from spg.whisper import CheckpointError, Whisper
+from spg.checkpoint import CheckpointError, read_json
+from spg.whisper.io import build_whisper, check_tied
+from spg.whisper.model import Whisper
+from spg.whisper.tokenizer import load_tokenizer
 
 __all__ = ["Ct2Model", "read_model_bin", "whisper_from_ct2", "load_ct2_whisper", "DTYPES"]
 
@@ -250,7 +251,7 @@ def whisper_from_ct2(model: Ct2Model, config_extra: Optional[dict] = None, sourc
     state["decoder.embed_positions.weight"] = take("decoder/position_encodings/encodings")
     layer_norm("decoder.layer_norm", "decoder/layer_norm")
     if model.get("decoder/projection/weight") is not None:
-        whisper.check_tied(take("decoder/projection/weight"), state["decoder.embed_tokens.weight"], source)
+        check_tied(take("decoder/projection/weight"), state["decoder.embed_tokens.weight"], source)
     projection_bias = model.get("decoder/projection/bias")
     if projection_bias is not None:
         used.add("decoder/projection/bias")
@@ -290,15 +291,7 @@ def whisper_from_ct2(model: Ct2Model, config_extra: Optional[dict] = None, sourc
         if any(size != uniform for size in sizes):
             values[key] = sizes
     values.update(config_extra or {})
-    return whisper.build_whisper(values, state, source, unknown_source_keys=unknown)
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
+    return build_whisper(values, state, source, unknown_source_keys=unknown)
 
 
 def _read_vocabulary(folder: str) -> Optional[list[str]]:
@@ -306,7 +299,7 @@ def _read_vocabulary(folder: str) -> Optional[list[str]]:
     vocabulary.txt (one token per line, older converters); None if neither exists."""
     json_path, text_path = os.path.join(folder, "vocabulary.json"), os.path.join(folder, "vocabulary.txt")
     if os.path.isfile(json_path):
-        tokens = _read_json(json_path)
+        tokens = read_json(json_path)
         if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
             raise CheckpointError(f"{json_path}: expected a JSON list of token strings")
         return tokens
@@ -326,7 +319,7 @@ def ct2_special_tokens(folder: PathLike, vocab_size: int) -> dict:
     if vocabulary is not None:
         ids = {token: i for i, token in enumerate(vocabulary)}
     elif os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        ids = whisper.load_tokenizer(folder).token_ids
+        ids = load_tokenizer(folder).token_ids
     else:
         raise CheckpointError(f"{folder}: no vocabulary.json, vocabulary.txt or tokenizer.json to find special tokens")
     missing = [t for t in ("<|endoftext|>", "<|startoftranscript|>") if t not in ids]
@@ -336,7 +329,7 @@ def ct2_special_tokens(folder: PathLike, vocab_size: int) -> dict:
                   bos_token_id=ids["<|startoftranscript|>"], decoder_start_token_id=ids["<|startoftranscript|>"],
                   no_timestamps_token_id=ids.get("<|notimestamps|>"))
     config_path = os.path.join(folder, "config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
     for ours, theirs in [("suppress_tokens", "suppress_ids"), ("begin_suppress_tokens", "suppress_ids_begin")]:
         values[ours] = [int(t) for t in config.get(theirs) or [] if 0 <= int(t) < vocab_size]
     return values
@@ -355,5 +348,5 @@ def load_ct2_whisper(folder: PathLike) -> Whisper:
         raise CheckpointError(f"{path}: variable decoder/embeddings/weight is missing")
     result = whisper_from_ct2(model, ct2_special_tokens(folder, vocab_size.shape[0]), source=path)
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        result.tokenizer = whisper.load_tokenizer(folder)
+        result.tokenizer = load_tokenizer(folder)
     return result

@@ -17,7 +17,7 @@ Whisper experiment is data-free):
   * Targets keep Whisper's own orthography: the built-in corpus's upper-case transcripts
     become sentence case with a final full stop (`target_text`), because tiny.en writes
     cased, punctuated text and we do not want fine-tuning to spend its steps on a new
-    orthography. WER is computed after `spg.whisper.normalize_english` either way.
+    orthography. WER is computed after `spg.text.normalize_english` either way.
   * `TrainConfig.freeze_feature_extractor` (the default) freezes Whisper's front end, the two
     convolutions of the encoder stem, the counterpart of wav2vec2's conv feature extractor
     that the papers never prune or train.
@@ -32,8 +32,10 @@ import torch.nn.functional as F
 
 from spg.data import AudioCache
 from spg.training import Objective, TrainConfig
-from spg.whisper import Whisper, WhisperTokenizer, log_mel_spectrogram
-from spg.whisper_eval import evaluate_whisper
+from spg.whisper.audio import log_mel_spectrogram
+from spg.whisper.evaluation import evaluate_whisper
+from spg.whisper.model import Whisper
+from spg.whisper.tokenizer import WhisperTokenizer
 
 IGNORE_INDEX = -100     # label value that F.cross_entropy skips (padding and the prompt)
 

@@ -1,4 +1,4 @@
-"""Self-pinching gates (SPG): one-pass joint pruning and CTC fine-tuning (arXiv 2505.22608).
+"""Self-pinching gates (SPG): one-pass joint pruning and fine-tuning (arXiv 2505.22608).
 
 Every prunable matrix W_l (q, k, v, out, fc1, fc2 of every block; `model.prunable_linears()`)
 gets ONE learnable scalar threshold t_l. With a temperature τ:
@@ -6,17 +6,19 @@ gets ONE learnable scalar threshold t_l. With a temperature τ:
     soft mask   M_l = sigmoid((W_l² − t_l²) / τ)          (element-wise; used for gradients only)
     hard mask   B_l = [W_l² ≥ t_l²]                        (used in EVERY forward pass)
     forward     W_eff = W_l ⊙ B_l,  backward through W_l ⊙ M_l (straight-through estimator)
-    loss        L = L_ctc + η · Σ_l ‖B_l‖₀,  the count's gradient taken through Σ_l Σ M_l
+    loss        L = L_task + η · Σ_l ‖B_l‖₀,  the count's gradient taken through Σ_l Σ M_l
 
-so W and t are trained together: the penalty raises t ("pinches" the matrix) and shrinks
-weights, CTC pushes back where weights matter. A controller holds the GLOBAL hard sparsity
+with L_task the model's own loss (the training loop's `Objective`: CTC for wav2vec2/HuBERT,
+as in the paper; teacher-forced decoder cross-entropy for Whisper). So W and t are trained
+together: the penalty raises t ("pinches" the matrix) and shrinks weights, the task loss
+pushes back where weights matter. A controller holds the GLOBAL hard sparsity
 at the target s*: η is on below s* and 0 at or above it. The per-matrix sparsities are
 learned, not set ("mixed sparsity"). τ is cosine-annealed 0.5 → 0.01. There is no separate
 prune-then-fine-tune stage; the final model is W ⊙ B with the gates removed (`finalize`).
 
 The gate is a `torch.nn.utils.parametrize` parametrization of `Linear.weight`, so a gated
-model is still the same `Wav2Vec2CTC` (same forward, `prunable_linears()` returns the same
-Linear modules and `linear.weight` reads the masked weight); `finalize` bakes W ⊙ B into a
+model is still a model of the same class (same forward, `prunable_linears()` returns the
+same Linear modules and `linear.weight` reads the masked weight); `finalize` bakes W ⊙ B into a
 plain `nn.Linear.weight` and leaves no gate code behind.
 
 Penalty scaling. The paper writes the raw count (η · Σ‖B‖₀, "raw" form below) next to a
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from spg.training import Method, TrainConfig
+from spg.compress.interface import Method, OptimizerSettings
 
 THRESHOLD_INIT = 1e-5        # paper: every t_l starts at 1e-5 (≈ 0 % sparsity)
 TAU_START, TAU_END = 0.5, 0.01   # paper: τ cosine-annealed from 0.5 to 0.01 over the run
@@ -136,7 +138,7 @@ def gated_matrices(model: nn.Module) -> list[GatedMatrix]:
 @torch.no_grad()
 def finalize(model: nn.Module) -> None:
     """Bake W ⊙ B into each gated Linear's plain `weight` Parameter and remove every gate.
-    The model is then an ordinary `Wav2Vec2CTC` whose pruned entries are exact zeros."""
+    The model is then an ordinary model of its class whose pruned entries are exact zeros."""
     for matrix in gated_matrices(model):
         keep = matrix.hard_mask()
         parametrize.remove_parametrizations(matrix.linear, "weight", leave_parametrized=False)
@@ -262,7 +264,7 @@ class SparsityController:
 # ========================================================================================
 
 class SPG(Method):
-    """Self-pinching gates as a `spg.training.Method`: attach gates, anneal τ, add the
+    """Self-pinching gates as a `spg.compress.interface.Method`: attach gates, anneal τ, add the
     penalty while the controller says so, calibrate and finalize at the end.
 
     target: global sparsity s* of the prunable matrices.
@@ -278,12 +280,12 @@ class SPG(Method):
     bare on/off controller the sparsity overshoots and then keeps creeping up: while η is on
     it dominates the thresholds' gradient, so AdamW's second moment v becomes large and its
     first moment m points up; after the switch m carries the thresholds on for tens of steps,
-    and the small CTC gradient that remains is divided by the large sqrt(v), so the
+    and the small task-loss gradient that remains is divided by the large sqrt(v), so the
     thresholds are frozen above the target and cannot come back. (Meanwhile kept weights
     random-walk across the frozen threshold, and masked ones barely move: more creep.)
     Clearing the thresholds' AdamW state at every switch (`reset_on_switch`) removes both:
     each switch restarts them with a bounded step of one learning rate, in the direction
-    of the gradient they now see (penalty up, CTC usually down), so the controller chatters
+    of the gradient they now see (penalty up, task loss usually down), so the controller chatters
     around s*. Measured on the tiny model (phase-1 checkpoint at step 300, 800 training
     utterances, 600 steps, batch 8, lr 2e-4, target 0.60, η' = 1.7e3; sparsity first
     reached at step 113 in every run; "final" is before calibration):
@@ -330,7 +332,7 @@ class SPG(Method):
     def attach(self, model: nn.Module) -> None:
         self.matrices = attach_gates(model, self.threshold_init)
 
-    def parameter_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+    def parameter_groups(self, model: nn.Module, config: OptimizerSettings) -> list[dict]:
         thresholds = [m.gate.threshold for m in self.matrices]
         ids = {id(t) for t in thresholds}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
@@ -338,7 +340,7 @@ class SPG(Method):
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
                 # Thresholds: weight decay 0 (ours: decay would pull them back to 0) and no
                 # gradient clipping (ours: the penalty's gradient on them is large by design
-                # and would otherwise scale down every CTC gradient through the shared norm;
+                # and would otherwise scale down every task-loss gradient through the shared norm;
                 # AdamW normalises their steps anyway).
                 {"params": thresholds, "weight_decay": 0.0, "clip_grad": False,
                  "lr": self.threshold_lr if self.threshold_lr is not None else config.lr}]

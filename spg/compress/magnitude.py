@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from spg.training import Method
+from spg.compress.interface import Method
 
 
 @torch.no_grad()

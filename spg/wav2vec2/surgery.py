@@ -8,7 +8,7 @@ config (`ModelConfig.layer_num_heads`, `layer_intermediate_sizes`, and `layer_qk
 `layer_v_head_dims` when head widths differ), so the result saves, loads and evaluates like
 any other model (`spg.save` / `spg.load`).
 
-The units of one block, in the packed layout of `spg.model.Attention` (head 0's dims, then
+The units of one block, in the packed layout of `spg.wav2vec2.model.Attention` (head 0's dims, then
 head 1's, ...):
 
   * attention head h: its query/key dims (rows of W_q and W_k, and their biases; shared by q
@@ -31,7 +31,7 @@ carries a copy of `model.compression`; see `rebuild`):
     `keep_head_dims(model, {block: (qk_dims, v_dims)})`, and `keep_units(...)` for heads and
     neurons in one rebuild.
 
-Only torch and `spg.model` are imported.
+Only torch and `spg.wav2vec2.model` are imported.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from spg.model import ModelConfig, Wav2Vec2CTC
+from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
 __all__ = [
     "AttentionWeights", "FeedForwardWeights", "BlockWeights", "block_weights", "rebuild",

@@ -1,15 +1,15 @@
 """Parameter clustering and structured magnitude pruning of Whisper (arXiv 2606.11836).
 
 The paper's headline experiment compresses Whisper with no data and no training. This is
-the Whisper counterpart of `spg.clustering` (wav2vec2), built from the same numpy parts of
-`spg.cluster` (unit vectors, k-means, merge rules, K per module, variance-based mixed K).
+the Whisper counterpart of `spg.compress.clustering` (wav2vec2), built from the same numpy parts of
+`spg.compress.kmeans` (unit vectors, k-means, merge rules, K per module, variance-based mixed K).
 
 Modules, each compressed on its own (20 of them in tiny.en's 4 + 4 layers):
   * encoder layer i: self-attention heads; FFN neurons;
   * decoder layer i: self-attention heads; cross-attention (`encoder_attn`) heads; FFN neurons.
 A head is the d rows of W_q, W_k, W_v (and the q and v biases) plus the d columns of W_out;
-a neuron is row n of fc1 (and its bias) plus column n of fc2 (spg.cluster, Part 2). Whisper's
-k_proj has no bias: we hand `spg.cluster` zeros for it (they add nothing to the distances
+a neuron is row n of fc1 (and its bias) plus column n of fc2 (spg.compress.kmeans, Part 2). Whisper's
+k_proj has no bias: we hand `spg.compress.kmeans` zeros for it (they add nothing to the distances
 k-means sees, merge to zeros under both rules and are dropped again), and count a head's
 parameters as 4·d·D + 2·d for the mixed-K budget. out_proj and fc2 biases belong to no unit
 and are kept unchanged.
@@ -32,8 +32,8 @@ encoder self-attention head per layer, and nothing else, already gave 80-93 % WE
 Compressing only the FFN neurons, clustering with `mean` keeps the most: 22.5 % WER at 10 %
 against 50.7 % for structured magnitude pruning.
 
-Only torch, numpy, `spg.cluster`, `spg.whisper` and (for its report bookkeeping)
-`spg.clustering` are imported.
+Only torch, numpy, `spg.compress.kmeans`, `spg.whisper` and (for its report bookkeeping)
+`spg.compress.clustering` are imported.
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from spg import cluster, clustering
-from spg.whisper import Whisper
+from spg.compress import kmeans
+from spg.compress.clustering import record_compression
+from spg.whisper.model import Whisper
 
 __all__ = ["MODULE_KINDS", "DEFAULT_MERGE", "cluster_compress", "structured_magnitude_prune", "keep_units",
            "plan_kept_units", "module_keys"]
 
 PAPER = "arXiv 2606.11836"
-DEFAULT_MERGE = "mean"      # the paper's wording; the same default as spg.clustering
+DEFAULT_MERGE = "mean"      # the paper's wording; the same default as spg.compress.clustering
 
 # Module kinds, the key they have in reports ("kept", "units_before", ...) and the config
 # field that holds their per-layer sizes.
@@ -84,7 +85,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 @dataclass
 class _Module:
     key: ModuleKey
-    units: cluster.ModuleUnits
+    units: kmeans.ModuleUnits
     unit_size: int           # real parameters per unit (no k bias)
     variance: float          # of the module's weight matrices
 
@@ -95,15 +96,15 @@ def _read_module(model: Whisper, key: ModuleKey) -> _Module:
     d_model = model.config.d_model
     if kind == "ffn":
         fc1, fc2 = block.fc1, block.fc2
-        units = cluster.ffn_neuron_units(_numpy(fc1.weight), _numpy(fc1.bias), _numpy(fc2.weight))
-        return _Module(key, units, units.unit_size, cluster.weight_variance(_numpy(fc1.weight), _numpy(fc2.weight)))
+        units = kmeans.ffn_neuron_units(_numpy(fc1.weight), _numpy(fc1.bias), _numpy(fc2.weight))
+        return _Module(key, units, units.unit_size, kmeans.weight_variance(_numpy(fc1.weight), _numpy(fc2.weight)))
     attention = getattr(block, kind)
     q, k, v, out = attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj
     no_k_bias = np.zeros(k.weight.shape[0])
-    units = cluster.attention_head_units(_numpy(q.weight), _numpy(q.bias), _numpy(k.weight), no_k_bias,
-                                         _numpy(v.weight), _numpy(v.bias), _numpy(out.weight), attention.num_heads)
+    units = kmeans.attention_head_units(_numpy(q.weight), _numpy(q.bias), _numpy(k.weight), no_k_bias,
+                                        _numpy(v.weight), _numpy(v.bias), _numpy(out.weight), attention.num_heads)
     head_dim = attention.head_dim
-    variance = cluster.weight_variance(_numpy(q.weight), _numpy(k.weight), _numpy(v.weight), _numpy(out.weight))
+    variance = kmeans.weight_variance(_numpy(q.weight), _numpy(k.weight), _numpy(v.weight), _numpy(out.weight))
     return _Module(key, units, 4 * head_dim * d_model + 2 * head_dim, variance)
 
 
@@ -115,12 +116,12 @@ def _modules(model: Whisper) -> list[_Module]:
 # Building the smaller model
 # ----------------------------------------------------------------------------------------
 
-def _module_tensors(key: ModuleKey, units: cluster.ModuleUnits, d_model: int) -> dict[str, np.ndarray]:
+def _module_tensors(key: ModuleKey, units: kmeans.ModuleUnits, d_model: int) -> dict[str, np.ndarray]:
     """State-dict entries (names relative to the layer) for a module holding `units`."""
     if key[2] == "ffn":
-        arrays = cluster.ffn_weights_from_units(units)
+        arrays = kmeans.ffn_weights_from_units(units)
         return {"fc1.weight": arrays["fc1_weight"], "fc1.bias": arrays["fc1_bias"], "fc2.weight": arrays["fc2_weight"]}
-    arrays = cluster.attention_weights_from_units(units, d_model)
+    arrays = kmeans.attention_weights_from_units(units, d_model)
     prefix = key[2]
     return {f"{prefix}.q_proj.weight": arrays["q_weight"], f"{prefix}.q_proj.bias": arrays["q_bias"],
             f"{prefix}.k_proj.weight": arrays["k_weight"],                 # k_bias (zeros) is dropped
@@ -128,7 +129,7 @@ def _module_tensors(key: ModuleKey, units: cluster.ModuleUnits, d_model: int) ->
             f"{prefix}.out_proj.weight": arrays["out_weight"]}
 
 
-def _install(model: Whisper, new_units: Mapping[ModuleKey, cluster.ModuleUnits]) -> Whisper:
+def _install(model: Whisper, new_units: Mapping[ModuleKey, kmeans.ModuleUnits]) -> Whisper:
     """A new Whisper whose listed modules hold `new_units` (everything else copied). The
     per-layer sizes of every module go into the new config; same device, dtype and mode."""
     config = copy.deepcopy(model.config)
@@ -208,9 +209,9 @@ def _kept_per_module(modules: list[_Module], sparsity: float, mixed: bool,
         return result, None
     num_units = [m.units.num_units for m in modules]
     if not mixed:
-        return [cluster.kept_units(n, sparsity) for n in num_units], None
-    return cluster.mixed_kept_units(num_units, [m.unit_size for m in modules], [m.variance for m in modules],
-                                    sparsity)
+        return [kmeans.kept_units(n, sparsity) for n in num_units], None
+    return kmeans.mixed_kept_units(num_units, [m.unit_size for m in modules], [m.variance for m in modules],
+                                   sparsity)
 
 
 def plan_kept_units(model: Whisper, sparsity: float, *, mixed: bool = False) -> dict[str, list[int]]:
@@ -224,7 +225,7 @@ def _record(model: Whisper, new_model: Whisper, modules: list[_Module], record: 
     record["units_before"] = _per_kind(modules, [m.units.num_units for m in modules])
     if groups is not None:
         record["variance_group"] = _per_kind(modules, groups)
-    return clustering._record(model, new_model, record)      # parameter counts; new_model.compression
+    return record_compression(model, new_model, record)      # parameter counts; new_model.compression
 
 
 @torch.no_grad()
@@ -234,19 +235,19 @@ def cluster_compress(model: Whisper, sparsity: float, *, merge: str = DEFAULT_ME
 
     K per module: round(N (1 - sparsity)), or variance-based mixed K (`mixed`, over all 20
     modules of tiny.en together), or the given `ks` (a report's "kept"). merge: "mean" or
-    "sum_out" (spg.cluster.merge_units). Returns (new model, report); the input is not
+    "sum_out" (spg.compress.kmeans.merge_units). Returns (new model, report); the input is not
     modified. report = {"method": "parameter_clustering", "paper", "sparsity", "merge",
     "mixed", "seed", "kept": {"encoder_heads": [per layer], "encoder_ffn_units", "decoder_heads",
     "decoder_cross_heads", "decoder_ffn_units"}, "inertia" (same layout), "units_before",
     "variance_group" (mixed only), "params_before", "params_after"}; it is also stored in
     new_model.compression."""
-    if merge not in cluster.MERGE_RULES:
-        raise ValueError(f"merge must be one of {cluster.MERGE_RULES}; got {merge!r}")
+    if merge not in kmeans.MERGE_RULES:
+        raise ValueError(f"merge must be one of {kmeans.MERGE_RULES}; got {merge!r}")
     modules = _modules(model)
     kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     new_units, inertias = {}, []
     for module, k in zip(modules, kept):
-        merged, _labels, inertia = cluster.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init)
+        merged, _labels, inertia = kmeans.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init)
         new_units[module.key] = merged
         inertias.append(float(inertia))
     new_model = _install(model, new_units)
@@ -261,11 +262,11 @@ def cluster_compress(model: Whisper, sparsity: float, *, merge: str = DEFAULT_ME
 def structured_magnitude_prune(model: Whisper, sparsity: float, *, mixed: bool = False,
                                ks: Optional[dict] = None) -> tuple[Whisper, dict]:
     """The paper's baseline: keep in every module the K units with the largest L2 norm of the
-    unit vector clustering uses (spg.cluster.largest_norm_units); K as in `cluster_compress`.
+    unit vector clustering uses (spg.compress.kmeans.largest_norm_units); K as in `cluster_compress`.
     Returns (new model, report) with "method": "structured_magnitude"."""
     modules = _modules(model)
     kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
-    new_units = {m.key: m.units.select(cluster.largest_norm_units(m.units, k)) for m, k in zip(modules, kept)}
+    new_units = {m.key: m.units.select(kmeans.largest_norm_units(m.units, k)) for m, k in zip(modules, kept)}
     new_model = _install(model, new_units)
     record = {"method": "structured_magnitude", "paper": PAPER, "sparsity": float(sparsity),
               "mixed": bool(mixed and ks is None), "kept": _per_kind(modules, kept)}

@@ -1,7 +1,9 @@
-"""L0 hard-concrete head pruning as a `spg.training.Method` (arXiv 2306.01385).
+"""L0 hard-concrete head pruning as a `spg.compress.interface.Method` (arXiv 2306.01385).
 
-The gates, the expected parameter count, the Lagrangian and the final surgery are in
-`spg.hardconcrete`; this module plugs them into the shared CTC loop:
+The gates, the expected parameter count and the Lagrangian are in
+`spg.compress.hardconcrete`; this module plugs them into the shared CTC loop and, at the
+end, folds the masks into the weights and removes the pruned units (`finalize`, with
+`spg.wav2vec2.surgery`):
 
     method = L0Method(target_sparsity=0.7)                  # or ste=True, distill_teacher=...
     train(model, utterances, config, method=method)
@@ -13,8 +15,8 @@ Loss per step (CoFi, Xia et al. 2022; DPHuBERT, Peng et al. 2023):
 with ŝ the expected sparsity of the six prunable layers (`L0Gates.expected_sparsity`),
 t ramped linearly from 0 to the target over the first `target_warmup_fraction` of the
 steps, and λ1, λ2 trained by gradient ASCENT (gradient reversal, see
-`spg.hardconcrete.lagrangian`). The arXiv 2306.01385 paper trains task-agnostically by
-distillation; in our CTC setting CTC is the main loss and distillation is optional.
+`spg.compress.hardconcrete.lagrangian`). The arXiv 2306.01385 paper trains task-agnostically
+by distillation; in our CTC setting CTC is the main loss and distillation is optional.
 
 Distillation (optional, `distill_teacher`): layer-to-layer, as DPHuBERT's "layer2layer"
 mode: for a few blocks i, L1 + (1 − cosine) between the student's and the dense teacher's
@@ -65,10 +67,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from spg.hardconcrete import GateHooks, InitDropRates, L0Gates, apply_gates, fold_masks_, lagrangian, \
-    prune_with_masks, target_at
-from spg.model import Wav2Vec2CTC
-from spg.training import Method, TrainConfig
+from spg.compress.hardconcrete import BlockMasks, GateHooks, InitDropRates, L0Gates, apply_gates, lagrangian, target_at
+from spg.compress.interface import Method, OptimizerSettings
+from spg.wav2vec2 import surgery
+from spg.wav2vec2.model import Wav2Vec2CTC
 
 GATE_LR = 0.1                   # ours; DPHuBERT's reg_lr is 0.02 (see the module docstring)
 LAMBDA_LR = 0.1                 # ours; DPHuBERT's reg_lr is 0.02 (ascent)
@@ -128,7 +130,7 @@ class L0Method(Method):
     with a target-sparsity Lagrangian; see the module docstring.
 
     target_sparsity: final target for ŝ, the sparsity of the six prunable layers of every
-        block counted with their biases (`spg.hardconcrete` module docstring).
+        block counted with their biases (`spg.compress.hardconcrete` module docstring).
     ste: straight-through variant (binary masks forward, relaxed gradient backward).
     gate_lr, lambda_lr: learning rates of log_alpha and of λ1, λ2.
     target_warmup_fraction: share of the steps over which t ramps from 0 to the target.
@@ -210,7 +212,7 @@ class L0Method(Method):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.gates]
 
-    def parameter_groups(self, model: Wav2Vec2CTC, config: TrainConfig) -> list[dict]:
+    def parameter_groups(self, model: Wav2Vec2CTC, config: OptimizerSettings) -> list[dict]:
         return super().parameter_groups(model, config) + [
             # Gates and λ: no weight decay (it would pull them to 0, i.e. to a 50 % drop rate
             # and to no constraint) and no clipping (see the module docstring).
@@ -314,3 +316,107 @@ class L0Method(Method):
             self.lambda2.fill_(state["lambda2"])
         self.current_target = state["current_target"]
         self.history = list(state["history"])
+
+
+# ========================================================================================
+# Folding the masks and removing the pruned units
+# ========================================================================================
+
+def _head_slices(widths: Sequence[int]) -> list[slice]:
+    starts = [0]
+    for width in widths:
+        starts.append(starts[-1] + width)
+    return [slice(starts[h], starts[h + 1]) for h in range(len(widths))]
+
+
+@torch.no_grad()
+def fold_block(weights: surgery.BlockWeights, masks: BlockMasks) -> surgery.BlockWeights:
+    """New weights (same shapes) computing exactly what `weights` computes under `masks`,
+    with every parameter that `prune_with_masks` removes set to 0:
+
+    W_q rows and b_q ← ·m_q (q·k then carries the mask); W_out columns ← ·m_v (the context
+    enters out_proj linearly); W_fc2 columns ← ·m_f (after the GELU). Then zeroed: W_k rows
+    and b_k where m_q = 0, W_v rows and b_v where m_v = 0, W_fc1 rows and b_fc1 where m_f = 0,
+    and all q/k rows of heads that keep no value dim (surgery removes those heads)."""
+    a, f = weights.attention, weights.feed_forward
+    m_q = masks.query.to(a.q_weight)
+    m_v = masks.value.to(a.v_weight)
+    m_f = masks.ffn.to(f.fc1_weight)
+    head_alive = torch.zeros_like(m_q)
+    for qk_slice, v_slice in zip(_head_slices(a.qk_head_dims), _head_slices(a.v_head_dims)):
+        head_alive[qk_slice] = float(bool((m_v[v_slice] != 0).any()))
+    q_scale = m_q * head_alive
+    k_keep = (q_scale != 0).to(m_q)
+    v_keep = (m_v != 0).to(m_v)
+    f_keep = (m_f != 0).to(m_f)
+    attention = surgery.AttentionWeights(
+        q_weight=a.q_weight * q_scale[:, None], q_bias=a.q_bias * q_scale,
+        k_weight=a.k_weight * k_keep[:, None], k_bias=a.k_bias * k_keep,
+        v_weight=a.v_weight * v_keep[:, None], v_bias=a.v_bias * v_keep,
+        out_weight=a.out_weight * m_v[None, :], out_bias=a.out_bias.clone(),
+        qk_head_dims=list(a.qk_head_dims), v_head_dims=list(a.v_head_dims))
+    feed_forward = surgery.FeedForwardWeights(
+        fc1_weight=f.fc1_weight * f_keep[:, None], fc1_bias=f.fc1_bias * f_keep,
+        fc2_weight=f.fc2_weight * m_f[None, :], fc2_bias=f.fc2_bias.clone())
+    return surgery.BlockWeights(attention=attention, feed_forward=feed_forward)
+
+
+def _kept_within_heads(mask: torch.Tensor, widths: Sequence[int]) -> list[list[int]]:
+    """Per head, the within-head indices whose mask value is non-zero."""
+    return [torch.nonzero(mask[s] != 0).flatten().tolist() for s in _head_slices(widths)]
+
+
+@torch.no_grad()
+def fold_masks_(model: Wav2Vec2CTC, masks: Sequence[BlockMasks]) -> None:
+    """In place: fold `masks` into `model`'s weights (`fold_block`); the shapes stay dense,
+    the pruned units become exact zeros. Remove the gate hooks before using the model."""
+    for block, block_masks in enumerate(masks):
+        folded = fold_block(surgery.block_weights(model, block), block_masks)
+        layer = model.encoder.layers[block]
+        a, f = folded.attention, folded.feed_forward
+        for linear, weight, bias in [
+                (layer.attention.q_proj, a.q_weight, a.q_bias), (layer.attention.k_proj, a.k_weight, a.k_bias),
+                (layer.attention.v_proj, a.v_weight, a.v_bias), (layer.attention.out_proj, a.out_weight, a.out_bias),
+                (layer.feed_forward.intermediate_dense, f.fc1_weight, f.fc1_bias),
+                (layer.feed_forward.output_dense, f.fc2_weight, f.fc2_bias)]:
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+
+
+@torch.no_grad()
+def prune_with_masks(model: Wav2Vec2CTC, masks: Sequence[BlockMasks]) -> Wav2Vec2CTC:
+    """A new, physically smaller model computing what `model` computes under `masks`:
+    fold the mask values into the weights (`fold_block`), then keep, per block, the q/k dims
+    with m_q ≠ 0, the value dims with m_v ≠ 0 (heads left with none are removed, see
+    `spg.wav2vec2.surgery.AttentionWeights.keep_head_dims`) and the FFN neurons with m_f ≠ 0.
+
+    Representation: the result's config lists every block's head count, per-head q/k and
+    value widths and FFN width (`ModelConfig.layer_qk_head_dims`, `layer_v_head_dims`,
+    `layer_intermediate_sizes`); `spg.wav2vec2.model.Attention` packs the heads' dims one after the
+    other in its q/k/v/out matrices and zero-pads them to the widest head of the block at
+    run time, so attention stays one batched call and the padding adds nothing to q·k or to
+    the output. The attention scale stays 1/sqrt(unpruned head width), as in training.
+    `model` is not modified; it may carry gate hooks (they are not copied)."""
+    if len(masks) != len(model.encoder.layers):
+        raise ValueError(f"{len(masks)} block masks for a model with {len(model.encoder.layers)} blocks")
+    updates = {}
+    for block, block_masks in enumerate(masks):
+        folded = fold_block(surgery.block_weights(model, block), block_masks)
+        a = folded.attention
+        qk_dims = _kept_within_heads(block_masks.query, a.qk_head_dims)
+        v_dims = _kept_within_heads(block_masks.value, a.v_head_dims)
+        units = torch.nonzero(block_masks.ffn != 0).flatten().tolist()
+        updates[block] = surgery.BlockWeights(attention=a.keep_head_dims(qk_dims, v_dims),
+                                              feed_forward=folded.feed_forward.keep_units(units))
+    return surgery.rebuild(model, updates)
+
+
+@torch.no_grad()
+def finalize(model: Wav2Vec2CTC, gates: L0Gates) -> Wav2Vec2CTC:
+    """The deliverable: a new, smaller `Wav2Vec2CTC` that computes what the gated `model`
+    computes in eval mode (deterministic masks, soft values folded, see `prune_with_masks`).
+    Its six prunable layers have exactly `gates.deployed_num_parameters()` parameters,
+    which equals `gates.expected_num_parameters()` when the gates are saturated (every
+    P(z ≠ 0) is 0 or 1). It saves, loads (`spg.save` / `spg.load`) and evaluates like any
+    other model. `model.compression` is copied; callers add their record."""
+    return prune_with_masks(model, gates.deterministic_masks())

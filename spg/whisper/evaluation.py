@@ -4,7 +4,7 @@
 `spg.training.evaluate_corpus` (WER, CER, S/D/I, real-time factor, references and
 hypotheses), so `evaluate.py`, `train.py` and the benchmarks print Whisper results the same
 way. Whisper writes cased, punctuated text ("And Mr. John Dashwood ..."), so references and
-hypotheses both go through `spg.whisper.normalize_english` before scoring (lowercase, no
+hypotheses both go through `spg.text.normalize_english` before scoring (lowercase, no
 punctuation, mr -> mister, ...); the built-in corpus's references (upper-case letters and
 apostrophes) are unchanged by it apart from the case.
 
@@ -12,7 +12,7 @@ apostrophes) are unchanged by it apart from the case.
 (`tests/data/librivox`: a `transcription` file of `<s> words </s> (utterance-id)` lines and
 `<utterance-id>.flac` or `.wav` next to it) as `spg.data.Utterance`s, for any model.
 
-Whisper hears one 30 s window (`spg.whisper.N_SAMPLES`); `Whisper.transcribe` would cut
+Whisper hears one 30 s window (`spg.whisper.audio.N_SAMPLES`); `Whisper.transcribe` would cut
 longer audio to its first 30 s and score the rest as deleted, a wrong number. So both
 functions refuse audio longer than 30 s with a DataError naming the file and its length
 (there is no long-form sliding window here).
@@ -31,8 +31,10 @@ import soundfile
 import torch
 
 from spg.data import SAMPLE_RATE, DataError, Utterance, normalize_text, read_audio
+from spg.text import normalize_english
 from spg.wer import corpus_scores
-from spg.whisper import N_SAMPLES, Whisper, normalize_english
+from spg.whisper.audio import N_SAMPLES
+from spg.whisper.model import Whisper
 
 __all__ = ["TRANSCRIPTION_FILE", "is_transcription_folder", "read_transcription_folder", "evaluate_whisper",
            "whisper_sparsity_report"]

@@ -32,8 +32,8 @@ How the gates act in the forward pass (`apply_gates`, forward hooks, removable):
 Every mask multiplies a linear map's input or output, so a deterministic (eval) mask folds
 exactly into the weights: m_q into the rows and bias of W_q, m_v into the columns of W_out,
 m_f into the columns of W_fc2 (GELU is not homogeneous, so the FFN mask must be folded on
-its output side). `finalize` does that fold and then removes the zeroed units physically
-with `spg.surgery`.
+its output side). `spg.compress.l0.finalize` does that fold and then removes the zeroed
+units physically with `spg.wav2vec2.surgery`.
 
 Evaluation mask (DPHuBERT's `HardConcrete.forward` in eval mode, from FLOP, Wang et al.
 2020): per gate group keep the round(expected L0) units with the largest log_alpha, with the
@@ -57,8 +57,8 @@ W_fc1, W_fc2 and the biases b_q, b_k, b_v, b_out, b_fc1, b_fc2. With D the hidde
     FFN, per kept neuron:       2·D + 1     (row of W_fc1 + b_fc1 entry, column of W_fc2)
     always kept:                2·D         (b_out and b_fc2 belong to no unit)
 
-`spg.surgery` removes a head that keeps no value dim altogether, its q/k dims included (it
-can add nothing to the output). So with p(·) = P(gate ≠ 0) and independent gates:
+`spg.wav2vec2.surgery` removes a head that keeps no value dim altogether, its q/k dims
+included (it can add nothing to the output). So with p(·) = P(gate ≠ 0) and independent gates:
 
     E[#params of head h] = p(z_h) · [ Σ_d p(z_{h,d}) · 2(D + 1) · (1 − Π_e (1 − p(z_{h,e})))
                                       + Σ_e p(z_{h,e}) · (2D + 1) ]
@@ -68,29 +68,26 @@ This is the exact expectation of the physically pruned count of a sampled networ
 with 0/1 gates it IS that count (tests/test_hardconcrete.py checks it against surgery).
 Expected sparsity ŝ = 1 − E[#params] / #params of the dense six layers.
 
-Only torch and `spg.surgery` (which brings `spg.model`) are imported. The training-loop
-plug-in (Lagrangian schedule, optional distillation) is `spg.l0.L0Method`.
+Only torch is imported, so this file can be copied alone (the gates find a model's blocks
+by the attribute names of `spg.wav2vec2.model`). Folding the masks and removing the pruned
+units (`finalize`) and the training-loop plug-in (Lagrangian schedule, optional
+distillation, `L0Method`) are `spg.compress.l0`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spg import surgery
-
-if TYPE_CHECKING:  # only for annotations; spg.surgery already imports spg.model at run time
-    from spg.model import Wav2Vec2CTC
 
 __all__ = [
     "BETA", "LIMIT_L", "LIMIT_R", "InitDropRates", "HardConcrete", "BlockMasks", "BlockGates", "L0Gates",
-    "GateHooks", "apply_gates", "lagrangian", "reverse_gradient", "target_at", "fold_block",
-    "fold_masks_", "prune_with_masks", "finalize",
+    "GateHooks", "apply_gates", "lagrangian", "reverse_gradient", "target_at",
 ]
 
 BETA = 2.0 / 3.0                 # temperature (Louizos et al.; CoFi; DPHuBERT)
@@ -219,7 +216,7 @@ class HardConcrete(nn.Module):
 
 @dataclass
 class BlockMasks:
-    """The masks one block's forward pass multiplies in, in `spg.model.Attention`'s packed
+    """The masks one block's forward pass multiplies in, in `spg.wav2vec2.model.Attention`'s packed
     layout (head 0's dims, then head 1's, ...):
 
     query (sum qk_head_dims,): on the q_proj output, m_q[h,d] = z_{h,d};
@@ -292,7 +289,7 @@ class BlockGates(nn.Module):
 
     @torch.no_grad()
     def deployed_num_parameters(self, binary: bool = False) -> int:
-        """Parameters of the six layers in the model `finalize` builds from these gates."""
+        """Parameters of the six layers in the model `spg.compress.l0.finalize` builds from these gates."""
         return self.num_parameters_of(self.heads.deterministic(binary), self.qk_dims.deterministic(binary),
                                       self.v_dims.deterministic(binary), self.ffn.deterministic(binary))
 
@@ -317,7 +314,7 @@ class L0Gates(nn.Module):
         self.ste = bool(ste)
 
     @classmethod
-    def for_model(cls, model: "Wav2Vec2CTC", init: InitDropRates = InitDropRates(), *, ste: bool = False,
+    def for_model(cls, model: nn.Module, init: InitDropRates = InitDropRates(), *, ste: bool = False,
                   seed: int = 0) -> "L0Gates":
         """Gates shaped like `model`'s blocks (any per-block head count, head widths and
         FFN width), on the model's device. `seed` fixes the N(·, 0.01²) init noise."""
@@ -334,7 +331,7 @@ class L0Gates(nn.Module):
 
     @torch.no_grad()
     def deterministic_masks(self) -> list[BlockMasks]:
-        """The evaluation masks, which `finalize` folds and prunes (binary when `ste`)."""
+        """The evaluation masks, which `spg.compress.l0.finalize` folds and prunes (binary when `ste`)."""
         return [block.deterministic_masks(self.ste) for block in self.blocks]
 
     def expected_num_parameters(self) -> torch.Tensor:
@@ -361,7 +358,7 @@ class L0Gates(nn.Module):
         sparsity is the smallest one ≥ `target` that a common shift can reach. Returns c.
 
         Not in the papers: our final correction of the Lagrangian's miss in short runs (as
-        `spg.gates.calibrate_thresholds` for SPG), in either direction. A common shift keeps
+        `spg.compress.self_pinching.calibrate_thresholds` for SPG), in either direction. A common shift keeps
         the order of the units inside every group, so it moves the per-group keep counts
         round(n_g − Σ P(z ≠ 0)) and units leave (or come back) in log_alpha order; the
         deployed count is non-decreasing in c, so bisection converges. It also moves the soft
@@ -404,7 +401,7 @@ class GateHooks:
     through `model(...)`, not called one by one. `copy.deepcopy` of a gated model copies
     the hooks too (still bound to this object): remove them before copying."""
 
-    def __init__(self, model: "Wav2Vec2CTC", gates: L0Gates):
+    def __init__(self, model: nn.Module, gates: L0Gates):
         if len(gates.blocks) != len(model.encoder.layers):
             raise ValueError(f"{len(gates.blocks)} gate blocks for a model with {len(model.encoder.layers)} blocks")
         self.gates = gates
@@ -444,7 +441,7 @@ class GateHooks:
         self.current = None
 
 
-def apply_gates(model: "Wav2Vec2CTC", gates: L0Gates) -> GateHooks:
+def apply_gates(model: nn.Module, gates: L0Gates) -> GateHooks:
     """Gate `model`'s forward pass with `gates` until `.remove()` is called on the result."""
     return GateHooks(model, gates)
 
@@ -487,107 +484,3 @@ def target_at(step: int, total_steps: int, target: float, warmup_fraction: float
     if ramp <= 0:
         return target
     return target * min(1.0, step / ramp)
-
-
-# ========================================================================================
-# Folding the masks and removing the pruned units
-# ========================================================================================
-
-def _head_slices(widths: Sequence[int]) -> list[slice]:
-    starts = [0]
-    for width in widths:
-        starts.append(starts[-1] + width)
-    return [slice(starts[h], starts[h + 1]) for h in range(len(widths))]
-
-
-@torch.no_grad()
-def fold_block(weights: surgery.BlockWeights, masks: BlockMasks) -> surgery.BlockWeights:
-    """New weights (same shapes) computing exactly what `weights` computes under `masks`,
-    with every parameter that `prune_with_masks` removes set to 0:
-
-    W_q rows and b_q ← ·m_q (q·k then carries the mask); W_out columns ← ·m_v (the context
-    enters out_proj linearly); W_fc2 columns ← ·m_f (after the GELU). Then zeroed: W_k rows
-    and b_k where m_q = 0, W_v rows and b_v where m_v = 0, W_fc1 rows and b_fc1 where m_f = 0,
-    and all q/k rows of heads that keep no value dim (surgery removes those heads)."""
-    a, f = weights.attention, weights.feed_forward
-    m_q = masks.query.to(a.q_weight)
-    m_v = masks.value.to(a.v_weight)
-    m_f = masks.ffn.to(f.fc1_weight)
-    head_alive = torch.zeros_like(m_q)
-    for qk_slice, v_slice in zip(_head_slices(a.qk_head_dims), _head_slices(a.v_head_dims)):
-        head_alive[qk_slice] = float(bool((m_v[v_slice] != 0).any()))
-    q_scale = m_q * head_alive
-    k_keep = (q_scale != 0).to(m_q)
-    v_keep = (m_v != 0).to(m_v)
-    f_keep = (m_f != 0).to(m_f)
-    attention = surgery.AttentionWeights(
-        q_weight=a.q_weight * q_scale[:, None], q_bias=a.q_bias * q_scale,
-        k_weight=a.k_weight * k_keep[:, None], k_bias=a.k_bias * k_keep,
-        v_weight=a.v_weight * v_keep[:, None], v_bias=a.v_bias * v_keep,
-        out_weight=a.out_weight * m_v[None, :], out_bias=a.out_bias.clone(),
-        qk_head_dims=list(a.qk_head_dims), v_head_dims=list(a.v_head_dims))
-    feed_forward = surgery.FeedForwardWeights(
-        fc1_weight=f.fc1_weight * f_keep[:, None], fc1_bias=f.fc1_bias * f_keep,
-        fc2_weight=f.fc2_weight * m_f[None, :], fc2_bias=f.fc2_bias.clone())
-    return surgery.BlockWeights(attention=attention, feed_forward=feed_forward)
-
-
-def _kept_within_heads(mask: torch.Tensor, widths: Sequence[int]) -> list[list[int]]:
-    """Per head, the within-head indices whose mask value is non-zero."""
-    return [torch.nonzero(mask[s] != 0).flatten().tolist() for s in _head_slices(widths)]
-
-
-@torch.no_grad()
-def fold_masks_(model: "Wav2Vec2CTC", masks: Sequence[BlockMasks]) -> None:
-    """In place: fold `masks` into `model`'s weights (`fold_block`); the shapes stay dense,
-    the pruned units become exact zeros. Remove the gate hooks before using the model."""
-    for block, block_masks in enumerate(masks):
-        folded = fold_block(surgery.block_weights(model, block), block_masks)
-        layer = model.encoder.layers[block]
-        a, f = folded.attention, folded.feed_forward
-        for linear, weight, bias in [
-                (layer.attention.q_proj, a.q_weight, a.q_bias), (layer.attention.k_proj, a.k_weight, a.k_bias),
-                (layer.attention.v_proj, a.v_weight, a.v_bias), (layer.attention.out_proj, a.out_weight, a.out_bias),
-                (layer.feed_forward.intermediate_dense, f.fc1_weight, f.fc1_bias),
-                (layer.feed_forward.output_dense, f.fc2_weight, f.fc2_bias)]:
-            linear.weight.copy_(weight)
-            linear.bias.copy_(bias)
-
-
-@torch.no_grad()
-def prune_with_masks(model: "Wav2Vec2CTC", masks: Sequence[BlockMasks]) -> "Wav2Vec2CTC":
-    """A new, physically smaller model computing what `model` computes under `masks`:
-    fold the mask values into the weights (`fold_block`), then keep, per block, the q/k dims
-    with m_q ≠ 0, the value dims with m_v ≠ 0 (heads left with none are removed, see
-    `spg.surgery.AttentionWeights.keep_head_dims`) and the FFN neurons with m_f ≠ 0.
-
-    Representation: the result's config lists every block's head count, per-head q/k and
-    value widths and FFN width (`ModelConfig.layer_qk_head_dims`, `layer_v_head_dims`,
-    `layer_intermediate_sizes`); `spg.model.Attention` packs the heads' dims one after the
-    other in its q/k/v/out matrices and zero-pads them to the widest head of the block at
-    run time, so attention stays one batched call and the padding adds nothing to q·k or to
-    the output. The attention scale stays 1/sqrt(unpruned head width), as in training.
-    `model` is not modified; it may carry gate hooks (they are not copied)."""
-    if len(masks) != len(model.encoder.layers):
-        raise ValueError(f"{len(masks)} block masks for a model with {len(model.encoder.layers)} blocks")
-    updates = {}
-    for block, block_masks in enumerate(masks):
-        folded = fold_block(surgery.block_weights(model, block), block_masks)
-        a = folded.attention
-        qk_dims = _kept_within_heads(block_masks.query, a.qk_head_dims)
-        v_dims = _kept_within_heads(block_masks.value, a.v_head_dims)
-        units = torch.nonzero(block_masks.ffn != 0).flatten().tolist()
-        updates[block] = surgery.BlockWeights(attention=a.keep_head_dims(qk_dims, v_dims),
-                                              feed_forward=folded.feed_forward.keep_units(units))
-    return surgery.rebuild(model, updates)
-
-
-@torch.no_grad()
-def finalize(model: "Wav2Vec2CTC", gates: L0Gates) -> "Wav2Vec2CTC":
-    """The deliverable: a new, smaller `Wav2Vec2CTC` that computes what the gated `model`
-    computes in eval mode (deterministic masks, soft values folded, see `prune_with_masks`).
-    Its six prunable layers have exactly `gates.deployed_num_parameters()` parameters,
-    which equals `gates.expected_num_parameters()` when the gates are saturated (every
-    P(z ≠ 0) is 0 or 1). It saves, loads (`spg.save` / `spg.load`) and evaluates like any
-    other model. `model.compression` is copied; callers add their record."""
-    return prune_with_masks(model, gates.deterministic_masks())

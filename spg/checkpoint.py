@@ -1,0 +1,793 @@
+"""Checkpoint plumbing shared by every model family: errors, atomic writes, safetensors,
+Hugging Face weight files, a restricted unpickler, sparse storage of pruned matrices, and
+copying a state dict into a model with strict key, shape and dtype checks.
+
+Nothing here knows a network: the family readers (`spg.wav2vec2.io`, `spg.whisper.io`,
+`spg.whisper.ct2`) translate key names and configs and call these helpers. Loading never runs
+code from a file:
+  * our files and `pytorch_model.bin` go through `torch.load(weights_only=True)`;
+  * safetensors files are parsed here, by hand (the format is a JSON header + raw bytes);
+  * other pickles (fairseq's) go through a restricted unpickler that admits tensors, plain
+    containers and inert stand-ins for argparse/omegaconf/fairseq config objects, and refuses
+    the rest (`read_torch_file`).
+Every failure raises `CheckpointError`, whose message names the file and the offending keys.
+
+Sections: 1. errors and small helpers   2. sparse storage   3. Hugging Face weight files
+          4. safetensors   5. restricted unpickler   6. installing and checking weights
+          7. atomic writes
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import collections
+import contextlib
+import copyreg
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
+
+import torch
+
+__all__ = ["CheckpointError", "format_keys", "read_json", "first_line", "encode_state_dict", "decode_state_dict",
+           "read_hf_weights", "read_safetensors", "write_safetensors", "read_torch_file", "to_plain",
+           "install_state_dict", "check_finite", "check_plain_data", "atomic_write"]
+
+PathLike = Union[str, os.PathLike]
+
+
+# ========================================================================================
+# 1. Errors and small helpers
+# ========================================================================================
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read. The message names the file and what was wrong."""
+
+
+def format_keys(keys: Iterable[str], limit: int = 10) -> str:
+    """'a, b, c' for short lists, 'a, ..., j ... and 7 more' for long ones."""
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not readable JSON ({error})") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+# ========================================================================================
+# 2. Sparse storage of pruned matrices
+# ========================================================================================
+
+def encode_state_dict(state: dict[str, torch.Tensor], *, half: bool) -> dict[str, Any]:
+    """The checkpoint entries that hold the weights: {"state_dict": {name: dense tensor}} and,
+    when some matrix is worth storing sparse, {"sparse": {name: {"shape", "mask", "values"}}}.
+
+    Sparse form of a tensor with n entries, k of them non-zero: "mask" is the n-bit keep
+    mask packed 8 per byte (uint8, most significant bit first, like np.packbits) and
+    "values" the k non-zero entries in row-major order, in the stored dtype. It takes
+    n/8 + k·b bytes against n·b dense (b = 4 for fp32, 2 for fp16), so it is used for a
+    floating-point matrix exactly when its zero fraction exceeds 1/(8·b), i.e. when it is
+    smaller. (Zeros are found after the fp16 cast, so the stored values round-trip exactly;
+    a −0.0 comes back as +0.0, which computes the same.)"""
+    dense, sparse = {}, {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu")
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        if tensor.is_floating_point() and tensor.ndim >= 2 and tensor.numel() > 0:
+            keep = tensor != 0
+            zeros = tensor.numel() - int(keep.sum())
+            if zeros * 8 * tensor.element_size() > tensor.numel():
+                sparse[name] = {"shape": list(tensor.shape), "mask": _pack_bits(keep.flatten()),
+                                "values": tensor[keep].clone()}
+                continue
+        dense[name] = tensor
+    return {"state_dict": dense, "sparse": sparse} if sparse else {"state_dict": dense}
+
+
+def decode_state_dict(checkpoint: dict, source: str) -> dict[str, torch.Tensor]:
+    """Inverse of `encode_state_dict`: {name: tensor} in whatever dtype was stored (the
+    copy into the model casts fp16 back to the model's fp32)."""
+    dense = checkpoint.get("state_dict")
+    if not isinstance(dense, dict):
+        raise CheckpointError(f"{source}: 'state_dict' is missing or not a dict")
+    sparse = checkpoint.get("sparse", {})
+    if not isinstance(sparse, dict):
+        raise CheckpointError(f"{source}: 'sparse' is not a dict")
+    state = dict(dense)
+    for name, entry in sparse.items():
+        if name in state:
+            raise CheckpointError(f"{source}: {name} is stored both dense and sparse")
+        state[name] = _decode_sparse(entry, f"{source}: sparse entry {name}")
+    return state
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """1-D bool (n,) -> uint8 (ceil(n/8),), 8 bits per byte, most significant bit first."""
+    padded = torch.zeros(-(-bits.numel() // 8) * 8, dtype=torch.uint8)
+    padded[:bits.numel()] = bits
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of `_pack_bits`: uint8 (ceil(n/8),) -> bool (count,)."""
+    shifts = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+    return ((packed[:, None] >> shifts) & 1).flatten()[:count].bool()
+
+
+def _decode_sparse(entry: Any, where: str) -> torch.Tensor:
+    if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+            and isinstance(entry.get("mask"), torch.Tensor) and isinstance(entry.get("values"), torch.Tensor)):
+        raise CheckpointError(f"{where}: expected {{'shape': list, 'mask': tensor, 'values': tensor}}")
+    shape, mask, values = entry["shape"], entry["mask"], entry["values"]
+    count = math.prod(shape)
+    if mask.dtype != torch.uint8 or mask.ndim != 1 or mask.numel() != -(-count // 8):
+        raise CheckpointError(f"{where}: the mask should be {-(-count // 8)} uint8 bytes for shape {shape}, "
+                              f"got {mask.dtype} {tuple(mask.shape)}")
+    keep = _unpack_bits(mask, count)
+    if values.ndim != 1 or values.numel() != int(keep.sum()):
+        raise CheckpointError(f"{where}: the mask keeps {int(keep.sum())} entries but "
+                              f"{tuple(values.shape)} values are stored")
+    dense = torch.zeros(count, dtype=values.dtype)
+    dense[keep] = values
+    return dense.view(shape)
+
+
+# ========================================================================================
+# 3. Hugging Face weight files (safetensors or pytorch_model.bin, possibly sharded)
+# ========================================================================================
+
+def read_hf_weights(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(file name for messages, {HF key: tensor}) from the first weights file found, in
+    transformers' order of preference: safetensors, sharded safetensors, .bin, sharded .bin."""
+    for name, read in [("model.safetensors", _read_safetensors_file), ("pytorch_model.bin", _read_torch_state_dict)]:
+        single, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
+        if os.path.isfile(single):
+            return single, read(single)
+        if os.path.isfile(index):
+            return index, _read_sharded(index, read)
+    raise CheckpointError(f"{folder}: no weights found (expected model.safetensors, "
+                          "model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _read_sharded(index_path: str, read_shard: Callable[[str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no 'weight_map' object")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise CheckpointError(f"{index_path}: shard name {shard!r} must be a plain file name in the same folder")
+        tensors.update(read_shard(os.path.join(os.path.dirname(index_path), shard)))
+    listed_but_absent = [key for key in weight_map if key not in tensors]
+    if listed_but_absent:
+        raise CheckpointError(f"{index_path}: keys listed in weight_map but absent from their shards: "
+                              f"{format_keys(listed_but_absent)}")
+    return tensors
+
+
+def _read_torch_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A `pytorch_model.bin`: a pickled {name: tensor}, read with weights_only=True."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable PyTorch state dict ({first_line(error)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return state
+
+
+# ========================================================================================
+# 4. safetensors, by hand
+#
+# Layout (https://github.com/huggingface/safetensors): 8-byte little-endian header length N,
+# N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+# {str: str}}, then the raw little-endian tensor bytes; offsets count from the end of the
+# header. Readers (the Rust library included) require the tensors to tile the data section
+# with no gaps, so the writer packs them back to back and pads the header with spaces to a
+# multiple of 8 bytes, which keeps every fp32 tensor 4-byte aligned.
+# ========================================================================================
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024      # the same limit as the reference implementation
+
+
+def read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a .safetensors file: ({name: tensor}, metadata). Validates the header against the
+    file size, so a truncated or corrupt file raises CheckpointError naming the tensors."""
+    path = os.fspath(path)
+    if sys.byteorder != "little":
+        raise CheckpointError(f"{path}: reading safetensors needs a little-endian machine")
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        length_bytes = file.read(8)
+        if len(length_bytes) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({file_size} bytes; "
+                                  "the header length alone takes 8)")
+        header_size = int.from_bytes(length_bytes, "little")
+        if header_size > min(file_size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path}: truncated or corrupt: the header claims {header_size} bytes "
+                                  f"but the file has {file_size - 8} after the length field")
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_size
+        data_size = file_size - data_start
+
+        entries, problems = {}, []
+        for name, entry in header.items():
+            problem = _check_safetensors_entry(entry, data_size)
+            if problem:
+                problems.append(f"{name} ({problem})")
+            else:
+                entries[name] = entry
+        if problems:
+            raise CheckpointError(f"{path}: truncated or corrupt ({data_size} data bytes after the header); "
+                                  f"bad tensors: {format_keys(problems)}")
+        # Like the reference reader, require the tensors to tile the data section exactly:
+        # overlapping tensors would share bytes (one write shows in both), gaps hide data.
+        position, previous = 0, None
+        for name, entry in sorted(entries.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+            begin, end = entry["data_offsets"]
+            if begin != position:
+                where = f"after {previous}, which ends at byte {position}" if previous else "at the start"
+                kind = "overlaps the tensor before it" if begin < position else "leaves a gap"
+                raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} (bytes {begin}..{end}) "
+                                      f"{kind} {where}")
+            position, previous = end, name
+        if position != data_size:
+            raise CheckpointError(f"{path}: corrupt safetensors file: the tensors end at byte {position} of the "
+                                  f"data section but it has {data_size} bytes")
+
+        tensors = {}
+        for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            if end == begin:
+                tensors[name] = torch.zeros(entry["shape"], dtype=dtype)
+                continue
+            buffer = bytearray(end - begin)
+            file.seek(data_start + begin)
+            if file.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{path}: truncated while reading tensor {name}")
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+    return tensors, metadata
+
+
+def _check_safetensors_entry(entry: Any, data_size: int) -> Optional[str]:
+    """Why a header entry is unusable, or None if it is fine."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        return "entry lacks dtype/shape/data_offsets"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _SAFETENSORS_DTYPES:
+        return f"dtype {dtype!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}"
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        return f"bad shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+        return f"bad data_offsets {offsets!r}"
+    begin, end = offsets
+    expected_bytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+    if not 0 <= begin <= end:
+        return f"bad data_offsets {offsets}"
+    if end > data_size:
+        return f"bytes {begin}..{end} lie beyond the end of the file"
+    if end - begin != expected_bytes:
+        return f"holds {end - begin} bytes, but shape {shape} of {dtype} needs {expected_bytes}"
+    return None
+
+
+def _read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)[0]
+
+
+def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor],
+                      metadata: Optional[dict[str, str]] = None) -> None:
+    """Write {name: tensor} to an open binary file in the safetensors layout (tensors in
+    name order, our choice; any order is valid)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + data.nbytes]}
+        blobs.append(data)
+        offset += data.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    file.write(len(header_bytes).to_bytes(8, "little"))
+    file.write(header_bytes)
+    for data in blobs:
+        file.write(memoryview(data))
+
+
+# ========================================================================================
+# 5. A restricted unpickler (for fairseq files)
+#
+# Pickle runs code by design: a GLOBAL opcode names any importable callable and REDUCE calls
+# it. torch.load lets us pass our own `pickle_module`; its Unpickler.find_class is the only
+# way a pickle reaches a Python object, so it admits exactly:
+#   * what torch needs to rebuild tensors (its storage classes are resolved by torch itself),
+#   * builtin containers and scalars, OrderedDict, copyreg's reconstructors, codecs.encode,
+#   * numpy scalars/dtypes/arrays (fairseq stores e.g. best_loss as a numpy float),
+#   * argparse.Namespace, omegaconf, typing and fairseq classes, which are replaced by
+#     `_Record`, an inert stand-in that only stores what the pickle hands it.
+# Everything else raises, before it is called.
+#
+# Admitting an object is not enough: the opcodes that mutate (BUILD sets attributes or state,
+# APPEND(S)/SETITEM(S)/ADDITEMS add items) could otherwise change an admitted module-level
+# object, e.g. set `torch._utils._rebuild_tensor_v2.__defaults__` so that every later
+# torch.load in the process returns wrong tensors. So the unpickler is pickle's pure-Python
+# one with those opcodes checked: they may only target objects the file itself created, of
+# the types a checkpoint needs (`_MUTABLE_TARGETS`); never anything find_class returned.
+# Work is bounded too: a pickle can describe a DAG of shared lists whose expansion (by repr,
+# hashing or conversion) is exponential in the file size. Arguments of calls and dict keys may
+# expand to at most `_MAX_ARGUMENT_OBJECTS` objects, and `to_plain` stops after
+# `_MAX_CONFIG_SIZE` objects and characters.
+# ========================================================================================
+
+_MAX_ARGUMENT_OBJECTS = 100_000      # a tensor rebuild takes ~10; fairseq's largest config call far fewer
+_MAX_KEY_OBJECTS = 1_000             # dict keys and set items are strings and ints in checkpoints
+_MAX_CONFIG_SIZE = 10_000_000        # objects + characters of the plain configs (real ones: ~10^4)
+
+
+class _Refused(Exception):
+    """Raised inside the unpickler; `read_torch_file` turns it into a CheckpointError."""
+
+
+class _RefusedGlobal(_Refused):
+    def __init__(self, qualified_name: str):
+        super().__init__(f"refused to unpickle {qualified_name}")
+        self.qualified_name = qualified_name
+
+
+class _Record:
+    """Stand-in for a class we do not import (argparse.Namespace, omegaconf DictConfig and its
+    nodes, fairseq Dictionary, enums). It records constructor arguments and pickled state and
+    has no other behaviour; `to_plain` turns it into plain dicts, lists and values."""
+
+    origin = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Record":
+        record = object.__new__(cls)
+        record.args, record.state, record.contents = args, None, []
+        return record
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, item: Any) -> None:              # pickle's APPEND(S) opcodes
+        self.contents.append(item)
+
+    def extend(self, items: Iterable[Any]) -> None:
+        self.contents.extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # pickle's SETITEM(S) opcodes
+        self.contents.append((key, value))
+
+
+_RECORD_CLASSES: dict[str, type] = {}
+_RECORD_MODULE_PREFIXES = ("omegaconf", "fairseq", "typing")
+
+
+def _record_class(qualified_name: str) -> type:
+    if qualified_name not in _RECORD_CLASSES:
+        name = qualified_name.rsplit(".", 1)[-1]
+        _RECORD_CLASSES[qualified_name] = type(name, (_Record,), {"origin": qualified_name})
+    return _RECORD_CLASSES[qualified_name]
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
+    """torch._tensor._rebuild_from_type_v2, which calls `func(*args)` itself, admitted only
+    with one of torch's tensor rebuild functions and a tensor type."""
+    if func not in _TENSOR_REBUILDERS or not (isinstance(new_type, type) and issubclass(new_type, torch.Tensor)):
+        raise _Refused(f"refused torch._tensor._rebuild_from_type_v2({_qualified(func)}, {_qualified(new_type)})")
+    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+
+_TENSOR_REBUILDERS = tuple(f for f in (
+    torch._utils._rebuild_tensor, torch._utils._rebuild_tensor_v2, getattr(torch._utils, "_rebuild_tensor_v3", None),
+    torch._utils._rebuild_parameter, torch._utils._rebuild_parameter_with_state) if f is not None)
+
+
+def _allowed_global(module: str, name: str) -> Any:
+    """The object a pickle may refer to as module.name, or raise _RefusedGlobal."""
+    module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)   # Python 2 names
+    plain = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("copyreg", "_reconstructor"): copyreg._reconstructor,
+        ("copyreg", "__newobj__"): copyreg.__newobj__,
+        ("_codecs", "encode"): codecs.encode,     # how pickle protocol 2 stores bytes
+        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): getattr(torch._utils, "_rebuild_tensor_v3", None),
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+        ("torch", "Tensor"): torch.Tensor,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    }
+    found = plain.get((module, name))
+    if found is not None:
+        return found
+    if module == "builtins" and name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
+                                         "bool", "str", "bytes", "bytearray", "slice", "object"):
+        return getattr(builtins, name)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
+        return getattr(torch, name)
+    if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray"):
+        numpy_global = _numpy_global(name)
+        if numpy_global is not None:
+            return numpy_global
+    if (module, name) == ("argparse", "Namespace") or module.split(".")[0] in _RECORD_MODULE_PREFIXES:
+        return _record_class(f"{module}.{name}")
+    raise _RefusedGlobal(f"{module}.{name}")
+
+
+def _numpy_global(name: str) -> Any:
+    import numpy
+    try:
+        from numpy._core import multiarray           # numpy >= 2
+    except ImportError:
+        from numpy.core import multiarray            # numpy 1.x
+    return {"scalar": multiarray.scalar, "_reconstruct": multiarray._reconstruct,
+            "dtype": numpy.dtype, "ndarray": numpy.ndarray}.get(name)
+
+
+def _qualified(value: Any) -> str:
+    """A readable name for an object in an error message (never its repr, which may be huge)."""
+    target = value if isinstance(value, type) or callable(value) else type(value)
+    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    name = f"{module}.{name}" if module and name else type(value).__name__
+    return name if target is value else f"a {name} object"
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many objects `value` expands to, counting a shared object each time it is reached
+    (the work repr, hashing or conversion does); stops counting past `limit`."""
+    count, pending = 0, [value]
+    while pending and count <= limit:
+        item = pending.pop()
+        count += 1
+        if isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, _Record):
+            pending.extend((item.args, item.contents, item.state))
+    return count
+
+
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
+# Callables whose arguments must be atoms: str()/hash of a container could be exponential, and
+# bytes(n)/bytearray(n) would allocate n bytes.
+_ATOM_ARGUMENTS = (str, bytes, bytearray, int, float, complex, bool, slice, codecs.encode)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """pickle's pure-Python unpickler with find_class restricted and the calling and mutating
+    opcodes checked (see the section comment)."""
+
+    _MUTABLE_TARGETS: tuple = (_Record, torch.Tensor, collections.OrderedDict, dict, list, set)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admitted_ids: set[int] = set()          # everything find_class returned
+        self._admitted: list = []                      # keeps those objects alive, so ids stay unique
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _allowed_global(module, name)
+        self._admitted_ids.add(id(found))
+        self._admitted.append(found)
+        return found
+
+    # --- checks ------------------------------------------------------------------------
+    def _check_target(self, target: Any, action: str, extra_types: tuple = ()) -> None:
+        if id(target) in self._admitted_ids or isinstance(target, type) or \
+                not isinstance(target, self._MUTABLE_TARGETS + extra_types):
+            raise _Refused(f"refused to {action} {_qualified(target)} (a checkpoint may only fill in objects "
+                           "it created itself)")
+
+    def _check_key(self, key: Any) -> None:
+        if _expanded_size(key, _MAX_KEY_OBJECTS) > _MAX_KEY_OBJECTS:
+            raise _Refused(f"refused a dict key or set item that expands to more than {_MAX_KEY_OBJECTS} objects")
+
+    def _check_call(self, func: Any, args: Any) -> None:
+        if _expanded_size(args, _MAX_ARGUMENT_OBJECTS) > _MAX_ARGUMENT_OBJECTS:
+            raise _Refused(f"refused to call {_qualified(func)} with arguments that expand to more than "
+                           f"{_MAX_ARGUMENT_OBJECTS:,} objects")
+        if func in _ATOM_ARGUMENTS or func is copyreg.__newobj__ and args and args[0] in _ATOM_ARGUMENTS:
+            plain = args[1:] if func is copyreg.__newobj__ else args
+            if not all(isinstance(arg, _ATOMS) for arg in plain) or \
+                    func in (bytes, bytearray) and any(isinstance(arg, int) for arg in plain):
+                raise _Refused(f"refused to call {_qualified(func)} on anything but a string or number")
+        if func is copyreg._reconstructor and len(args) == 3:
+            self._check_call(args[1], (args[2],) if args[2] is not None else ())
+
+    # --- opcodes -------------------------------------------------------------------------
+    def load_reduce(self) -> None:
+        args, func = self.stack[-1], self.stack[-2]
+        self._check_call(func, args if isinstance(args, tuple) else ())
+        super().load_reduce()
+
+    def load_newobj(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self) -> None:
+        self._check_call(self.stack[-3], (self.stack[-2], self.stack[-1]))
+        super().load_newobj_ex()
+
+    def _instantiate(self, klass: Any, args: list) -> None:     # INST and OBJ (protocols 0-1)
+        self._check_call(klass, tuple(args))
+        super()._instantiate(klass, args)
+
+    def load_build(self) -> None:
+        import numpy
+        self._check_target(self.stack[-2], "set the state of", (numpy.ndarray, numpy.dtype))
+        super().load_build()
+
+    def load_append(self) -> None:
+        self._check_target(self.stack[-2], "append to")
+        super().load_append()
+
+    # After a MARK, pickle keeps the items since the mark in self.stack and the older stack,
+    # whose last item is the container being filled, in self.metastack[-1].
+    def load_appends(self) -> None:
+        self._check_target(self.metastack[-1][-1], "append to")
+        super().load_appends()
+
+    def load_setitem(self) -> None:
+        self._check_target(self.stack[-3], "set an item of")
+        self._check_key(self.stack[-2])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        self._check_target(self.metastack[-1][-1], "set an item of")
+        for key in self.stack[::2]:
+            self._check_key(key)
+        super().load_setitems()
+
+    def load_additems(self) -> None:
+        self._check_target(self.metastack[-1][-1], "add to")
+        for item in self.stack:
+            self._check_key(item)
+        super().load_additems()
+
+    def load_dict(self) -> None:
+        for key in self.stack[::2]:
+            self._check_key(key)
+        super().load_dict()
+
+    def load_frozenset(self) -> None:
+        for item in self.stack:
+            self._check_key(item)
+        super().load_frozenset()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _opcode, _method in [(pickle.REDUCE, load_reduce), (pickle.NEWOBJ, load_newobj),
+                             (pickle.NEWOBJ_EX, load_newobj_ex), (pickle.BUILD, load_build),
+                             (pickle.APPEND, load_append), (pickle.APPENDS, load_appends),
+                             (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
+                             (pickle.ADDITEMS, load_additems), (pickle.DICT, load_dict),
+                             (pickle.FROZENSET, load_frozenset)]:
+        dispatch[_opcode[0]] = _method
+    del _opcode, _method
+
+
+class _RestrictedPickleModule:
+    """The part of the `pickle` module that torch.load uses, with the restricted Unpickler."""
+    Unpickler = _RestrictedUnpickler
+    __name__ = "spg.checkpoint restricted pickle"
+
+    @staticmethod
+    def load(file: BinaryIO, **kwargs: Any) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def read_torch_file(path: str) -> tuple[Any, bool]:
+    """Unpickle a torch.save / pickle file without running code from it: first with
+    torch's weights_only loader (enough for our files), then, for files that need more
+    (fairseq's Namespace/omegaconf configs), with the restricted unpickler.
+    Returns (content, whether the weights_only loader sufficed)."""
+    try:
+        with warnings.catch_warnings():       # e.g. "protocol 4": the second reader handles it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True), True
+    except Exception:
+        pass  # not necessarily an error: fairseq files need the restricted unpickler below
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule), False
+    except _RefusedGlobal as refused:
+        raise CheckpointError(f"refused to unpickle {refused.qualified_name} in {path}: only tensors, plain "
+                              "containers and fairseq/omegaconf/argparse config objects are admitted; "
+                              "nothing from the file was executed") from None
+    except _Refused as refused:
+        raise CheckpointError(f"{path}: {refused}; nothing from the file was executed") from None
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
+                              f"{first_line(error)})") from None
+
+
+def to_plain(value: Any, budget: Optional[list[int]] = None, depth: int = 0) -> Any:
+    """Replace `_Record`s (and numpy scalars) by plain dicts, lists and values, recursively.
+    omegaconf containers keep their data in state["_content"], its value nodes in
+    state["_val"]; a Namespace's state is its attribute dict; an enum member is its value.
+    The result is a tree: each object reached twice is copied twice, so the work is bounded by
+    `budget` (objects + characters, `_MAX_CONFIG_SIZE` by default) and refused past it."""
+    if budget is None:
+        budget = [_MAX_CONFIG_SIZE]
+    budget[0] -= 1 + (len(value) if isinstance(value, (str, bytes, bytearray)) else 0)
+    if budget[0] < 0:
+        raise CheckpointError(f"config too large: it expands to more than {_MAX_CONFIG_SIZE:,} objects and "
+                              "characters (real fairseq configs have about 10^4; shared or self-referencing "
+                              "containers?)")
+    if depth > 100:
+        raise CheckpointError("config nested more than 100 levels deep")
+    deeper = depth + 1
+    if isinstance(value, _Record):
+        state = value.state if isinstance(value.state, dict) else {}
+        if value.origin.startswith("omegaconf.") and "_content" in state:
+            return to_plain(state["_content"], budget, deeper)
+        if value.origin.startswith("omegaconf.") and "_val" in state:
+            return to_plain(state["_val"], budget, deeper)
+        if value.state is None and len(value.args) == 1 and not value.contents:
+            return to_plain(value.args[0], budget, deeper)        # enum member: Enum(value)
+        if value.contents and not state:
+            return to_plain(value.contents, budget, deeper)       # a list-like object
+        return {str(k): to_plain(v, budget, deeper) for k, v in state.items()}
+    if isinstance(value, dict):
+        return {to_plain(k, budget, deeper): to_plain(v, budget, deeper) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v, budget, deeper) for v in value)
+    if hasattr(value, "item") and not isinstance(value, torch.Tensor) and getattr(value, "shape", None) == ():
+        return value.item()                                # numpy scalar
+    return value
+
+
+# ========================================================================================
+# 6. Installing and checking weights
+# ========================================================================================
+
+def install_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *, strict: bool,
+                       unknown_source_keys: Iterable[str] = (), optional_keys: Iterable[str] = ()) -> None:
+    """Copy `state` (already in our key names) into `model`, casting to the model's dtypes.
+
+    Wrong shapes always fail; missing and unexpected keys fail when `strict`, else warn.
+    `unknown_source_keys` are file keys that have no name in our model (reported as unexpected);
+    `optional_keys` are dropped without complaint when the model has no such entry (e.g.
+    wav2vec2's training-only mask embedding)."""
+    expected = model.state_dict()
+    optional_keys = set(optional_keys)
+    state = {key: value for key, value in state.items()
+             if not (key in optional_keys and key not in expected)}
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source}: these entries are not tensors: {format_keys(not_tensors)}")
+    missing = [key for key in expected if key not in state]
+    unexpected = list(unknown_source_keys) + [key for key in state if key not in expected]
+    mismatched = [f"{key}: got shape {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+                  for key in expected if key in state and state[key].shape != expected[key].shape]
+    # Casting is only safe within a kind: int32 bits read as float32 weights are garbage.
+    wrong_kind = [f"{key}: got {state[key].dtype}, expected a {_dtype_kind(expected[key].dtype)} tensor"
+                  for key in expected if key in state
+                  and _dtype_kind(state[key].dtype) != _dtype_kind(expected[key].dtype)]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch for {format_keys(mismatched)}")
+    if wrong_kind:
+        problems.append(f"wrong dtype for {format_keys(wrong_kind)}")
+    if missing and strict:
+        problems.append(f"missing keys: {format_keys(missing)}")
+    if unexpected and strict:
+        problems.append(f"unexpected keys: {format_keys(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    if missing or unexpected:
+        warnings.warn(f"{source}: missing keys: {format_keys(missing) or 'none'}; "
+                      f"unexpected keys: {format_keys(unexpected) or 'none'}", stacklevel=3)
+    model.load_state_dict({key: value for key, value in state.items() if key in expected}, strict=False)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating-point"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Raise CheckpointError naming every parameter or buffer that holds NaN or ±inf (one
+    such weight among millions turns every output into NaN, with no other sign)."""
+    broken = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                broken.append(f"{name} ({bad:,} of {tensor.numel():,} values)")
+    if broken:
+        raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {format_keys(broken)}; "
+                              "pass spg.load(..., allow_nonfinite=True) to inspect the file anyway")
+
+
+def check_plain_data(value: Any, where: str) -> None:
+    """Raise ValueError unless `value` is made of types torch.load(weights_only=True) reads back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain_data(key, f"{where} key")
+            check_plain_data(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain_data(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (str, int, float, bool, torch.Tensor))):
+        raise ValueError(f"{where} is a {type(value).__name__}; checkpoints store only dicts, lists, tuples, "
+                         "str, int, float, bool, None and tensors")
+
+
+# ========================================================================================
+# 7. Atomic writes
+# ========================================================================================
+
+def atomic_write(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file so that `path` holds either the old or the complete new content: write to
+    a temporary file in the same folder, flush and fsync it, then os.replace it onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)              # mkstemp creates 0600; use the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    if hasattr(os, "O_DIRECTORY"):                      # make the rename itself durable (POSIX)
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

