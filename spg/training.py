@@ -1,10 +1,10 @@
 """The one training loop that every method shares (dense fine-tuning, SPG, UMP, mixed, L0).
 
 This is the glue module: unlike the algorithm modules it imports several siblings. A
-compression method plugs in through a small `Method` object (extra loss, extra parameter
-groups, a hook after each step, its own resumable state), and the model family through an
-`Objective` (CTC for wav2vec2/HuBERT here; Whisper's decoder cross-entropy in
-`spg.whisper.training`); the loop itself never changes.
+compression method plugs in through a small `Method` object (`spg.compress.interface`: extra
+loss, extra parameter groups, a hook after each step, its own resumable state), and the
+model family through an `Objective` (CTC for wav2vec2/HuBERT here; Whisper's decoder
+cross-entropy in `spg.whisper.training`); the loop itself never changes.
 
 What the loop guarantees:
   * AdamW with linear warm-up then linear decay to 0 (the SPG paper's schedule);

@@ -32,7 +32,7 @@ encoder self-attention head per layer, and nothing else, already gave 80-93 % WE
 Compressing only the FFN neurons, clustering with `mean` keeps the most: 22.5 % WER at 10 %
 against 50.7 % for structured magnitude pruning.
 
-Only torch, numpy, `spg.compress.kmeans`, `spg.whisper` and (for its report bookkeeping)
+Only torch, numpy, `spg.compress.kmeans`, `spg.whisper.model` and (for its report bookkeeping)
 `spg.compress.clustering` are imported.
 """
 
