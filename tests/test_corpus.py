@@ -343,3 +343,14 @@ def test_killed_build_is_cleaned_up_by_the_next(tmp_path):
     built = corpus.build_corpus(root, num_train=1, num_dev=0, num_test=0, num_test_unseen=0, progress=False)
     assert sorted(tmp_path.iterdir()) == [built]
     assert not (built / corpus._BUILDER_FILE).exists()
+
+
+def test_first_build_says_what_it_does(tmp_path, capsys):
+    """The first use prints one line before synthesising: what, how big, about how long."""
+    root = corpus.build_corpus(tmp_path / "synth", num_train=2, num_dev=1, num_test=1, num_test_unseen=1,
+                               progress=True, num_workers=1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("synthesising the built-in")]
+    assert lines == [f"synthesising the built-in speech corpus once (espeak-ng): 5 utterances, about 0.0 h of "
+                     f"audio and 0 MB in {root}; about 0 s with 1 process(es); later runs reuse it"]
+    corpus.build_corpus(root, num_train=2, num_dev=1, num_test=1, num_test_unseen=1, progress=True)  # reused
+    assert "synthesising the built-in" not in capsys.readouterr().err
