@@ -48,7 +48,6 @@ from spg.training import (Objective, TrainConfig, check_resume_settings, distrib
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder, whisper_sparsity_report
-from spg.whisper.io import save_whisper
 from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent
@@ -626,7 +625,7 @@ def check_model_durations(args, utterances, model, *, where: str) -> None:
 
 def save_model(model, path: Path, *, half: bool) -> None:
     with naming_write_errors(path):
-        (save_whisper if isinstance(model, Whisper) else spg.save)(model, path, half=half)
+        spg.save(model, path, half=half)
 
 
 def forward_seconds(models: dict, *, audio_seconds: float = 10.0, rounds: int = 5) -> dict:

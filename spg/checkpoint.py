@@ -12,7 +12,8 @@ code from a file:
     the rest (`read_torch_file`).
 Every failure raises `CheckpointError`, whose message names the file and the offending keys.
 
-Sections: 1. errors and small helpers   2. sparse storage   3. Hugging Face weight files
+Sections: 1. errors and small helpers   2. our file: sparse storage, one format for every
+          model family   3. Hugging Face weight files
           4. safetensors   5. restricted unpickler   6. installing and checking weights
           7. atomic writes
 """
@@ -36,6 +37,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
 import torch
 
 __all__ = ["CheckpointError", "format_keys", "read_json", "first_line", "encode_state_dict", "decode_state_dict",
+           "FORMAT_NAME", "FORMAT_VERSION", "FAMILIES", "OLD_FORMATS", "FORMAT_NAMES", "write_checkpoint",
+           "checkpoint_family", "read_checkpoint",
            "read_hf_weights", "read_safetensors", "write_safetensors", "read_torch_file", "to_plain",
            "install_state_dict", "check_finite", "check_plain_data", "atomic_write"]
 
@@ -71,7 +74,7 @@ def first_line(error: BaseException) -> str:
 
 
 # ========================================================================================
-# 2. Sparse storage of pruned matrices
+# 2. Our file: sparse storage of pruned matrices, one format for every model family
 # ========================================================================================
 
 def encode_state_dict(state: dict[str, torch.Tensor], *, half: bool) -> dict[str, Any]:
@@ -148,6 +151,83 @@ def _decode_sparse(entry: Any, where: str) -> torch.Tensor:
     dense = torch.zeros(count, dtype=values.dtype)
     dense[keep] = values
     return dense.view(shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Our file, for every model family: torch.save of a plain dict (readable with
+# torch.load(weights_only=True); nothing executable), written atomically:
+#     {"format": "spg", "version": 1 | 2 | 3, "family": "wav2vec2" | "whisper",
+#      "config": the model config's to_dict(), "state_dict" (+ "sparse"): see encode_state_dict,
+#      "compression": model.compression, and the family's own entries:
+#      "vocab": [token, ...] (wav2vec2) or "tokenizer": {...} (Whisper, when it has one)}
+# Versions: 1 every tensor dense (wav2vec2/HuBERT only, no "family"); 2 adds "sparse";
+# 3 adds families other than wav2vec2. A file says the oldest version that holds it (a dense
+# wav2vec2 is 1, a pruned one 2, any Whisper 3), so older readers keep reading what they can,
+# and refuse a Whisper file by its version instead of misreading it as wav2vec2.
+# Also read: {"format": "spg-whisper", "version": 1} (Whisper, dense, before version 3).
+# ----------------------------------------------------------------------------------------
+
+FORMAT_NAME = "spg"
+FORMAT_VERSION = 3                              # the newest version this spg reads and writes
+FAMILIES = ("wav2vec2", "whisper")
+OLD_FORMATS = {"spg-whisper": ("whisper", 1)}   # older format names: (family, newest version)
+FORMAT_NAMES = (FORMAT_NAME, *OLD_FORMATS)
+
+
+def write_checkpoint(path: PathLike, *, family: str, config: dict, state: dict[str, torch.Tensor],
+                     compression: dict, extras: Optional[dict] = None, half: bool = False) -> None:
+    """Write a model of `family` in our format (above), atomically. `extras` are the family's
+    own entries; half=True stores floating-point weights as fp16 (loaded back as fp32)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    check_plain_data(compression, "model.compression")
+    check_plain_data(extras or {}, f"the {family} entries")
+    weights = encode_state_dict(state, half=half)
+    version = 3 if family != "wav2vec2" else 2 if "sparse" in weights else 1
+    checkpoint = {"format": FORMAT_NAME, "version": version, "family": family, "config": config,
+                  **(extras or {}), **weights, "compression": compression}
+    atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
+
+
+def checkpoint_family(checkpoint: Any, source: str) -> Optional[str]:
+    """The model family of a file of ours already read with torch.load, once its format
+    version is checked; None when `checkpoint` is not ours (no format name we write)."""
+    name = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if not isinstance(name, str) or name not in FORMAT_NAMES:
+        return None
+    family, newest = OLD_FORMATS.get(name, (None, FORMAT_VERSION))
+    version = checkpoint.get("version")
+    if type(version) is not int or not 1 <= version <= newest:
+        raise CheckpointError(f"{source}: format {name!r} version {version!r} is not supported "
+                              f"(this spg reads versions 1..{newest}; a newer spg wrote it?)")
+    if family is None:
+        family = checkpoint.get("family", "wav2vec2" if version < 3 else None)
+        if family not in FAMILIES:
+            raise CheckpointError(f"{source}: 'family' is {family!r}; this spg knows "
+                                  f"{', '.join(map(repr, FAMILIES))}")
+        if version < 3 and family != "wav2vec2":
+            raise CheckpointError(f"{source}: a {family} model needs format version 3, the file says {version}")
+    return family
+
+
+def read_checkpoint(checkpoint: Any, source: str, *, family: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(config values, {name: tensor}, compression) of a file of ours already read with
+    torch.load, after checking that it holds a model of `family`. The family's own entries
+    ("vocab", "tokenizer") are left to its reader."""
+    found = checkpoint_family(checkpoint, source)
+    names = " or ".join([f"{FORMAT_NAME!r}"] + [repr(old) for old, (of, _) in OLD_FORMATS.items() if of == family])
+    if found is None:
+        raise CheckpointError(f"{source}: not an spg checkpoint (expected format {names}, written by spg.save)")
+    if found != family:
+        raise CheckpointError(f"{source}: holds a {found} model, not {family} (expected format {names} "
+                              f"with family {family!r})")
+    if not isinstance(checkpoint.get("config"), dict):
+        raise CheckpointError(f"{source}: 'config' is missing or not a dict")
+    state = decode_state_dict(checkpoint, source)
+    compression = checkpoint.get("compression") or {}
+    if not isinstance(compression, dict):
+        raise CheckpointError(f"{source}: 'compression' is not a dict")
+    return checkpoint["config"], state, compression
 
 
 # ========================================================================================

@@ -2,9 +2,9 @@
 
     model = spg.load("wav2vec2-base-960h/")          # HF folder: config.json + model.safetensors
     model = spg.load("wav2vec_small_960h.pt")        # fairseq fine-tuned CTC checkpoint
-    model = spg.load("models/pruned.pt")             # our format, written by spg.save
+    model = spg.load("models/pruned.pt")             # our format, written by spg.save (either family)
     model = spg.load("whisper-tiny.en")              # Whisper: a name, an HF/CTranslate2 folder or our file
-    spg.save(model, "models/pruned.pt", half=True)   # fp16 weights, read back as fp32
+    spg.save(model, "models/pruned.pt", half=True)   # fp16 weights, read back as fp32; sparse if pruned
     spg.export_hf(model, "exported/")                # for Wav2Vec2ForCTC.from_pretrained
 
 This module only tells the sources apart and hands each to its family: `spg.wav2vec2.io`
@@ -21,9 +21,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from spg.checkpoint import CheckpointError, check_finite, format_keys, read_torch_file
+from spg.checkpoint import FORMAT_NAMES, CheckpointError, check_finite, checkpoint_family, format_keys, read_torch_file
 from spg.wav2vec2 import io as wav2vec2_io
-from spg.wav2vec2.io import export_hf, save
+from spg.wav2vec2.io import export_hf
+from spg.wav2vec2.model import Wav2Vec2CTC
 from spg.whisper import io as whisper_io
 from spg.whisper.ct2 import load_ct2_whisper
 from spg.whisper.model import Whisper
@@ -47,8 +48,8 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
     allow_nonfinite: load weights that hold NaN or inf (refused by default: see `check_finite`),
         e.g. to find out what broke a file.
 
-    Whisper (a Hugging Face or CTranslate2 Whisper folder, a `spg.whisper.io.save_whisper` file,
-    or a name such as "whisper-tiny.en": see `load_whisper`) gives a
+    Whisper (a Hugging Face or CTranslate2 Whisper folder, a Whisper file of ours, or a name
+    such as "whisper-tiny.en": see `load_whisper`) gives a
     `spg.whisper.model.Whisper` instead; `vocab` does not apply to it.
 
     Returns the model in eval mode, like `from_pretrained`.
@@ -68,13 +69,16 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
             raise CheckpointError(f"{path}: pass the folder that holds config.json and the weights, "
                                   "not one of its files")
         payload, weights_only = read_torch_file(path)
-        if isinstance(payload, dict) and payload.get("format") == wav2vec2_io.FORMAT_NAME:
+        if isinstance(payload, dict) and isinstance(payload.get("format"), str) and payload["format"] in FORMAT_NAMES:
             if not weights_only:
-                raise CheckpointError(f"{path}: claims format 'spg' but holds objects other than tensors and "
-                                      "plain data (save() never writes those)")
-            model = wav2vec2_io.from_spg_checkpoint(payload, path, strict=strict, vocab=vocab)
-        elif isinstance(payload, dict) and payload.get("format") == whisper_io.FORMAT_NAME and weights_only:
-            model = whisper_io.whisper_from_checkpoint(payload, path, strict=strict)
+                raise CheckpointError(f"{path}: claims format {payload['format']!r} but holds objects other than "
+                                      "tensors and plain data (spg.save never writes those)")
+            if checkpoint_family(payload, path) == "whisper":
+                if vocab is not None:
+                    raise CheckpointError(f"{path}: a Whisper model has its own tokenizer; vocab= does not apply")
+                model = whisper_io.whisper_from_checkpoint(payload, path, strict=strict)
+            else:
+                model = wav2vec2_io.from_spg_checkpoint(payload, path, strict=strict, vocab=vocab)
         elif isinstance(payload, dict) and "model" in payload and ("cfg" in payload or "args" in payload):
             model = wav2vec2_io.from_fairseq_checkpoint(payload, path, strict=strict, vocab=vocab)
         else:
@@ -90,6 +94,20 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
     return model.to(map_location).eval()
 
 
+def save(model: nn.Module, path: PathLike, *, half: bool = False) -> None:
+    """Write a model of either family in our one format (see `spg.checkpoint`), atomically:
+    torch.save of a plain dict that `torch.load(weights_only=True)` reads, with the config, the
+    weights (pruned matrices as a bit mask + the kept values when that is smaller), the
+    model's `compression` record and its vocabulary or tokenizer. half=True stores
+    floating-point weights as fp16 (half the size; `spg.load` gives them back as fp32)."""
+    if isinstance(model, Whisper):
+        whisper_io.save_whisper(model, path, half=half)
+    elif isinstance(model, Wav2Vec2CTC):
+        wav2vec2_io.save(model, path, half=half)
+    else:
+        raise TypeError(f"spg.save writes Wav2Vec2CTC and Whisper models, not {type(model).__name__}")
+
+
 def load_whisper(path: PathLike, *, strict: bool = True) -> Whisper:
     """Load a Whisper model, in eval mode on the CPU, from
       * a name in `spg.whisper.io.NAMED_MODELS` ("whisper-tiny.en": the CTranslate2 model of an
@@ -97,7 +115,7 @@ def load_whisper(path: PathLike, *, strict: bool = True) -> Whisper:
       * a CTranslate2 folder (model.bin, config.json, vocabulary; read by spg.whisper.ct2);
       * a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin, possibly
         sharded);
-      * a file written by `spg.whisper.io.save_whisper`.
+      * a file of ours holding a Whisper (`spg.save`; also the older "spg-whisper" files).
     The model's tokenizer (`model.tokenizer`) comes from the folder's tokenizer.json or the file."""
     path = os.fspath(path)
     if path in whisper_io.NAMED_MODELS and not os.path.exists(path):

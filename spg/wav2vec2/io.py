@@ -25,22 +25,15 @@ from typing import Any, Optional, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, atomic_write, check_plain_data, decode_state_dict, encode_state_dict,
-                            install_state_dict, read_hf_weights, read_json, to_plain, write_safetensors)
+from spg.checkpoint import (CheckpointError, atomic_write, install_state_dict, read_checkpoint, read_hf_weights,
+                            read_json, to_plain, write_checkpoint, write_safetensors)
 from spg.wav2vec2.model import DEFAULT_VOCAB, ModelConfig, Wav2Vec2CTC
 
 __all__ = ["save", "export_hf", "from_spg_checkpoint", "load_hf_folder", "from_fairseq_checkpoint",
            "model_config_from_hf", "hf_config_from_model_config", "model_config_from_fairseq", "our_key", "hf_key",
-           "fairseq_key", "parse_conv_feature_layers", "FORMAT_NAME", "FORMAT_VERSION"]
+           "fairseq_key", "parse_conv_feature_layers"]
 
 PathLike = Union[str, os.PathLike]
-
-#   1: every tensor dense in "state_dict".
-#   2: adds "sparse": matrices with enough exact zeros stored as a bit mask + the kept values.
-# save() writes the oldest version that holds the model: 1 when nothing is sparse, so dense
-# files stay readable by older spg versions.
-FORMAT_NAME = "spg"
-FORMAT_VERSION = 2
 
 # Keys that only matter for training-time masking. HF and fairseq store the mask embedding
 # whenever masking *could* be used; our model creates it only when `mask_time_prob > 0`.
@@ -54,27 +47,16 @@ TRAINING_ONLY_KEYS = ("masked_spec_embed",)
 # ========================================================================================
 
 def save(model: Wav2Vec2CTC, path: PathLike, *, half: bool = False) -> None:
-    """Write `model` in our format, atomically (a reader never sees a half-written file).
+    """Write `model` in our format (`spg.checkpoint.write_checkpoint`), atomically, with
+    family "wav2vec2" and its vocabulary: version 1 when every matrix is dense, 2 when some
+    are stored sparse, so older spg versions read it.
 
-    The file is `torch.save` of a plain dict, readable with `torch.load(weights_only=True)`:
-        {"format": "spg", "version": 1 or 2, "config": ModelConfig.to_dict(), "vocab": [...],
-         "state_dict": {name: tensor}, "sparse": {name: {"shape", "mask", "values"}} (version 2),
-         "compression": model.compression}
     half=True stores floating-point weights as fp16 (half the size; loaded back as fp32).
-    Pruned matrices are stored sparse (see `encode_state_dict`): a matrix of sparsity s
+    Pruned matrices are stored sparse (see `spg.checkpoint.encode_state_dict`): a matrix of sparsity s
     takes (1 − s) + 1/32 of its dense fp32 size ((1 − s) + 1/16 of its fp16 size with half).
     """
-    check_plain_data(model.compression, "model.compression")
-    weights = encode_state_dict(model.state_dict(), half=half)
-    checkpoint = {
-        "format": FORMAT_NAME,
-        "version": 2 if "sparse" in weights else 1,
-        "config": model.config.to_dict(),
-        "vocab": list(model.vocab),
-        **weights,
-        "compression": model.compression,
-    }
-    atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
+    write_checkpoint(path, family="wav2vec2", config=model.config.to_dict(), state=model.state_dict(),
+                     compression=model.compression, extras={"vocab": list(model.vocab)}, half=half)
 
 
 def export_hf(model: Wav2Vec2CTC, folder: PathLike) -> None:
@@ -112,14 +94,9 @@ def export_hf(model: Wav2Vec2CTC, folder: PathLike) -> None:
 
 def from_spg_checkpoint(checkpoint: dict, source: str, *, strict: bool, vocab: Optional[list[str]]) -> Wav2Vec2CTC:
     """The model in a `save` file already read with torch.load (spg.load uses this)."""
-    version = checkpoint.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{source}: format version {version!r} is not supported "
-                              f"(this spg reads versions 1..{FORMAT_VERSION}; a newer spg wrote it?)")
-    if not isinstance(checkpoint.get("config"), dict):
-        raise CheckpointError(f"{source}: 'config' is missing or not a dict")
+    config_values, state, compression = read_checkpoint(checkpoint, source, family="wav2vec2")
     try:
-        config = ModelConfig.from_dict(checkpoint["config"])
+        config = ModelConfig.from_dict(config_values)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: invalid 'config': {error}") from None
     if vocab is None:
@@ -127,11 +104,7 @@ def from_spg_checkpoint(checkpoint: dict, source: str, *, strict: bool, vocab: O
         if not (isinstance(vocab, list) and all(isinstance(token, str) for token in vocab)):
             raise CheckpointError(f"{source}: 'vocab' is missing or not a list of strings")
     model = _build_model(config, vocab, source)
-    install_state_dict(model, decode_state_dict(checkpoint, source), source, strict=strict,
-                       optional_keys=TRAINING_ONLY_KEYS)
-    compression = checkpoint.get("compression") or {}
-    if not isinstance(compression, dict):
-        raise CheckpointError(f"{source}: 'compression' is not a dict")
+    install_state_dict(model, state, source, strict=strict, optional_keys=TRAINING_ONLY_KEYS)
     model.compression = compression
     return model
 

@@ -1,7 +1,7 @@
 """Whisper checkpoints: Hugging Face folders (`WhisperForConditionalGeneration`), our own file
-(`save_whisper`) and the models known by name. CTranslate2 folders are `spg.whisper.ct2`'s;
-`spg.loading.load_whisper` (and `spg.load`) tell the sources apart. Reading and checking the
-weights is `spg.checkpoint`'s.
+(`save_whisper`: the one format `spg.save` writes for every family, see `spg.checkpoint`) and
+the models known by name. CTranslate2 folders are `spg.whisper.ct2`'s; `spg.loading.load_whisper`
+(and `spg.load`) tell the sources apart. Reading and checking the weights is `spg.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, atomic_write, check_plain_data, first_line, install_state_dict,
-                            read_hf_weights, read_json)
+from spg.checkpoint import (CheckpointError, first_line, install_state_dict, read_checkpoint, read_hf_weights,
+                            read_json, write_checkpoint)
 from spg.whisper.model import Whisper, WhisperConfig
 from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NAMED_MODELS", "named_model_folder", "is_whisper_source", "save_whisper",
+__all__ = ["NAMED_MODELS", "named_model_folder", "is_whisper_source", "save_whisper",
            "build_whisper", "whisper_from_checkpoint", "whisper_config_from_hf", "load_hf_whisper", "load_spg_whisper",
            "check_tied"]
 
 PathLike = Union[str, os.PathLike]
-
-FORMAT_NAME = "spg-whisper"       # our checkpoint format (see `save_whisper`)
-FORMAT_VERSION = 1
 
 # Models known by name: name -> (pip package, importable module whose get_model_path() is a
 # CTranslate2 folder). Nothing is downloaded; the package must be installed.
@@ -62,23 +59,14 @@ def is_whisper_source(path: PathLike) -> bool:
 
 
 def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
-    """Write `model` atomically as torch.save of a plain dict, readable with
-    torch.load(weights_only=True):
-        {"format": "spg-whisper", "version": 1, "config": WhisperConfig.to_dict(),
-         "state_dict": {name: tensor}, "compression": model.compression,
-         "tokenizer": {"vocab": {token: id}, "added_tokens": [...], "merges": [[left, right], ...]}
-                      (when the model has one; merges only if its tokenizer.json had them)}
-    half=True stores floating-point weights as fp16 (loaded back as fp32)."""
-    check_plain_data(model.compression, "model.compression")
-    state = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu")
-        state[name] = tensor.half() if half and tensor.is_floating_point() else tensor
-    checkpoint = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(),
-                  "state_dict": state, "compression": model.compression}
-    if model.tokenizer is not None:
-        checkpoint["tokenizer"] = model.tokenizer.to_dict()
-    atomic_write(os.fspath(path), lambda file: torch.save(checkpoint, file))
+    """Write `model` in our format (`spg.checkpoint.write_checkpoint`, what `spg.save` writes),
+    atomically: version 3, family "whisper", with the tokenizer when the model has one
+    ("tokenizer": {"vocab": {token: id}, "added_tokens": [...], "merges": [[left, right], ...]},
+    merges only if its tokenizer.json had them). Pruned matrices are stored sparse; half=True
+    stores floating-point weights as fp16 (loaded back as fp32)."""
+    extras = {"tokenizer": model.tokenizer.to_dict()} if model.tokenizer is not None else {}
+    write_checkpoint(path, family="whisper", config=model.config.to_dict(), state=model.state_dict(),
+                     compression=model.compression, extras=extras, half=half)
 
 
 def _build(config_values: dict, source: str) -> Whisper:
@@ -108,19 +96,10 @@ def load_spg_whisper(path: str, *, strict: bool) -> Whisper:
 
 
 def whisper_from_checkpoint(checkpoint: object, path: str, *, strict: bool = True) -> Whisper:
-    """The model in a `save_whisper` file already read with torch.load (spg.load uses this)."""
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: not an {FORMAT_NAME!r} checkpoint (written by save_whisper)")
-    version = checkpoint.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version!r} is not supported "
-                              f"(this spg reads versions 1..{FORMAT_VERSION})")
-    if not isinstance(checkpoint.get("config"), dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: 'config' or 'state_dict' is missing or not a dict")
-    model = build_whisper(checkpoint["config"], checkpoint["state_dict"], path, strict=strict)
-    compression = checkpoint.get("compression") or {}
-    if not isinstance(compression, dict):
-        raise CheckpointError(f"{path}: 'compression' is not a dict")
+    """The model in a file of ours already read with torch.load (spg.load uses this): format
+    "spg" with family "whisper", or the older "spg-whisper" version 1."""
+    config_values, state, compression = read_checkpoint(checkpoint, path, family="whisper")
+    model = build_whisper(config_values, state, path, strict=strict)
     model.compression = compression
     if checkpoint.get("tokenizer") is not None:
         model.tokenizer = WhisperTokenizer.from_dict(checkpoint["tokenizer"], f"{path}: 'tokenizer'")
