@@ -1,6 +1,7 @@
-"""Checkpoint plumbing shared by every model family: errors, atomic writes, safetensors,
-Hugging Face weight files, a restricted unpickler, sparse storage of pruned matrices, and
-copying a state dict into a model with strict key, shape and dtype checks.
+"""Checkpoint plumbing shared by every model family: our one file format (`write_checkpoint`,
+`read_checkpoint`, with sparse storage of pruned matrices), errors, atomic writes, safetensors,
+Hugging Face weight files, a restricted unpickler, and copying a state dict into a model with
+strict key, shape and dtype checks.
 
 Nothing here knows a network: the family readers (`spg.wav2vec2.io`, `spg.whisper.io`,
 `spg.whisper.ct2`) translate key names and configs and call these helpers. Loading never runs
@@ -160,8 +161,8 @@ def _decode_sparse(entry: Any, where: str) -> torch.Tensor:
 #      "config": the model config's to_dict(), "state_dict" (+ "sparse"): see encode_state_dict,
 #      "compression": model.compression, and the family's own entries:
 #      "vocab": [token, ...] (wav2vec2) or "tokenizer": {...} (Whisper, when it has one)}
-# Versions: 1 every tensor dense (wav2vec2/HuBERT only, no "family"); 2 adds "sparse";
-# 3 adds families other than wav2vec2. A file says the oldest version that holds it (a dense
+# Versions: 1 every tensor dense, wav2vec2/HuBERT only ("family" may be absent before 3, and
+# can only be "wav2vec2"); 2 adds "sparse"; 3 adds families other than wav2vec2. A file says the oldest version that holds it (a dense
 # wav2vec2 is 1, a pruned one 2, any Whisper 3), so older readers keep reading what they can,
 # and refuse a Whisper file by its version instead of misreading it as wav2vec2.
 # Also read: {"format": "spg-whisper", "version": 1} (Whisper, dense, before version 3).
@@ -215,12 +216,12 @@ def read_checkpoint(checkpoint: Any, source: str, *, family: str) -> tuple[dict,
     torch.load, after checking that it holds a model of `family`. The family's own entries
     ("vocab", "tokenizer") are left to its reader."""
     found = checkpoint_family(checkpoint, source)
-    names = " or ".join([f"{FORMAT_NAME!r}"] + [repr(old) for old, (of, _) in OLD_FORMATS.items() if of == family])
+    expected = f"format {FORMAT_NAME!r} with family {family!r}" + "".join(
+        f" or format {old!r}" for old, (holds, _) in OLD_FORMATS.items() if holds == family)
     if found is None:
-        raise CheckpointError(f"{source}: not an spg checkpoint (expected format {names}, written by spg.save)")
+        raise CheckpointError(f"{source}: not an spg checkpoint (expected {expected}, written by spg.save)")
     if found != family:
-        raise CheckpointError(f"{source}: holds a {found} model, not {family} (expected format {names} "
-                              f"with family {family!r})")
+        raise CheckpointError(f"{source}: holds a {found} model, not {family} (expected {expected})")
     if not isinstance(checkpoint.get("config"), dict):
         raise CheckpointError(f"{source}: 'config' is missing or not a dict")
     state = decode_state_dict(checkpoint, source)

@@ -226,7 +226,7 @@ def test_refusals(tmp_path, edit, match):
 def test_family_mismatch_and_vocab_for_whisper(tmp_path):
     spg.save(tiny_wav2vec2(), tmp_path / "w2v.pt")
     with pytest.raises(CheckpointError, match=r"w2v.pt: holds a wav2vec2 model, not whisper \(expected format "
-                                              r"'spg' or 'spg-whisper' with family 'whisper'\)"):
+                                              r"'spg' with family 'whisper' or format 'spg-whisper'\)"):
         load_whisper(tmp_path / "w2v.pt")
     spg.save(tiny_whisper(), tmp_path / "whisper.pt")
     with pytest.raises(CheckpointError, match="whisper.pt: a Whisper model has its own tokenizer"):
