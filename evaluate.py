@@ -33,8 +33,7 @@ from spg.checkpoint import atomic_write
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
 from spg.training import evaluate_corpus, exit_code_of, naming_write_errors, sparsity_report
 from spg.wer import mapsswe
-from spg.whisper.evaluation import (evaluate_whisper, is_transcription_folder, read_transcription_folder,
-                                    whisper_sparsity_report)
+from spg.whisper.evaluation import evaluate_whisper, is_transcription_folder, read_transcription_folder
 from spg.whisper.io import NAMED_MODELS, named_model_folder
 from spg.whisper.model import Whisper
 
@@ -57,10 +56,9 @@ def describe(model, model_path: Path, device: torch.device, utterances, label: s
     model.to(device)
     if isinstance(model, Whisper):
         result = evaluate_whisper(model, utterances, device=device)
-        result.update(whisper_sparsity_report(model))
     else:
         result = evaluate_corpus(model, utterances, device=device, desc=label)
-        result.update(sparsity_report(model))
+    result.update(sparsity_report(model))
     result.update(model=str(model_path), params_total=model.num_parameters(),
                   params_nonzero=model.num_parameters(nonzero_only=True), size_bytes=size_on_disk(model_path))
     return result

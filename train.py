@@ -40,6 +40,7 @@ import torch.distributed as dist
 import spg
 from spg.checkpoint import atomic_write
 from spg.compress import self_pinching
+from spg.compress.clustering import cluster_compress, structured_magnitude_prune
 from spg.compress.interface import Method
 from spg.compress.magnitude import Mixed, UMP
 from spg.data import check_durations, read_corpus
@@ -47,7 +48,7 @@ from spg.training import (Objective, TrainConfig, check_resume_settings, distrib
                           exit_code_of, load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
-from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder, whisper_sparsity_report
+from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
 from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent
@@ -436,7 +437,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     significance = {
         name: mapsswe(after[name]["references"], after[name]["hypotheses"], before[name]["hypotheses"], alpha=0.05)
         for name in after if name in before}
-    report = (whisper_sparsity_report if isinstance(model, Whisper) else sparsity_report)(model)
+    report = sparsity_report(model)
     summary = {
         "method": args.method, "target_sparsity": args.sparsity, "steps": result.steps_done,
         "skipped_steps": result.skipped_steps, "out": str(out),
@@ -481,11 +482,6 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
                 out: Path, device: torch.device, started: float) -> int:
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
-    if isinstance(dense, Whisper):
-        from spg.whisper.clustering import cluster_compress, structured_magnitude_prune
-    else:
-        from spg.compress.clustering import cluster_compress, structured_magnitude_prune
-
     clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=args.mixed, seed=args.seed)
     magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"])
     results = {label: {name: evaluate(model, data, device, f"{label} {name}")

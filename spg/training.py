@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from spg.data import AudioCache, Batch, DataError, Utterance, length_sorted_batches, make_targets, normalize_waveform
 from spg.checkpoint import CheckpointError, atomic_write
-from spg.compress.interface import Method
+from spg.compress.interface import Method, PrunableModel
 from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
 from spg.wer import corpus_scores, error_counts
 
@@ -706,23 +706,29 @@ def _labels_only(audio: AudioCache, indices: Sequence[int], vocab: Sequence[str]
 # Reporting
 # ----------------------------------------------------------------------------------------
 
-def sparsity_report(model: Wav2Vec2CTC) -> dict:
-    """Zero fraction of the prunable matrices: overall, per block, and per matrix."""
+def sparsity_report(model: PrunableModel) -> dict:
+    """Zero fraction of the prunable matrices (`model.prunable_linears()`): overall, per layer
+    and per matrix, for any model family. Layers are those of `model.structured_units()`
+    (every matrix belongs to one attention module or FFN, which knows its stack and layer),
+    keyed by the layer index when the model has one stack (wav2vec2: 0, 1, ...) and by
+    "stack.layer" when it has several (Whisper: "encoder.0", ..., "decoder.3")."""
+    units = model.structured_units()
+    one_stack = len({u.stack for u in units}) == 1
+    layer_of = {id(linear): u.layer if one_stack else f"{u.stack}.{u.layer}" for u in units for linear in u.linears()}
     per_matrix: dict[str, float] = {}
-    per_block: dict[int, list[int]] = {}
+    per_layer: dict = {}
     zeros_total = size_total = 0
     for name, linear in model.prunable_linears():
         zeros = int((linear.weight == 0).sum())
         size = linear.weight.numel()
         per_matrix[name] = zeros / size if size else 0.0
-        block = int(name.split(".")[2])
-        counts = per_block.setdefault(block, [0, 0])
+        counts = per_layer.setdefault(layer_of[id(linear)], [0, 0])
         counts[0] += zeros
         counts[1] += size
         zeros_total += zeros
         size_total += size
     return {"sparsity": zeros_total / size_total if size_total else 0.0,
-            "per_block_sparsity": {b: z / s if s else 0.0 for b, (z, s) in sorted(per_block.items())},
+            "per_block_sparsity": {layer: z / s if s else 0.0 for layer, (z, s) in per_layer.items()},
             "per_matrix_sparsity": per_matrix,
             "prunable_params": size_total}
 

@@ -25,7 +25,7 @@ SPG = Path(__file__).resolve().parent.parent / "spg"
 # spg leaf modules: they import only the standard library, numpy and torch.
 LEAVES = {
     "spg.config": "config-field checks shared by the model files' config classes",
-    "spg.compress.interface": "the training loop's Method hooks, what a method plugs into",
+    "spg.compress.interface": "what a method plugs into: the prunable-model interface and the training loop's Method hooks",
     "spg.whisper.audio": "Whisper's log-mel front end (the model's transcribe() computes it)",
 }
 # file -> the spg modules it may import (besides the standard library, numpy and torch)
@@ -34,8 +34,8 @@ COPYABLE = {
     "spg.compress.magnitude": {"spg.compress.interface"},
     "spg.compress.hardconcrete": {"spg.compress.interface"},
     "spg.compress.kmeans": {"spg.compress.interface"},
-    "spg.wav2vec2.model": {"spg.config"},
-    "spg.whisper.model": {"spg.config", "spg.whisper.audio"},
+    "spg.wav2vec2.model": {"spg.config", "spg.compress.interface"},
+    "spg.whisper.model": {"spg.config", "spg.whisper.audio", "spg.compress.interface"},
     **{leaf: set() for leaf in LEAVES},
 }
 THIRD_PARTY_ALLOWED = {"numpy", "torch"}

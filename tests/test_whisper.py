@@ -672,7 +672,7 @@ def test_real_tiny_en_transcribes_real_recordings(capsys, name, max_wer):
 
 
 # ----------------------------------------------------------------------------------------
-# Data-free compression (spg.whisper.clustering) and the front ends (spg.load, evaluate.py)
+# Data-free compression (spg.compress.clustering) and the front ends (spg.load, evaluate.py)
 # ----------------------------------------------------------------------------------------
 
 def perturbed_whisper(seed: int = 0, **overrides) -> Whisper:
@@ -693,6 +693,16 @@ def logits_of(model: Whisper) -> torch.Tensor:
 ATTENTION_MODULES = [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn")]
 
 
+def module_name(stack: str, layer: int, kind: str) -> str:
+    """The `structured_units()` name of a module, e.g. "decoder.layers.1.encoder_attn"."""
+    return f"{stack}.layers.{layer}.{kind}"
+
+
+def module_keys(model: Whisper) -> list[tuple[str, int, str]]:
+    """(stack, layer, attribute) of every structured module, in `structured_units()` order."""
+    return [(u.stack, u.layer, u.name.rpartition(".")[2]) for u in model.structured_units()]
+
+
 @torch.no_grad()
 def zero_units(model: Whisper, stack: str, layer: int, kind: str, units: list[int]) -> None:
     """Zero what the given heads / FFN neurons write to the block output (W_out or fc2 columns)."""
@@ -707,7 +717,7 @@ def zero_units(model: Whisper, stack: str, layer: int, kind: str, units: list[in
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_removing_heads_and_units_equals_zeroing_them(tmp_path):
-    from spg.whisper.clustering import keep_units
+    from spg.compress.interface import keep_units
     model = perturbed_whisper()
     removed = {("encoder", 0, "self_attn"): [1, 3], ("encoder", 1, "ffn"): [0, 5, 47],
                ("decoder", 0, "self_attn"): [0], ("decoder", 1, "encoder_attn"): [2],
@@ -716,7 +726,7 @@ def test_removing_heads_and_units_equals_zeroing_them(tmp_path):
     sizes = {"encoder": 48, "decoder": 40}
     keep = {key: [u for u in range(4 if key[2] != "ffn" else sizes[key[0]]) if u not in units]
             for key, units in removed.items()}
-    small = keep_units(model, keep)
+    small = keep_units(model, {module_name(*key): units for key, units in keep.items()})
     masked = copy.deepcopy(model)
     for (stack, layer, kind), units in removed.items():
         zero_units(masked, stack, layer, kind, units)
@@ -726,9 +736,9 @@ def test_removing_heads_and_units_equals_zeroing_them(tmp_path):
     assert small.config.decoder_layer_ffn_dims == [40, 26]
     assert small.num_parameters() < model.num_parameters()
     with pytest.raises(ValueError, match="distinct"):
-        keep_units(model, {("encoder", 0, "self_attn"): [0, 0]})
+        keep_units(model, {module_name("encoder", 0, "self_attn"): [0, 0]})
     with pytest.raises(ValueError, match="no module"):
-        keep_units(model, {("encoder", 0, "encoder_attn"): [0]})
+        keep_units(model, {module_name("encoder", 0, "encoder_attn"): [0]})
 
 
 @torch.no_grad()
@@ -736,7 +746,7 @@ def duplicated_whisper() -> tuple[Whisper, Whisper]:
     """(half, dup): in every module of `dup` the second half of the heads / FFN neurons copies
     the first half, with every output column halved, so dup computes exactly what `half`
     (the first halves only) computes."""
-    from spg.whisper.clustering import keep_units, module_keys
+    from spg.compress.interface import keep_units
     dup = perturbed_whisper(seed=3)
     keep = {}
     for stack, layer, kind in module_keys(dup):
@@ -754,7 +764,7 @@ def duplicated_whisper() -> tuple[Whisper, Whisper]:
                 if proj.bias is not None:
                     proj.bias[second] = proj.bias[first]
             attention.out_proj.weight[:, second] = attention.out_proj.weight[:, first]
-        keep[(stack, layer, kind)] = range(n)
+        keep[module_name(stack, layer, kind)] = range(n)
     half = keep_units(dup, keep)
     for stack, layer, kind in module_keys(dup):
         block = getattr(dup, stack).layers[layer]
@@ -763,7 +773,7 @@ def duplicated_whisper() -> tuple[Whisper, Whisper]:
 
 
 def test_sum_out_merging_of_duplicate_units_is_exact():
-    from spg.whisper.clustering import cluster_compress
+    from spg.compress.clustering import cluster_compress
     half, dup = duplicated_whisper()
     reference = logits_of(dup)
     torch.testing.assert_close(logits_of(half), reference, rtol=0, atol=1e-5)
@@ -780,7 +790,7 @@ def test_sum_out_merging_of_duplicate_units_is_exact():
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_compressed_whisper_round_trips_and_mixed_k_keeps_the_budget(tmp_path):
     import spg
-    from spg.whisper.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
+    from spg.compress.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
     model = perturbed_whisper(seed=1, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=64, decoder_ffn_dim=64)
     with torch.no_grad():                       # FFNs of higher weight variance: mixed K gives them more
         for layer in list(model.encoder.layers) + list(model.decoder.layers):
@@ -862,7 +872,7 @@ def test_train_cli_clusters_a_tiny_whisper(tmp_path):
     import spg
     import train
     from helpers import write_corpus
-    from spg.whisper.clustering import cluster_compress
+    from spg.compress.clustering import cluster_compress
     write_corpus(tmp_path / "corpus", "test", {f"{i:04d}": (["HELLO WORLD", "A CAT"][i % 2], 0.5) for i in range(3)})
     model = perturbed_whisper(seed=2, max_source_positions=1500)
     write_tiny_tokenizer(tmp_path / "tokenizer.json")

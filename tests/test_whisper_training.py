@@ -14,9 +14,8 @@ from helpers import write_corpus
 from spg.compress.magnitude import UMP
 from spg.compress.self_pinching import SPG
 from spg.data import AudioCache, read_corpus
-from spg.training import TrainConfig, train
+from spg.training import TrainConfig, sparsity_report, train
 from spg.whisper.audio import log_mel_spectrogram
-from spg.whisper.evaluation import whisper_sparsity_report
 from spg.whisper.io import save_whisper
 from spg.whisper.model import Whisper
 from spg.whisper.tokenizer import WhisperTokenizer
@@ -108,7 +107,7 @@ def test_ump_on_whisper_prunes_every_matrix_and_resumes_exactly(tmp_path):
     config = TrainConfig(steps=4, batch_size=2, lr=1e-3, save_every=1)
     straight = tiny_whisper(tmp_path)
     train(straight, utterances, config, method=UMP(0.5), objective=WhisperObjective(), progress=False)
-    report = whisper_sparsity_report(straight)
+    report = sparsity_report(straight)
     assert len(report["per_matrix_sparsity"]) == len(straight.prunable_linears())
     assert all(abs(value - 0.5) < 1e-3 for value in report["per_matrix_sparsity"].values())
 
@@ -130,7 +129,7 @@ def test_spg_on_whisper_reaches_the_target_and_leaves_plain_linears(tmp_path):
     method = SPG(0.4, threshold_lr=0.03)
     config = TrainConfig(steps=25, batch_size=2, lr=1e-3, save_every=0)
     train(model, utterances, config, method=method, objective=WhisperObjective(), progress=False)
-    report = whisper_sparsity_report(model)
+    report = sparsity_report(model)
     assert abs(report["sparsity"] - 0.4) < 0.005
     assert model.compression["method"] == "spg" and model.compression["first_reached_step"] is not None
     # per-matrix sparsities are learned, not uniform
@@ -159,7 +158,7 @@ def test_train_cli_fine_tunes_a_tiny_whisper_with_ump(tmp_path):
     assert abs(summary["sparsity"] - 0.5) < 1e-3 and summary["steps"] == 2
     saved = spg.load(out)
     assert isinstance(saved, Whisper)
-    assert abs(whisper_sparsity_report(saved)["sparsity"] - summary["sparsity"]) < 1e-9
+    assert abs(sparsity_report(saved)["sparsity"] - summary["sparsity"]) < 1e-9
     with pytest.raises(SystemExit, match="--dense-eval applies to wav2vec2/HuBERT models only"):
         train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "ump", "--sparsity", "0.5",
                         "--dense-eval", str(tmp_path / "dense.json"), "--data", str(tmp_path / "corpus")])

@@ -25,16 +25,19 @@ The public call is `logits, frame_lengths = model(waveforms, lengths)`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardUnits, FeedForwardWeights,
+                                    ModuleWeights, StructuredUnits)
 from spg.config import check_config_fields
 
 # The 32-token character vocabulary of facebook/wav2vec2-base-960h (id 0 = CTC blank).
@@ -541,6 +544,87 @@ class Wav2Vec2CTC(nn.Module):
 
     def num_parameters(self, nonzero_only: bool = False) -> int:
         return sum(int(p.count_nonzero()) if nonzero_only else p.numel() for p in self.parameters())
+
+    # --- structured units and rebuilding (spg.compress.interface.PrunableModel) ------
+    def structured_units(self) -> list[StructuredUnits]:
+        """Per block, its self-attention ("encoder.layers.i.attention", report group
+        "heads"; heads of any width) and its FFN ("encoder.layers.i.feed_forward", group
+        "ffn_units"; intermediate_dense = fc1, output_dense = fc2)."""
+        result: list[StructuredUnits] = []
+        for i, layer in enumerate(self.encoder.layers):
+            a, f = layer.attention, layer.feed_forward
+            result.append(AttentionUnits(
+                name=f"encoder.layers.{i}.attention", stack="encoder", role="self_attn", group="heads", layer=i,
+                q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj, out_proj=a.out_proj,
+                qk_head_dims=tuple(a.qk_head_dims), v_head_dims=tuple(a.v_head_dims),
+                head_dim=self.config.head_dim, head_dims_prunable=True))
+            result.append(FeedForwardUnits(
+                name=f"encoder.layers.{i}.feed_forward", stack="encoder", role="ffn", group="ffn_units", layer=i,
+                fc1=f.intermediate_dense, fc2=f.output_dense))
+        return result
+
+    @torch.no_grad()
+    def rebuild(self, weights: Mapping[str, ModuleWeights]) -> "Wav2Vec2CTC":
+        """A new model in which the named modules (`structured_units` names) hold the given
+        weights. Their sizes (number of heads, per-head query/key and value widths, FFN
+        neurons; zero included) become that block's sizes in the new config
+        (`layer_num_heads`, `layer_intermediate_sizes`, and `layer_qk_head_dims` /
+        `layer_v_head_dims` only when some head is not of width `config.head_dim`, so whole-
+        head pruning keeps the simpler config; the attention scale stays
+        1/sqrt(config.head_dim)). Everything else (feature extractor, projections, layer
+        norms, positional conv, CTC head) is copied; `self` is not modified. The new model
+        has this model's device and dtype (those of its CTC head), vocabulary, train/eval
+        mode and a deep copy of `compression` (callers add their own record)."""
+        config, hidden = self.config, self.config.hidden_size
+        units = {u.name: u for u in self.structured_units()}
+        for name, new in weights.items():
+            if name not in units:
+                raise ValueError(f"no module {name!r} in this model")
+            if isinstance(units[name], AttentionUnits) != isinstance(new, AttentionWeights):
+                raise ValueError(f"{name}: expected {'attention' if isinstance(units[name], AttentionUnits) else 'feed-forward'} weights")
+            new.validate(hidden)
+            if isinstance(new, AttentionWeights) and new.k_bias is None:
+                raise ValueError(f"{name}: wav2vec2 attention needs a k_proj bias")
+        qk_dims, v_dims, ffn_sizes = [], [], []
+        for i in range(config.num_hidden_layers):
+            attention = weights.get(f"encoder.layers.{i}.attention")
+            current = units[f"encoder.layers.{i}.attention"]
+            qk_dims.append(list(attention.qk_head_dims if attention else current.qk_head_dims))
+            v_dims.append(list(attention.v_head_dims if attention else current.v_head_dims))
+            ffn = weights.get(f"encoder.layers.{i}.feed_forward")
+            ffn_sizes.append(ffn.num_units if ffn else units[f"encoder.layers.{i}.feed_forward"].num_units)
+        new_config = copy.deepcopy(config)
+        new_config.layer_num_heads = [len(dims) for dims in qk_dims]
+        new_config.layer_intermediate_sizes = list(ffn_sizes)
+        if all(d == config.head_dim for dims in qk_dims + v_dims for d in dims):
+            new_config.layer_qk_head_dims = new_config.layer_v_head_dims = None
+        else:
+            new_config.layer_qk_head_dims = [list(dims) for dims in qk_dims]
+            new_config.layer_v_head_dims = [list(dims) for dims in v_dims]
+        new_config.validate()
+
+        state = self.state_dict()
+        for name, new in weights.items():
+            if isinstance(new, AttentionWeights):
+                tensors = [("q_proj.weight", new.q_weight), ("q_proj.bias", new.q_bias),
+                           ("k_proj.weight", new.k_weight), ("k_proj.bias", new.k_bias),
+                           ("v_proj.weight", new.v_weight), ("v_proj.bias", new.v_bias),
+                           ("out_proj.weight", new.out_weight), ("out_proj.bias", new.out_bias)]
+            else:
+                tensors = [("intermediate_dense.weight", new.fc1_weight), ("intermediate_dense.bias", new.fc1_bias),
+                           ("output_dense.weight", new.fc2_weight), ("output_dense.bias", new.fc2_bias)]
+            for suffix, tensor in tensors:
+                key = f"{name}.{suffix}"
+                state[key] = tensor.detach().to(dtype=state[key].dtype, device=state[key].device)
+
+        new_model = Wav2Vec2CTC(new_config, self.vocab)
+        # Match device and dtype first (load_state_dict copies values, it keeps the target's dtype).
+        reference = self.lm_head.weight
+        new_model.to(device=reference.device, dtype=reference.dtype)
+        new_model.load_state_dict(state, strict=True)
+        new_model.compression = copy.deepcopy(self.compression)
+        new_model.train(self.training)
+        return new_model
 
     @torch.no_grad()
     def transcribe(self, waveforms: list[torch.Tensor]) -> list[str]:

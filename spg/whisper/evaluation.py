@@ -36,8 +36,7 @@ from spg.wer import corpus_scores
 from spg.whisper.audio import N_SAMPLES
 from spg.whisper.model import Whisper
 
-__all__ = ["TRANSCRIPTION_FILE", "is_transcription_folder", "read_transcription_folder", "evaluate_whisper",
-           "whisper_sparsity_report"]
+__all__ = ["TRANSCRIPTION_FILE", "is_transcription_folder", "read_transcription_folder", "evaluate_whisper"]
 
 TRANSCRIPTION_FILE = "transcription"
 MAX_SECONDS = N_SAMPLES / SAMPLE_RATE   # 30.0: Whisper's one window
@@ -134,21 +133,3 @@ def evaluate_whisper(model: Whisper, utterances: Sequence[Utterance], *, batch_s
             "audio_seconds": audio_seconds, "rtf": seconds / audio_seconds if audio_seconds else 0.0,
             "ids": [u.id for u in utterances], "references": references, "hypotheses": hypotheses,
             "raw_hypotheses": raw}
-
-
-def whisper_sparsity_report(model: Whisper) -> dict:
-    """Zero fraction of the attention and FFN matrices: overall, per layer ("encoder.0", ...,
-    "decoder.3") and per matrix (the keys of `spg.training.sparsity_report`)."""
-    per_matrix, per_layer = {}, {}
-    zeros_total = size_total = 0
-    for name, linear in model.prunable_linears():
-        zeros, size = int((linear.weight == 0).sum()), linear.weight.numel()
-        per_matrix[name] = zeros / size if size else 0.0
-        counts = per_layer.setdefault(".".join(name.split(".")[:3:2]), [0, 0])   # "encoder.layers.0" -> "encoder.0"
-        counts[0] += zeros
-        counts[1] += size
-        zeros_total += zeros
-        size_total += size
-    return {"sparsity": zeros_total / size_total if size_total else 0.0,
-            "per_block_sparsity": {layer: z / s if s else 0.0 for layer, (z, s) in per_layer.items()},
-            "per_matrix_sparsity": per_matrix, "prunable_params": size_total}

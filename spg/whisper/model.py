@@ -33,21 +33,24 @@ keep the width d_model / attention_heads of the unpruned model, and the attentio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence, Union
+from typing import Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardUnits, FeedForwardWeights,
+                                    ModuleWeights, StructuredUnits)
 from spg.config import check_config_fields
 from spg.whisper.audio import log_mel_spectrogram
 
 __all__ = ["WhisperConfig", "Whisper", "Tokenizer", "MultiHeadAttention", "ResidualAttentionBlock", "WhisperEncoder",
-           "WhisperDecoder", "sinusoids", "ENCODER_MATRICES", "DECODER_MATRICES"]
+           "WhisperDecoder", "sinusoids", "ENCODER_MATRICES", "DECODER_MATRICES", "STRUCTURED_MODULES"]
 
 
 # ========================================================================================
@@ -369,6 +372,16 @@ ENCODER_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", 
 DECODER_MATRICES = ENCODER_MATRICES[:4] + (
     "encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj", "encoder_attn.out_proj", "fc1", "fc2")
 
+# Structured modules per layer: (stack, attribute on the layer, role, report group, the config
+# field holding the per-layer sizes). The FFN's fc1/fc2 sit on the layer itself ("ffn").
+STRUCTURED_MODULES = (
+    ("encoder", "self_attn", "self_attn", "encoder_heads", "encoder_layer_heads"),
+    ("encoder", "ffn", "ffn", "encoder_ffn_units", "encoder_layer_ffn_dims"),
+    ("decoder", "self_attn", "self_attn", "decoder_heads", "decoder_layer_heads"),
+    ("decoder", "encoder_attn", "cross_attn", "decoder_cross_heads", "decoder_layer_cross_heads"),
+    ("decoder", "ffn", "ffn", "decoder_ffn_units", "decoder_layer_ffn_dims"),
+)
+
 
 class Tokenizer(Protocol):
     """What the model needs of a tokenizer: ids -> text (`spg.whisper.tokenizer.WhisperTokenizer`)."""
@@ -471,3 +484,84 @@ class Whisper(nn.Module):
 
     def num_parameters(self, nonzero_only: bool = False) -> int:
         return sum(int(p.count_nonzero()) if nonzero_only else p.numel() for p in self.parameters())
+
+    # --- structured units and rebuilding (spg.compress.interface.PrunableModel) ------
+    def structured_units(self) -> list[StructuredUnits]:
+        """Layer by layer: encoder (self_attn, ffn), then decoder (self_attn, encoder_attn =
+        role "cross_attn", ffn). Names are module paths ("decoder.layers.1.encoder_attn"),
+        the FFN's "encoder.layers.0.ffn" (its fc1/fc2 sit on the layer). Heads are whole:
+        every head keeps the width d_model / attention_heads."""
+        result: list[StructuredUnits] = []
+        for stack in ("encoder", "decoder"):
+            for i, layer in enumerate(getattr(self, stack).layers):
+                for module_stack, attribute, role, group, _ in STRUCTURED_MODULES:
+                    if module_stack != stack:
+                        continue
+                    name = f"{stack}.layers.{i}.{attribute}"
+                    if role == "ffn":
+                        result.append(FeedForwardUnits(name=name, stack=stack, role=role, group=group, layer=i,
+                                                       fc1=layer.fc1, fc2=layer.fc2))
+                        continue
+                    a = getattr(layer, attribute)
+                    result.append(AttentionUnits(
+                        name=name, stack=stack, role=role, group=group, layer=i,
+                        q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj, out_proj=a.out_proj,
+                        qk_head_dims=(a.head_dim,) * a.num_heads, v_head_dims=(a.head_dim,) * a.num_heads,
+                        head_dim=a.head_dim, head_dims_prunable=False))
+        return result
+
+    @torch.no_grad()
+    def rebuild(self, weights: Mapping[str, ModuleWeights]) -> "Whisper":
+        """A new Whisper whose named modules (`structured_units` names) hold the given
+        weights; their head / neuron counts go into the config's per-layer size lists
+        (`encoder_layer_heads`, ...; written for every module kind). Heads must have the
+        full width; k_proj has no bias (k_bias None). Everything else is copied; `self` is
+        not modified; same device, dtype, train/eval mode, tokenizer and a copy of
+        `compression`."""
+        units = {u.name: u for u in self.structured_units()}
+        d_model = self.config.d_model
+        for name, new in weights.items():
+            if name not in units:
+                raise ValueError(f"no module {name!r} in this Whisper")
+            module = units[name]
+            if isinstance(module, AttentionUnits) != isinstance(new, AttentionWeights):
+                raise ValueError(f"{name}: expected {'attention' if isinstance(module, AttentionUnits) else 'feed-forward'} weights")
+            new.validate(d_model)
+            if isinstance(new, AttentionWeights):
+                if any(w != module.head_dim for w in new.qk_head_dims + new.v_head_dims):
+                    raise ValueError(f"{name}: Whisper heads keep their width {module.head_dim}; "
+                                     f"got {new.qk_head_dims} / {new.v_head_dims}")
+                if new.k_bias is not None:
+                    raise ValueError(f"{name}: Whisper's k_proj has no bias")
+        config = copy.deepcopy(self.config)
+        for stack, attribute, role, _, field_name in STRUCTURED_MODULES:
+            sizes = []
+            for i in range(len(getattr(self, stack).layers)):
+                name = f"{stack}.layers.{i}.{attribute}"
+                new = weights.get(name)
+                if new is None:
+                    new_size = units[name].num_units if role == "ffn" else units[name].num_heads
+                else:
+                    new_size = new.num_units if role == "ffn" else new.num_heads
+                sizes.append(new_size)
+            setattr(config, field_name, sizes)
+        state = dict(self.state_dict())
+        reference = self.decoder.embed_tokens.weight
+        for name, new in weights.items():
+            layer_path = name.rpartition(".")[0]
+            if isinstance(new, AttentionWeights):
+                tensors = {f"{name}.q_proj.weight": new.q_weight, f"{name}.q_proj.bias": new.q_bias,
+                           f"{name}.k_proj.weight": new.k_weight,
+                           f"{name}.v_proj.weight": new.v_weight, f"{name}.v_proj.bias": new.v_bias,
+                           f"{name}.out_proj.weight": new.out_weight, f"{name}.out_proj.bias": new.out_bias}
+            else:
+                tensors = {f"{layer_path}.fc1.weight": new.fc1_weight, f"{layer_path}.fc1.bias": new.fc1_bias,
+                           f"{layer_path}.fc2.weight": new.fc2_weight, f"{layer_path}.fc2.bias": new.fc2_bias}
+            for key, tensor in tensors.items():
+                state[key] = tensor.detach().to(device=reference.device, dtype=reference.dtype)
+        new_model = Whisper(config).to(device=reference.device, dtype=reference.dtype)
+        new_model.load_state_dict(state)
+        new_model.train(self.training)
+        new_model.tokenizer = self.tokenizer
+        new_model.compression = copy.deepcopy(self.compression)
+        return new_model

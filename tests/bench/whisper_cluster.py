@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import spg  # noqa: E402
 from spg.checkpoint import atomic_write  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
-from spg.whisper.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune  # noqa: E402
+from spg.compress.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune  # noqa: E402
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder  # noqa: E402
 
 MODEL = "whisper-tiny.en"
