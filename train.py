@@ -41,7 +41,7 @@ import spg
 from spg.checkpoint import atomic_write
 from spg.compress import self_pinching
 from spg.compress.clustering import cluster_compress, structured_magnitude_prune
-from spg.compress.interface import Method
+from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import Mixed, UMP
 from spg.data import check_durations, read_corpus
 from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
@@ -459,11 +459,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     }
     if args.method == "l0":
         forward = forward_seconds({"dense": dense_copy, "compressed": model})
-        config = model.config
-        summary["kept"] = {"heads": [config.block_num_heads(b) for b in range(config.num_hidden_layers)],
-                           "qk_dims": [sum(config.block_qk_head_dims(b)) for b in range(config.num_hidden_layers)],
-                           "v_dims": [sum(config.block_v_head_dims(b)) for b in range(config.num_hidden_layers)],
-                           "ffn_units": [config.block_intermediate_size(b) for b in range(config.num_hidden_layers)]}
+        summary["kept"] = kept_units(model)
         # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
         summary.update(prunable_params=sparsity_report(dense_copy)["prunable_params"],
                        prunable_params_kept=report["prunable_params"],
@@ -476,6 +472,23 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     if args.json:
         write_json(args.json, summary)
     return 0
+
+
+def kept_units(model) -> dict[str, list[int]]:
+    """Per report group and layer, the heads (and, where head widths are pruned, the summed
+    q/k and value dims) or FFN neurons the model has: {"heads", "qk_dims", "v_dims",
+    "ffn_units"} for wav2vec2, {"encoder_heads", ..., "decoder_ffn_units"} for Whisper."""
+    kept: dict[str, list[int]] = {}
+    for units in model.structured_units():
+        if isinstance(units, AttentionUnits):
+            kept.setdefault(units.group, []).append(units.num_heads)
+            if units.head_dims_prunable:
+                prefix = units.group[:-len("heads")]
+                kept.setdefault(prefix + "qk_dims", []).append(sum(units.qk_head_dims))
+                kept.setdefault(prefix + "v_dims", []).append(sum(units.v_head_dims))
+        else:
+            kept.setdefault(units.group, []).append(units.num_units)
+    return kept
 
 
 def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_set, evaluation_sets: dict,
@@ -563,14 +576,14 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
 
 def run_whisper(args, model: Whisper, root: Path, device: torch.device, started: float) -> int:
     """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
-    with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, mixed or no
-    pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
-    if args.method == "l0" or args.method == "cluster" and args.epochs:
+    with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, mixed, L0 (heads
+    of every attention module and FFN neurons) or no pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
+    if args.method == "cluster" and args.epochs:
         sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
-                 "dense, spg, ump or mixed on it; L0 and recovery epochs after clustering are written for "
+                 "dense, spg, ump, mixed or l0 on it; recovery epochs after clustering are written for "
                  "wav2vec2/HuBERT only")
     for option, value in (("--feature-cache", args.feature_cache), ("--dense-eval", args.dense_eval),
-                          ("--dropout", args.dropout)):
+                          ("--dropout", args.dropout), ("--distill", args.distill or None)):
         if value is not None:
             sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {args.model}")
     out = output_path(args, whisper=True)
@@ -583,6 +596,7 @@ def run_whisper(args, model: Whisper, root: Path, device: torch.device, started:
         evaluation_sets[split] = read_split(args, root, split, model, limit=args.eval_utterances)
     print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
     method = None if args.method == "cluster" else build_method(args, model, whisper=True)
+    dense_copy = copy.deepcopy(model) if args.method == "l0" else None
     before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
     dense_size = saved_size(model, out, half=args.half)
     if args.method == "cluster":
@@ -591,7 +605,7 @@ def run_whisper(args, model: Whisper, root: Path, device: torch.device, started:
     train_set = read_split(args, root, args.train_split, model)
     dev_set = read_split(args, root, args.dev_split, model, limit=args.eval_utterances)
     return run_training(args, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
-                        started, objective=WhisperObjective())
+                        started, objective=WhisperObjective(), dense_copy=dense_copy)
 
 
 def evaluate(model, data, device: torch.device, desc: str) -> dict:

@@ -890,6 +890,6 @@ def test_train_cli_clusters_a_tiny_whisper(tmp_path):
     saved = spg.load(out)
     assert isinstance(saved, Whisper) and saved.compression == report
     torch.testing.assert_close(logits_of(saved), logits_of(expected), rtol=0, atol=0)
-    with pytest.raises(SystemExit, match="L0 and recovery epochs"):
+    with pytest.raises(SystemExit, match="recovery epochs after clustering"):
         train.main(["--model", str(tmp_path / "w.pt"), "--method", "cluster", "--sparsity", "0.5", "--epochs", "1",
                     "--data", str(tmp_path / "corpus"), "--test-split", "test"])

@@ -72,9 +72,10 @@ def test_objective_loss_matches_transformers(tmp_path):
     torch.testing.assert_close(ours.detach(), reference, rtol=1e-5, atol=1e-5)
 
 
-def tiny_whisper(tmp_path: Path) -> Whisper:
+def tiny_whisper(tmp_path: Path, encoder_attention_heads: int = 1) -> Whisper:
     # every input is a 30 s window (1500 encoder positions): one encoder head keeps the tests fast
-    model = perturbed_whisper(seed=3, vocab_size=VOCAB, max_source_positions=1500, encoder_attention_heads=1)
+    model = perturbed_whisper(seed=3, vocab_size=VOCAB, max_source_positions=1500,
+                              encoder_attention_heads=encoder_attention_heads)
     write_tiny_tokenizer(tmp_path / "tokenizer.json")
     model.tokenizer = WhisperTokenizer.from_file(tmp_path / "tokenizer.json")
     return model
@@ -162,6 +163,90 @@ def test_train_cli_fine_tunes_a_tiny_whisper_with_ump(tmp_path):
     with pytest.raises(SystemExit, match="--dense-eval applies to wav2vec2/HuBERT models only"):
         train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "ump", "--sparsity", "0.5",
                         "--dense-eval", str(tmp_path / "dense.json"), "--data", str(tmp_path / "corpus")])
-    with pytest.raises(SystemExit, match="L0 and recovery epochs"):
-        train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "l0", "--sparsity", "0.5",
-                        "--data", str(tmp_path / "corpus"), "--test-split", "test"])
+    with pytest.raises(SystemExit, match="--distill applies to wav2vec2/HuBERT models only"):
+        train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "l0", "--sparsity", "0.5", "--distill",
+                        "--data", str(tmp_path / "corpus")])
+    # L0 runs on Whisper too (spg.compress.l0 sees the model through spg.compress.interface)
+    out, summary_path = tmp_path / "l0.pt", tmp_path / "l0.json"
+    assert train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "l0", "--sparsity", "0.5",
+                           "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--data", str(tmp_path / "corpus"),
+                           "--test-split", "test", "--eval-utterances", "2", "--out", str(out),
+                           "--json", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert set(summary["kept"]) == {"encoder_heads", "encoder_ffn_units", "decoder_heads", "decoder_cross_heads",
+                                    "decoder_ffn_units"}
+    assert summary["sparsity"] >= 0.5 and summary["params_total"] < summary["params_dense"]
+    saved = spg.load(out)
+    assert isinstance(saved, Whisper) and saved.num_parameters() == summary["params_total"]
+
+
+# --- L0 over the prunable-model interface (heads of every attention module, FFN neurons) ----------
+
+@torch.no_grad()
+def whisper_logits(model: Whisper) -> torch.Tensor:
+    mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = SOT
+    return model(mel, ids)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_soft_l0_gates_fold_into_a_smaller_whisper(tmp_path):
+    from spg.compress import hardconcrete as hc
+    from spg.compress import l0
+    model = tiny_whisper(tmp_path).eval()
+    gates = hc.L0Gates.for_model(model)
+    assert len(gates.blocks) == 2 + 2 * 2                       # encoder (attn, ffn); decoder (self), (cross, ffn)
+    assert [b.qk_dims for b in gates.blocks] == [None] * 6 and not gates.blocks[2].has_ffn
+    with torch.no_grad():                                       # soft values, some units dropped
+        for parameter in gates.parameters():
+            parameter.normal_(1.0, 3.0, generator=torch.Generator().manual_seed(4))
+    hooks = hc.apply_gates(model, gates)
+    gated = whisper_logits(model)
+    hooks.remove()
+    pruned = l0.finalize(model, gates)
+    prunable = sum(p.numel() for _, linear in pruned.prunable_linears() for p in linear.parameters())
+    assert prunable == gates.deployed_num_parameters() < gates.full_num_parameters()
+    assert gates.full_num_parameters() == sum(p.numel() for _, linear in model.prunable_linears()
+                                              for p in linear.parameters())
+    torch.testing.assert_close(whisper_logits(pruned), gated, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_l0_training_prunes_a_whisper_to_its_target(tmp_path):
+    from spg.compress.l0 import L0Method
+    utterances = tiny_corpus(tmp_path / "corpus", 4)
+    # 4 encoder heads: with one head of a quarter of the encoder's attention, a common shift of
+    # the barely trained gates could not land near the target
+    model = tiny_whisper(tmp_path, encoder_attention_heads=4).train()
+    method = L0Method(0.5, history_every=1)
+    config = TrainConfig(steps=6, batch_size=4, lr=1e-3, save_every=0)
+    result = train(model, utterances, config, method=method, objective=WhisperObjective(), progress=False)
+    assert result.steps_done == 6 and result.skipped_steps == 0
+    pruned = method.pruned_model
+    record = pruned.compression
+    assert record["method"] == "l0" and 0.5 <= record["sparsity"] < 0.51        # calibrated onto the target
+    prunable = sum(p.numel() for _, linear in pruned.prunable_linears() for p in linear.parameters())
+    assert prunable == record["prunable_params_kept"] == method.gates.deployed_num_parameters()
+    assert pruned.num_parameters() < model.num_parameters()
+    model.eval()                                                # the folded (gated) training model
+    torch.testing.assert_close(whisper_logits(pruned), whisper_logits(model), atol=1e-5, rtol=0)
+    assert not model._forward_pre_hooks and model.compression == record
+
+
+def test_gated_whisper_decodes_with_the_eval_masks(tmp_path):
+    """greedy_decode runs the encoder and decoder without model(...): the hooks use the
+    deterministic masks, not the last training sample."""
+    from spg.compress import hardconcrete as hc
+    from spg.compress import l0
+    model = tiny_whisper(tmp_path)
+    gates = hc.L0Gates.for_model(model)
+    with torch.no_grad():
+        for parameter in gates.parameters():
+            parameter.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(5))
+    hooks = hc.apply_gates(model, gates)
+    mel = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(1))
+    model.train()(mel, torch.tensor([[SOT, NO_TIMESTAMPS]]))        # leaves a training sample behind
+    gated = model.eval().greedy_decode(mel, max_new_tokens=4)
+    hooks.remove()
+    assert gated == l0.finalize(model, gates).greedy_decode(mel, max_new_tokens=4)

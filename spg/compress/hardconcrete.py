@@ -15,13 +15,17 @@ The stretch makes z exactly 0 or exactly 1 with non-zero probability, so a sampl
 really drops units, while P(z ≠ 0) gives a smooth expected count to penalise.
 
 Units (our reading of the paper's "fine-grained" head pruning; the paper's exact scheme is
-not public). In every transformer block:
+not public). In every attention module and FFN of the model (`structured_units()` of
+`spg.compress.interface`; a gate group is one attention module with the FFN that follows it
+in its layer, see `gate_groups`):
 
   * attention heads h                 — gate z_h;
   * within head h, query/key dims d   — gate z_{h,d}, shared by row d of W_q and of W_k
     (q·k sums over d, so one gate removes a dim from both);
   * within head h, value dims e       — gate z_{h,e}, shared by row e of W_v and column e
     of W_out (the head's output dim e);
+    (the two dim gates only where the model accepts heads of other widths,
+    `AttentionUnits.head_dims_prunable`: wav2vec2 yes, Whisper no: its heads are whole);
   * FFN neurons n                     — gate z_n, shared by row n of W_fc1 and column n of W_fc2.
 
 How the gates act in the forward pass (`apply_gates`, forward hooks, removable):
@@ -33,7 +37,7 @@ Every mask multiplies a linear map's input or output, so a deterministic (eval) 
 exactly into the weights: m_q into the rows and bias of W_q, m_v into the columns of W_out,
 m_f into the columns of W_fc2 (GELU is not homogeneous, so the FFN mask must be folded on
 its output side). `spg.compress.l0.finalize` does that fold and then removes the zeroed
-units physically with `spg.wav2vec2.surgery`.
+units physically with the model's `rebuild`.
 
 Evaluation mask (DPHuBERT's `HardConcrete.forward` in eval mode, from FLOP, Wang et al.
 2020): per gate group keep the round(expected L0) units with the largest log_alpha, with the
@@ -49,27 +53,29 @@ Its evaluation mask is the same top-k selection with value 1 (binary), so nothin
 folded and training, evaluation and the deployed model all use 0/1 masks.
 
 Parameter count (`L0Gates.expected_num_parameters`; see `BlockGates.count`). Counted are
-the six prunable Linear layers of every block with ALL their parameters: W_q, W_k, W_v, W_out,
-W_fc1, W_fc2 and the biases b_q, b_k, b_v, b_out, b_fc1, b_fc2. With D the hidden size:
+the prunable Linear layers of every attention module and FFN with ALL their parameters: W_q,
+W_k, W_v, W_out, W_fc1, W_fc2 and the biases b_q, b_k, b_v, b_out, b_fc1, b_fc2. With D the
+hidden size:
 
-    head h, per kept q/k dim:   2·(D + 1)   (row of W_q + b_q entry, row of W_k + b_k entry)
+    head h, per kept q/k dim:   2·(D + 1)   (row of W_q + b_q entry, row of W_k + b_k entry;
+                                             2·D + 1 where k_proj has no bias, as in Whisper)
     head h, per kept value dim: 2·D + 1     (row of W_v + b_v entry, column of W_out)
     FFN, per kept neuron:       2·D + 1     (row of W_fc1 + b_fc1 entry, column of W_fc2)
-    always kept:                2·D         (b_out and b_fc2 belong to no unit)
+    always kept:                D per module (b_out and b_fc2 belong to no unit)
 
-`spg.wav2vec2.surgery` removes a head that keeps no value dim altogether, its q/k dims
-included (it can add nothing to the output). So with p(·) = P(gate ≠ 0) and independent gates:
+The model's `rebuild` (via `AttentionWeights.keep_head_dims`) removes a head that keeps no
+value dim altogether, its q/k dims included (it can add nothing to the output). So with p(·) = P(gate ≠ 0) and independent gates:
 
     E[#params of head h] = p(z_h) · [ Σ_d p(z_{h,d}) · 2(D + 1) · (1 − Π_e (1 − p(z_{h,e})))
                                       + Σ_e p(z_{h,e}) · (2D + 1) ]
     E[#params of the FFN] = Σ_n p(z_n) · (2D + 1)
 
 This is the exact expectation of the physically pruned count of a sampled network, and
-with 0/1 gates it IS that count (tests/test_hardconcrete.py checks it against surgery).
-Expected sparsity ŝ = 1 − E[#params] / #params of the dense six layers.
+with 0/1 gates it IS that count (tests/test_hardconcrete.py checks it against the rebuilt model).
+Expected sparsity ŝ = 1 − E[#params] / #params of the dense prunable layers.
 
-Only torch is imported, so this file can be copied alone (the gates find a model's blocks
-by the attribute names of `spg.wav2vec2.model`). Folding the masks and removing the pruned
+Only torch and `spg.compress.interface` are imported, so this file can be copied with that one
+(the gates find a model's heads and neurons through its `structured_units()`). Folding the masks and removing the pruned
 units (`finalize`) and the training-loop plug-in (Lagrangian schedule, optional
 distillation, `L0Method`) are `spg.compress.l0`.
 """
@@ -84,10 +90,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spg.compress.interface import AttentionUnits, FeedForwardUnits, StructuredUnits
+
 
 __all__ = [
     "BETA", "LIMIT_L", "LIMIT_R", "InitDropRates", "HardConcrete", "BlockMasks", "BlockGates", "L0Gates",
-    "GateHooks", "apply_gates", "lagrangian", "reverse_gradient", "target_at",
+    "GateHooks", "apply_gates", "gate_groups", "lagrangian", "reverse_gradient", "target_at",
 ]
 
 BETA = 2.0 / 3.0                 # temperature (Louizos et al.; CoFi; DPHuBERT)
@@ -214,14 +222,29 @@ class HardConcrete(nn.Module):
 # The gates of one transformer block, and of a whole model
 # ========================================================================================
 
+def gate_groups(units: Sequence[StructuredUnits]) -> list[tuple[AttentionUnits, Optional[FeedForwardUnits]]]:
+    """The model's structured units as gate groups: each attention module with the FFN that
+    directly follows it (wav2vec2: one group per block; Whisper's decoder layers: (self-
+    attention, None) and (cross-attention, FFN))."""
+    groups: list[tuple[AttentionUnits, Optional[FeedForwardUnits]]] = []
+    for unit in units:
+        if isinstance(unit, AttentionUnits):
+            groups.append((unit, None))
+        elif groups and groups[-1][1] is None:
+            groups[-1] = (groups[-1][0], unit)
+        else:
+            raise ValueError(f"{unit.name}: an FFN that does not follow an attention module cannot be gated")
+    return groups
+
+
 @dataclass
 class BlockMasks:
-    """The masks one block's forward pass multiplies in, in `spg.wav2vec2.model.Attention`'s packed
-    layout (head 0's dims, then head 1's, ...):
+    """The masks one gate group's forward pass multiplies in, in the packed head layout
+    (head 0's dims, then head 1's, ...):
 
-    query (sum qk_head_dims,): on the q_proj output, m_q[h,d] = z_{h,d};
+    query (sum qk_head_dims,): on the q_proj output, m_q[h,d] = z_{h,d} (1 without dim gates);
     value (sum v_head_dims,):  on the out_proj input, m_v[h,e] = z_h · z_{h,e};
-    ffn (intermediate_size,):  on the fc2 input, m_f[n] = z_n.
+    ffn (intermediate_size,):  on the fc2 input, m_f[n] = z_n (empty without an FFN).
     """
 
     query: torch.Tensor
@@ -230,11 +253,16 @@ class BlockMasks:
 
 
 class BlockGates(nn.Module):
-    """Head, q/k-dim, value-dim and FFN-neuron gates of one block (see the module docstring)."""
+    """Head, q/k-dim, value-dim and FFN-neuron gates of one attention module and the FFN
+    after it (see the module docstring and `gate_groups`).
+
+    intermediate_size: None when the group has no FFN. head_dims: False for whole heads only
+    (no dim gates; `qk_dims` and `v_dims` are then None). key_bias: whether k_proj has a bias
+    (it counts in the parameters)."""
 
     def __init__(self, hidden_size: int, qk_head_dims: Sequence[int], v_head_dims: Sequence[int],
-                 intermediate_size: int, init: InitDropRates = InitDropRates(), *,
-                 generator: Optional[torch.Generator] = None):
+                 intermediate_size: Optional[int], init: InitDropRates = InitDropRates(), *,
+                 generator: Optional[torch.Generator] = None, head_dims: bool = True, key_bias: bool = True):
         super().__init__()
         if len(qk_head_dims) != len(v_head_dims):
             raise ValueError(f"{len(qk_head_dims)} query/key head widths but {len(v_head_dims)} value widths")
@@ -242,40 +270,73 @@ class BlockGates(nn.Module):
         self.qk_head_dims = [int(d) for d in qk_head_dims]
         self.v_head_dims = [int(d) for d in v_head_dims]
         self.num_heads = len(self.qk_head_dims)
+        self.key_bias = bool(key_bias)
+        self.has_ffn = intermediate_size is not None
         self.heads = HardConcrete([self.num_heads], init.heads, generator=generator)
-        self.qk_dims = HardConcrete(self.qk_head_dims, init.qk_dims, generator=generator)
-        self.v_dims = HardConcrete(self.v_head_dims, init.v_dims, generator=generator)
-        self.ffn = HardConcrete([int(intermediate_size)], init.ffn, generator=generator)
+        self.qk_dims = HardConcrete(self.qk_head_dims, init.qk_dims, generator=generator) if head_dims else None
+        self.v_dims = HardConcrete(self.v_head_dims, init.v_dims, generator=generator) if head_dims else None
+        self.ffn = HardConcrete([int(intermediate_size or 0)], init.ffn, generator=generator)
+        self.register_buffer("qk_head_index", _segment_index(self.qk_head_dims), persistent=False)
+        self.register_buffer("v_head_index", _segment_index(self.v_head_dims), persistent=False)
+
+    @classmethod
+    def for_units(cls, attention: AttentionUnits, ffn: Optional[FeedForwardUnits],
+                  init: InitDropRates = InitDropRates(), *, generator: Optional[torch.Generator] = None) -> "BlockGates":
+        return cls(attention.hidden_size, attention.qk_head_dims, attention.v_head_dims,
+                   None if ffn is None else ffn.num_units, init, generator=generator,
+                   head_dims=attention.head_dims_prunable, key_bias=attention.k_proj.bias is not None)
+
+    def _ones(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.ones(index.shape, dtype=self.heads.log_alpha.dtype, device=self.heads.log_alpha.device)
 
     # --- masks ---------------------------------------------------------------------
     def _combine(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, ffn: torch.Tensor) -> BlockMasks:
-        return BlockMasks(query=qk, value=heads[self.v_dims.group_index] * v, ffn=ffn)
+        return BlockMasks(query=qk, value=heads[self.v_head_index] * v, ffn=ffn)
 
     def masks(self, ste: bool = False) -> BlockMasks:
         """Sampled masks in training mode, deterministic ones in eval mode."""
-        return self._combine(self.heads(ste), self.qk_dims(ste), self.v_dims(ste), self.ffn(ste))
+        heads = self.heads(ste)
+        if self.qk_dims is None:
+            return self._combine(heads, self._ones(self.qk_head_index), self._ones(self.v_head_index), self.ffn(ste))
+        return self._combine(heads, self.qk_dims(ste), self.v_dims(ste), self.ffn(ste))
+
+    def _deterministic_dims(self, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qk_dims is None:
+            return self._ones(self.qk_head_index), self._ones(self.v_head_index)
+        return self.qk_dims.deterministic(binary), self.v_dims.deterministic(binary)
 
     @torch.no_grad()
     def deterministic_masks(self, binary: bool = False) -> BlockMasks:
-        return self._combine(self.heads.deterministic(binary), self.qk_dims.deterministic(binary),
-                             self.v_dims.deterministic(binary), self.ffn.deterministic(binary))
+        return self._combine(self.heads.deterministic(binary), *self._deterministic_dims(binary),
+                             self.ffn.deterministic(binary))
 
     # --- parameter counts ------------------------------------------------------------
+    @property
+    def always_kept(self) -> int:
+        """b_out and (with an FFN) b_fc2: D parameters each, part of no unit."""
+        return self.hidden_size * (2 if self.has_ffn else 1)
+
     def count(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, v_head_empty: torch.Tensor,
               ffn: torch.Tensor) -> torch.Tensor:
-        """Parameters of this block's six prunable Linear layers given per-unit keep values
+        """Parameters of this group's prunable Linear layers given per-unit keep values
         (probabilities P(z ≠ 0) for the expectation, 0/1 for a fixed mask) and, per head,
         the probability (or indicator) that the head keeps no value dim. See the module
         docstring for the formula and what is counted."""
         d = self.hidden_size
-        qk_per_head = _segment_sum(qk, self.qk_dims.group_index, self.num_heads)
-        v_per_head = _segment_sum(v, self.v_dims.group_index, self.num_heads)
-        attention = (heads * (qk_per_head * 2 * (d + 1) * (1.0 - v_head_empty) + v_per_head * (2 * d + 1))).sum()
-        return attention + ffn.sum() * (2 * d + 1) + 2 * d
+        qk_per_head = _segment_sum(qk, self.qk_head_index, self.num_heads)
+        v_per_head = _segment_sum(v, self.v_head_index, self.num_heads)
+        qk_params = qk_per_head * 2 * (d + 1) if self.key_bias else qk_per_head * (2 * d + 1)
+        attention = (heads * (qk_params * (1.0 - v_head_empty) + v_per_head * (2 * d + 1))).sum()
+        return attention + ffn.sum() * (2 * d + 1) + self.always_kept
 
     def expected_num_parameters(self) -> torch.Tensor:
-        """E[parameters of the six prunable layers after pruning]; differentiable."""
-        v_head_empty = torch.exp(_segment_sum(self.v_dims.log_drop_probability(), self.v_dims.group_index,
+        """E[parameters of the group's prunable layers after pruning]; differentiable."""
+        if self.v_dims is None:
+            v_head_empty = torch.tensor([float(w == 0) for w in self.v_head_dims],
+                                        dtype=self.heads.log_alpha.dtype, device=self.heads.log_alpha.device)
+            return self.count(self.heads.keep_probability(), self._ones(self.qk_head_index),
+                              self._ones(self.v_head_index), v_head_empty, self.ffn.keep_probability())
+        v_head_empty = torch.exp(_segment_sum(self.v_dims.log_drop_probability(), self.v_head_index,
                                               self.num_heads))      # Π_e P(z_{h,e} = 0)
         return self.count(self.heads.keep_probability(), self.qk_dims.keep_probability(),
                           self.v_dims.keep_probability(), v_head_empty, self.ffn.keep_probability())
@@ -284,29 +345,30 @@ class BlockGates(nn.Module):
     def num_parameters_of(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, ffn: torch.Tensor) -> int:
         """Exact count for fixed masks (non-zero = kept), e.g. the deterministic ones."""
         heads, qk, v, ffn = [(x != 0).to(self.heads.log_alpha.dtype) for x in (heads, qk, v, ffn)]
-        v_head_empty = (_segment_sum(v, self.v_dims.group_index, self.num_heads) == 0).to(v.dtype)
+        v_head_empty = (_segment_sum(v, self.v_head_index, self.num_heads) == 0).to(v.dtype)
         return int(round(self.count(heads, qk, v, v_head_empty, ffn).item()))
 
     @torch.no_grad()
     def deployed_num_parameters(self, binary: bool = False) -> int:
-        """Parameters of the six layers in the model `spg.compress.l0.finalize` builds from these gates."""
-        return self.num_parameters_of(self.heads.deterministic(binary), self.qk_dims.deterministic(binary),
-                                      self.v_dims.deterministic(binary), self.ffn.deterministic(binary))
+        """Parameters of the group's layers in the model `spg.compress.l0.finalize` builds from these gates."""
+        return self.num_parameters_of(self.heads.deterministic(binary), *self._deterministic_dims(binary),
+                                      self.ffn.deterministic(binary))
 
     def full_num_parameters(self) -> int:
         d = self.hidden_size
-        return (sum(self.qk_head_dims) * 2 * (d + 1) + sum(self.v_head_dims) * (2 * d + 1)
-                + self.ffn.num_units * (2 * d + 1) + 2 * d)
+        qk_unit = 2 * (d + 1) if self.key_bias else 2 * d + 1
+        return (sum(self.qk_head_dims) * qk_unit + sum(self.v_head_dims) * (2 * d + 1)
+                + self.ffn.num_units * (2 * d + 1) + self.always_kept)
 
 
 class L0Gates(nn.Module):
-    """The gates of every block of a `Wav2Vec2CTC` (see `for_model`).
+    """The gates of every gate group of a model (see `for_model` and `gate_groups`).
 
     `ste` selects the straight-through variant (binary forward masks, binary evaluation
     masks; see the module docstring). The gates are NOT registered inside the model: the
-    model's state_dict and checkpoints stay those of a plain `Wav2Vec2CTC`; `apply_gates`
+    model's state_dict and checkpoints stay those of the plain model; `apply_gates`
     connects the two through forward hooks. Train/eval mode follows the model's (set by
-    the hooks at every forward)."""
+    the hooks at every forward). `blocks` holds one `BlockGates` per gate group."""
 
     def __init__(self, blocks: Sequence[BlockGates], ste: bool = False):
         super().__init__()
@@ -316,15 +378,13 @@ class L0Gates(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, init: InitDropRates = InitDropRates(), *, ste: bool = False,
                   seed: int = 0) -> "L0Gates":
-        """Gates shaped like `model`'s blocks (any per-block head count, head widths and
-        FFN width), on the model's device. `seed` fixes the N(·, 0.01²) init noise."""
+        """Gates shaped like `model`'s attention modules and FFNs (`model.structured_units()`:
+        any per-module head count, head widths and FFN width), on the model's device.
+        `seed` fixes the N(·, 0.01²) init noise."""
         generator = torch.Generator().manual_seed(seed)
-        blocks = []
-        for layer in model.encoder.layers:
-            attention = layer.attention
-            blocks.append(BlockGates(model.config.hidden_size, attention.qk_head_dims, attention.v_head_dims,
-                                     layer.feed_forward.intermediate_dense.out_features, init, generator=generator))
-        return cls(blocks, ste=ste).to(model.lm_head.weight.device)
+        blocks = [BlockGates.for_units(attention, ffn, init, generator=generator)
+                  for attention, ffn in gate_groups(model.structured_units())]
+        return cls(blocks, ste=ste).to(next(model.parameters()).device)
 
     def masks(self) -> list[BlockMasks]:
         return [block.masks(self.ste) for block in self.blocks]
@@ -345,7 +405,7 @@ class L0Gates(nn.Module):
         return sum(block.deployed_num_parameters(self.ste) for block in self.blocks)
 
     def expected_sparsity(self) -> torch.Tensor:
-        """ŝ = 1 − E[#params] / #params (six prunable layers of every block); differentiable."""
+        """ŝ = 1 − E[#params] / #params (the prunable layers of every group); differentiable."""
         return 1.0 - self.expected_num_parameters() / self.full_num_parameters()
 
     @torch.no_grad()
@@ -396,42 +456,52 @@ class GateHooks:
 
     One pre-hook on the model draws all masks once per forward call (a fresh sample in
     training mode, the deterministic masks in eval mode; the gates follow the model's
-    mode); per block, a hook multiplies the q_proj output by m_q, and pre-hooks multiply
-    the out_proj input by m_v and the fc2 input by m_f. The blocks must therefore be run
-    through `model(...)`, not called one by one. `copy.deepcopy` of a gated model copies
+    mode); per gate group, a hook multiplies the q_proj output by m_q (only with dim gates),
+    and pre-hooks multiply the out_proj input by m_v and the fc2 input by m_f. A training
+    forward must therefore run through `model(...)`, so that every step draws a fresh
+    sample. Code that runs parts of the model in eval mode (Whisper's `greedy_decode` calls
+    its encoder and decoder directly) gets the deterministic masks, drawn at the first gated
+    module when the last masks were not eval masks. `copy.deepcopy` of a gated model copies
     the hooks too (still bound to this object): remove them before copying."""
 
     def __init__(self, model: nn.Module, gates: L0Gates):
-        if len(gates.blocks) != len(model.encoder.layers):
-            raise ValueError(f"{len(gates.blocks)} gate blocks for a model with {len(model.encoder.layers)} blocks")
+        groups = gate_groups(model.structured_units())
+        if len(gates.blocks) != len(groups):
+            raise ValueError(f"{len(gates.blocks)} gate blocks for a model with {len(groups)} gate groups")
         self.gates = gates
         self.current: Optional[list[BlockMasks]] = None
+        self.current_training = False              # the mode `current` was drawn in
         self.handles = [model.register_forward_pre_hook(self._draw_masks)]
-        for block, layer in enumerate(model.encoder.layers):
-            self.handles += [
-                layer.attention.q_proj.register_forward_hook(self._scale_output_hook(block, "query")),
-                layer.attention.out_proj.register_forward_pre_hook(self._scale_input_hook(block, "value")),
-                layer.feed_forward.output_dense.register_forward_pre_hook(self._scale_input_hook(block, "ffn")),
-            ]
+        for block, ((attention, ffn), block_gates) in enumerate(zip(groups, gates.blocks)):
+            if block_gates.qk_dims is not None:
+                self.handles.append(attention.q_proj.register_forward_hook(self._scale_output_hook(block, "query")))
+            self.handles.append(attention.out_proj.register_forward_pre_hook(self._scale_input_hook(block, "value")))
+            if ffn is not None:
+                self.handles.append(ffn.fc2.register_forward_pre_hook(self._scale_input_hook(block, "ffn")))
 
     def _draw_masks(self, model: nn.Module, args) -> None:
         self.gates.train(model.training)
         self.current = self.gates.masks()
+        self.current_training = model.training
 
-    def _mask(self, block: int, which: str, like: torch.Tensor) -> torch.Tensor:
-        if self.current is None:
-            raise RuntimeError("gated blocks must be run through the model's forward (which draws the masks)")
+    def _mask(self, block: int, which: str, module: nn.Module, like: torch.Tensor) -> torch.Tensor:
+        if self.current is None or self.current_training != module.training:
+            if module.training:
+                raise RuntimeError("a gated training forward must run through the model's forward "
+                                   "(which draws the masks)")
+            self.gates.train(False)                # parts of the model run in eval mode
+            self.current, self.current_training = self.gates.masks(), False
         return getattr(self.current[block], which).to(like.dtype)
 
     def _scale_output_hook(self, block: int, which: str):
         def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-            return output * self._mask(block, which, output)
+            return output * self._mask(block, which, module, output)
         return hook
 
     def _scale_input_hook(self, block: int, which: str):
         def hook(module: nn.Module, args):
             (x,) = args
-            return (x * self._mask(block, which, x),)
+            return (x * self._mask(block, which, module, x),)
         return hook
 
     def remove(self) -> None:

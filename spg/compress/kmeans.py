@@ -12,7 +12,7 @@ This module has two parts:
    the merge rules that turn cluster labels into fewer units, the structured
    magnitude baseline, and how many units each module keeps (uniform or
    variance-based mixed sparsity). Applying all this to a model lives in
-   spg/clustering.py (torch glue) and spg/surgery.py (building the smaller model).
+   spg/compress/clustering.py (torch glue) and the model's `rebuild` (building the smaller model).
 
 Only numpy and the standard library are used at run time; scikit-learn is a
 test-only reference.
@@ -354,9 +354,9 @@ def kmeans(
 # columns, W_fc2 column). k-means runs on the concatenation of both sides. The
 # out_proj and fc2 biases belong to no unit and are kept unchanged.
 #
-# Everything here works on numpy arrays (float64); spg/clustering.py converts a
+# Everything here works on numpy arrays (float64); spg/compress/clustering.py converts a
 # model's tensors to these arrays and rebuilds the smaller model with
-# spg/surgery.py.
+# the model's `rebuild` (spg.compress.interface).
 
 MERGE_RULES: tuple[str, ...] = ("mean", "sum_out")
 

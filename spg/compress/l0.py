@@ -1,24 +1,29 @@
 """L0 hard-concrete head pruning as a `spg.compress.interface.Method` (arXiv 2306.01385).
 
 The gates, the expected parameter count and the Lagrangian are in
-`spg.compress.hardconcrete`; this module plugs them into the shared CTC loop and, at the
-end, folds the masks into the weights and removes the pruned units (`finalize`, with
-`spg.wav2vec2.surgery`):
+`spg.compress.hardconcrete`; this module plugs them into the shared training loop and, at
+the end, folds the masks into the weights and removes the pruned units (`finalize`, with the
+model's `rebuild`). It sees the model only through `spg.compress.interface`
+(`structured_units()`, `rebuild()`), so it prunes wav2vec2/HuBERT (heads, head dims, FFN
+neurons) and Whisper (encoder self-attention, decoder self- and cross-attention heads, FFN
+neurons; its heads stay whole) alike:
 
     method = L0Method(target_sparsity=0.7)                  # or ste=True, distill_teacher=...
     train(model, utterances, config, method=method)
-    smaller = method.pruned_model                            # physically pruned Wav2Vec2CTC
+    smaller = method.pruned_model                            # physically pruned model
     spg.save(smaller, "runs/l0-0.7.pt")
 
 Loss per step (CoFi, Xia et al. 2022; DPHuBERT, Peng et al. 2023):
-    L = L_ctc + λ1·(ŝ − t) + λ2·(ŝ − t)²  [+ w·L_distill]
-with ŝ the expected sparsity of the six prunable layers (`L0Gates.expected_sparsity`),
+    L = L_task + λ1·(ŝ − t) + λ2·(ŝ − t)²  [+ w·L_distill]
+with L_task the model family's loss (CTC; Whisper's decoder cross-entropy), ŝ the expected
+sparsity of the prunable layers (`L0Gates.expected_sparsity`),
 t ramped linearly from 0 to the target over the first `target_warmup_fraction` of the
 steps, and λ1, λ2 trained by gradient ASCENT (gradient reversal, see
 `spg.compress.hardconcrete.lagrangian`). The arXiv 2306.01385 paper trains task-agnostically
 by distillation; in our CTC setting CTC is the main loss and distillation is optional.
 
-Distillation (optional, `distill_teacher`): layer-to-layer, as DPHuBERT's "layer2layer"
+Distillation (optional, `distill_teacher`; wav2vec2/HuBERT only, it reads the CTC model's
+`encoder.layers`, `config.num_hidden_layers` and `frame_lengths`): layer-to-layer, as DPHuBERT's "layer2layer"
 mode: for a few blocks i, L1 + (1 − cosine) between the student's and the dense teacher's
 output of block i, averaged over the valid (unpadded) frames and the chosen blocks.
   * Blocks: by default L/3, 2L/3 and L (4, 8, 12 for base models, as DPHuBERT; 2, 4, 6 for
@@ -67,10 +72,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from spg.compress.hardconcrete import BlockMasks, GateHooks, InitDropRates, L0Gates, apply_gates, lagrangian, target_at
-from spg.compress.interface import Method, OptimizerSettings
-from spg.wav2vec2 import surgery
-from spg.wav2vec2.model import Wav2Vec2CTC
+from spg.compress.hardconcrete import (BlockMasks, GateHooks, InitDropRates, L0Gates, apply_gates, gate_groups,
+                                       lagrangian, target_at)
+from spg.compress.interface import (AttentionWeights, FeedForwardWeights, Method, ModuleWeights, OptimizerSettings,
+                                    PrunableModel, head_slices)
 
 GATE_LR = 0.1                   # ours; DPHuBERT's reg_lr is 0.02 (see the module docstring)
 LAMBDA_LR = 0.1                 # ours; DPHuBERT's reg_lr is 0.02 (ascent)
@@ -86,7 +91,7 @@ class HiddenStateRecorder:
     """Records the output of the given blocks (1-based) of `model` during training-mode
     forwards, via forward hooks on `model.encoder.layers`. `pop()` returns and clears them."""
 
-    def __init__(self, model: Wav2Vec2CTC, blocks: Sequence[int], *, always: bool = False):
+    def __init__(self, model: nn.Module, blocks: Sequence[int], *, always: bool = False):
         self.states: dict[int, torch.Tensor] = {}
         self.always = always
         self.handles = [model.encoder.layers[i - 1].register_forward_hook(self._hook(i)) for i in blocks]
@@ -129,8 +134,9 @@ class L0Method(Method):
     """Fine-grained L0 hard-concrete pruning (heads, q/k dims, value dims, FFN neurons)
     with a target-sparsity Lagrangian; see the module docstring.
 
-    target_sparsity: final target for ŝ, the sparsity of the six prunable layers of every
-        block counted with their biases (`spg.compress.hardconcrete` module docstring).
+    target_sparsity: final target for ŝ, the sparsity of the prunable layers of every
+        attention module and FFN counted with their biases (`spg.compress.hardconcrete`
+        module docstring).
     ste: straight-through variant (binary masks forward, relaxed gradient backward).
     gate_lr, lambda_lr: learning rates of log_alpha and of λ1, λ2.
     target_warmup_fraction: share of the steps over which t ramps from 0 to the target.
@@ -152,7 +158,7 @@ class L0Method(Method):
     def __init__(self, target_sparsity: float, *, ste: bool = False, gate_lr: float = GATE_LR,
                  lambda_lr: float = LAMBDA_LR, target_warmup_fraction: float = TARGET_WARMUP_FRACTION,
                  init: InitDropRates = InitDropRates(), seed: int = 0,
-                 distill_teacher: Optional[Wav2Vec2CTC] = None, distill_layers: Optional[Sequence[int]] = None,
+                 distill_teacher: Optional[nn.Module] = None, distill_layers: Optional[Sequence[int]] = None,
                  distill_weight: float = 1.0, calibrate: bool = True, history_every: int = 10):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
@@ -174,15 +180,15 @@ class L0Method(Method):
         self.current_target = 0.0
         self.figures: dict[str, float] = {}
         self.history: list[dict] = []
-        self.pruned_model: Optional[Wav2Vec2CTC] = None
+        self.pruned_model: Optional[nn.Module] = None
         self._student_states: Optional[HiddenStateRecorder] = None
         self._teacher_states: Optional[HiddenStateRecorder] = None
         self._inputs: Optional[tuple] = None
         self._input_hook = None
 
     # --- the Method interface ------------------------------------------------------
-    def attach(self, model: Wav2Vec2CTC) -> None:
-        device = model.lm_head.weight.device
+    def attach(self, model: nn.Module) -> None:
+        device = next(model.parameters()).device
         self.gates = L0Gates.for_model(model, self.init, ste=self.ste, seed=self.seed)
         self.hooks = apply_gates(model, self.gates)
         with torch.no_grad():
@@ -191,7 +197,7 @@ class L0Method(Method):
         if self.teacher is not None:
             self._attach_teacher(model, device)
 
-    def _attach_teacher(self, model: Wav2Vec2CTC, device: torch.device) -> None:
+    def _attach_teacher(self, model: nn.Module, device: torch.device) -> None:
         teacher = self.teacher
         if teacher.config.num_hidden_layers != model.config.num_hidden_layers or \
                 teacher.config.hidden_size != model.config.hidden_size:
@@ -212,7 +218,7 @@ class L0Method(Method):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.gates]
 
-    def parameter_groups(self, model: Wav2Vec2CTC, config: OptimizerSettings) -> list[dict]:
+    def parameter_groups(self, model: nn.Module, config: OptimizerSettings) -> list[dict]:
         return super().parameter_groups(model, config) + [
             # Gates and λ: no weight decay (it would pull them to 0, i.e. to a 50 % drop rate
             # and to no constraint) and no clipping (see the module docstring).
@@ -220,10 +226,10 @@ class L0Method(Method):
             {"params": [self.lambda1, self.lambda2], "lr": self.lambda_lr, "weight_decay": 0.0, "clip_grad": False},
         ]
 
-    def before_step(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> None:
+    def before_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         self.current_target = target_at(step, total_steps, self.target, self.target_warmup_fraction)
 
-    def extra_loss(self, model: Wav2Vec2CTC, step: int, total_steps: int) -> Optional[torch.Tensor]:
+    def extra_loss(self, model: nn.Module, step: int, total_steps: int) -> Optional[torch.Tensor]:
         expected = self.gates.expected_sparsity()
         penalty = lagrangian(expected, self.current_target, self.lambda1, self.lambda2)
         self.figures = {"expected_sparsity": expected.item(), "lagrangian": penalty.item()}
@@ -235,7 +241,7 @@ class L0Method(Method):
         self.figures["distill"] = distill.item()
         return penalty + self.distill_weight * distill
 
-    def _distillation(self, model: Wav2Vec2CTC) -> Optional[torch.Tensor]:
+    def _distillation(self, model: nn.Module) -> Optional[torch.Tensor]:
         student = self._student_states.pop()
         if self._inputs is None or not student:
             return None
@@ -252,7 +258,7 @@ class L0Method(Method):
             frame_mask = torch.arange(frames, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
         return distillation_loss(student, teacher, frame_mask)
 
-    def after_step(self, model: Wav2Vec2CTC, step: int, total_steps: int,
+    def after_step(self, model: nn.Module, step: int, total_steps: int,
                    optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
         figures = {"step": step, "target": self.current_target, "lambda1": self.lambda1.item(),
                    "lambda2": self.lambda2.item(), **self.figures}
@@ -265,7 +271,7 @@ class L0Method(Method):
             shown["distill"] = f"{figures['distill']:.3f}"
         return shown
 
-    def finish(self, model: Wav2Vec2CTC) -> None:
+    def finish(self, model: nn.Module) -> None:
         before = self.gates.deployed_sparsity()
         shift = self.gates.calibrate(self.target) if self.calibrate else 0.0
         masks = self.gates.deterministic_masks()
@@ -277,7 +283,7 @@ class L0Method(Method):
         fold_masks_(model, masks)
         model.compression = dict(record)
 
-    def detach(self, model: Optional[Wav2Vec2CTC] = None) -> None:
+    def detach(self, model: Optional[nn.Module] = None) -> None:
         """Remove every hook this method put on the model and the teacher (the gates stay)."""
         for recorder in (self._student_states, self._teacher_states):
             if recorder is not None:
@@ -322,101 +328,102 @@ class L0Method(Method):
 # Folding the masks and removing the pruned units
 # ========================================================================================
 
-def _head_slices(widths: Sequence[int]) -> list[slice]:
-    starts = [0]
-    for width in widths:
-        starts.append(starts[-1] + width)
-    return [slice(starts[h], starts[h + 1]) for h in range(len(widths))]
-
-
 @torch.no_grad()
-def fold_block(weights: surgery.BlockWeights, masks: BlockMasks) -> surgery.BlockWeights:
-    """New weights (same shapes) computing exactly what `weights` computes under `masks`,
+def fold_attention(a: AttentionWeights, masks: BlockMasks) -> AttentionWeights:
+    """New weights (same shapes) computing exactly what attention `a` computes under `masks`,
     with every parameter that `prune_with_masks` removes set to 0:
 
     W_q rows and b_q ← ·m_q (q·k then carries the mask); W_out columns ← ·m_v (the context
-    enters out_proj linearly); W_fc2 columns ← ·m_f (after the GELU). Then zeroed: W_k rows
-    and b_k where m_q = 0, W_v rows and b_v where m_v = 0, W_fc1 rows and b_fc1 where m_f = 0,
-    and all q/k rows of heads that keep no value dim (surgery removes those heads)."""
-    a, f = weights.attention, weights.feed_forward
+    enters out_proj linearly). Then zeroed: W_k rows and b_k where m_q = 0, W_v rows and b_v
+    where m_v = 0, and all q/k rows of heads that keep no value dim (they are removed)."""
     m_q = masks.query.to(a.q_weight)
     m_v = masks.value.to(a.v_weight)
-    m_f = masks.ffn.to(f.fc1_weight)
     head_alive = torch.zeros_like(m_q)
-    for qk_slice, v_slice in zip(_head_slices(a.qk_head_dims), _head_slices(a.v_head_dims)):
+    for qk_slice, v_slice in zip(head_slices(a.qk_head_dims), head_slices(a.v_head_dims)):
         head_alive[qk_slice] = float(bool((m_v[v_slice] != 0).any()))
     q_scale = m_q * head_alive
     k_keep = (q_scale != 0).to(m_q)
     v_keep = (m_v != 0).to(m_v)
-    f_keep = (m_f != 0).to(m_f)
-    attention = surgery.AttentionWeights(
+    return AttentionWeights(
         q_weight=a.q_weight * q_scale[:, None], q_bias=a.q_bias * q_scale,
-        k_weight=a.k_weight * k_keep[:, None], k_bias=a.k_bias * k_keep,
+        k_weight=a.k_weight * k_keep[:, None], k_bias=None if a.k_bias is None else a.k_bias * k_keep,
         v_weight=a.v_weight * v_keep[:, None], v_bias=a.v_bias * v_keep,
         out_weight=a.out_weight * m_v[None, :], out_bias=a.out_bias.clone(),
         qk_head_dims=list(a.qk_head_dims), v_head_dims=list(a.v_head_dims))
-    feed_forward = surgery.FeedForwardWeights(
-        fc1_weight=f.fc1_weight * f_keep[:, None], fc1_bias=f.fc1_bias * f_keep,
-        fc2_weight=f.fc2_weight * m_f[None, :], fc2_bias=f.fc2_bias.clone())
-    return surgery.BlockWeights(attention=attention, feed_forward=feed_forward)
+
+
+@torch.no_grad()
+def fold_feed_forward(f: FeedForwardWeights, masks: BlockMasks) -> FeedForwardWeights:
+    """As `fold_attention` for an FFN: W_fc2 columns ← ·m_f (after the GELU); W_fc1 rows and
+    b_fc1 zeroed where m_f = 0."""
+    m_f = masks.ffn.to(f.fc1_weight)
+    f_keep = (m_f != 0).to(m_f)
+    return FeedForwardWeights(fc1_weight=f.fc1_weight * f_keep[:, None], fc1_bias=f.fc1_bias * f_keep,
+                              fc2_weight=f.fc2_weight * m_f[None, :], fc2_bias=f.fc2_bias.clone())
 
 
 def _kept_within_heads(mask: torch.Tensor, widths: Sequence[int]) -> list[list[int]]:
     """Per head, the within-head indices whose mask value is non-zero."""
-    return [torch.nonzero(mask[s] != 0).flatten().tolist() for s in _head_slices(widths)]
+    return [torch.nonzero(mask[s] != 0).flatten().tolist() for s in head_slices(widths)]
+
+
+def _groups(model: PrunableModel, masks: Sequence[BlockMasks]):
+    groups = gate_groups(model.structured_units())
+    if len(masks) != len(groups):
+        raise ValueError(f"{len(masks)} block masks for a model with {len(groups)} gate groups")
+    return zip(groups, masks)
 
 
 @torch.no_grad()
-def fold_masks_(model: Wav2Vec2CTC, masks: Sequence[BlockMasks]) -> None:
-    """In place: fold `masks` into `model`'s weights (`fold_block`); the shapes stay dense,
-    the pruned units become exact zeros. Remove the gate hooks before using the model."""
-    for block, block_masks in enumerate(masks):
-        folded = fold_block(surgery.block_weights(model, block), block_masks)
-        layer = model.encoder.layers[block]
-        a, f = folded.attention, folded.feed_forward
-        for linear, weight, bias in [
-                (layer.attention.q_proj, a.q_weight, a.q_bias), (layer.attention.k_proj, a.k_weight, a.k_bias),
-                (layer.attention.v_proj, a.v_weight, a.v_bias), (layer.attention.out_proj, a.out_weight, a.out_bias),
-                (layer.feed_forward.intermediate_dense, f.fc1_weight, f.fc1_bias),
-                (layer.feed_forward.output_dense, f.fc2_weight, f.fc2_bias)]:
+def fold_masks_(model: PrunableModel, masks: Sequence[BlockMasks]) -> None:
+    """In place: fold `masks` into `model`'s weights (`fold_attention`, `fold_feed_forward`);
+    the shapes stay dense, the pruned units become exact zeros. Remove the gate hooks before
+    using the model."""
+    for (attention, ffn), group_masks in _groups(model, masks):
+        a = fold_attention(attention.weights(), group_masks)
+        pairs = [(attention.q_proj, a.q_weight, a.q_bias), (attention.k_proj, a.k_weight, a.k_bias),
+                 (attention.v_proj, a.v_weight, a.v_bias), (attention.out_proj, a.out_weight, a.out_bias)]
+        if ffn is not None:
+            f = fold_feed_forward(ffn.weights(), group_masks)
+            pairs += [(ffn.fc1, f.fc1_weight, f.fc1_bias), (ffn.fc2, f.fc2_weight, f.fc2_bias)]
+        for linear, weight, bias in pairs:
             linear.weight.copy_(weight)
-            linear.bias.copy_(bias)
+            if bias is not None:
+                linear.bias.copy_(bias)
 
 
 @torch.no_grad()
-def prune_with_masks(model: Wav2Vec2CTC, masks: Sequence[BlockMasks]) -> Wav2Vec2CTC:
+def prune_with_masks(model: PrunableModel, masks: Sequence[BlockMasks]) -> PrunableModel:
     """A new, physically smaller model computing what `model` computes under `masks`:
-    fold the mask values into the weights (`fold_block`), then keep, per block, the q/k dims
-    with m_q ≠ 0, the value dims with m_v ≠ 0 (heads left with none are removed, see
-    `spg.wav2vec2.surgery.AttentionWeights.keep_head_dims`) and the FFN neurons with m_f ≠ 0.
+    fold the mask values into the weights (`fold_attention`, `fold_feed_forward`), then keep,
+    per attention module, the q/k dims with m_q ≠ 0 and the value dims with m_v ≠ 0 (heads
+    left with none are removed, see `spg.compress.interface.AttentionWeights.keep_head_dims`),
+    and per FFN the neurons with m_f ≠ 0, and hand the weights to `model.rebuild`.
 
-    Representation: the result's config lists every block's head count, per-head q/k and
-    value widths and FFN width (`ModelConfig.layer_qk_head_dims`, `layer_v_head_dims`,
-    `layer_intermediate_sizes`); `spg.wav2vec2.model.Attention` packs the heads' dims one after the
-    other in its q/k/v/out matrices and zero-pads them to the widest head of the block at
-    run time, so attention stays one batched call and the padding adds nothing to q·k or to
-    the output. The attention scale stays 1/sqrt(unpruned head width), as in training.
+    wav2vec2's rebuilt config lists every block's head count, per-head q/k and value widths
+    and FFN width (`ModelConfig.layer_qk_head_dims`, ...); `spg.wav2vec2.model.Attention`
+    packs the heads' dims one after the other and zero-pads them to the widest head of the
+    block at run time, so attention stays one batched call. The attention scale stays
+    1/sqrt(unpruned head width), as in training. Whisper's heads are whole (no dim gates).
     `model` is not modified; it may carry gate hooks (they are not copied)."""
-    if len(masks) != len(model.encoder.layers):
-        raise ValueError(f"{len(masks)} block masks for a model with {len(model.encoder.layers)} blocks")
-    updates = {}
-    for block, block_masks in enumerate(masks):
-        folded = fold_block(surgery.block_weights(model, block), block_masks)
-        a = folded.attention
-        qk_dims = _kept_within_heads(block_masks.query, a.qk_head_dims)
-        v_dims = _kept_within_heads(block_masks.value, a.v_head_dims)
-        units = torch.nonzero(block_masks.ffn != 0).flatten().tolist()
-        updates[block] = surgery.BlockWeights(attention=a.keep_head_dims(qk_dims, v_dims),
-                                              feed_forward=folded.feed_forward.keep_units(units))
-    return surgery.rebuild(model, updates)
+    weights: dict[str, ModuleWeights] = {}
+    for (attention, ffn), group_masks in _groups(model, masks):
+        a = fold_attention(attention.weights(), group_masks)
+        qk_dims = _kept_within_heads(group_masks.query, a.qk_head_dims)
+        v_dims = _kept_within_heads(group_masks.value, a.v_head_dims)
+        weights[attention.name] = a.keep_head_dims(qk_dims, v_dims)
+        if ffn is not None:
+            units = torch.nonzero(group_masks.ffn != 0).flatten().tolist()
+            weights[ffn.name] = fold_feed_forward(ffn.weights(), group_masks).keep_units(units)
+    return model.rebuild(weights)
 
 
 @torch.no_grad()
-def finalize(model: Wav2Vec2CTC, gates: L0Gates) -> Wav2Vec2CTC:
-    """The deliverable: a new, smaller `Wav2Vec2CTC` that computes what the gated `model`
-    computes in eval mode (deterministic masks, soft values folded, see `prune_with_masks`).
-    Its six prunable layers have exactly `gates.deployed_num_parameters()` parameters,
-    which equals `gates.expected_num_parameters()` when the gates are saturated (every
-    P(z ≠ 0) is 0 or 1). It saves, loads (`spg.save` / `spg.load`) and evaluates like any
-    other model. `model.compression` is copied; callers add their record."""
+def finalize(model: PrunableModel, gates: L0Gates) -> PrunableModel:
+    """The deliverable: a new, smaller model that computes what the gated `model` computes
+    in eval mode (deterministic masks, soft values folded, see `prune_with_masks`). Its
+    prunable layers have exactly `gates.deployed_num_parameters()` parameters, which equals
+    `gates.expected_num_parameters()` when the gates are saturated (every P(z ≠ 0) is 0 or
+    1). It saves, loads (`spg.save` / `spg.load`) and evaluates like any other model.
+    `model.compression` is copied; callers add their record."""
     return prune_with_masks(model, gates.deterministic_masks())
