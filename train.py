@@ -3,6 +3,7 @@
 
     python train.py --sparsity 0.6                # SPG: prune the shipped model to 60 % while fine-tuning
     python train.py --sparsity 0.6 --method ump   # baseline: uniform magnitude pruning + fixed-mask fine-tuning
+    python train.py --sparsity 0.6 --method gmp   # baseline: one global magnitude threshold + fixed-mask fine-tuning
     python train.py --sparsity 0.6 --method mixed # baseline: SPG's per-matrix sparsities, magnitude masks
     python train.py --sparsity 0                  # dense CTC fine-tuning of the shipped model
     python train.py --init tiny --train-feature-extractor --steps 40000 ...   # from scratch
@@ -42,7 +43,7 @@ from spg.checkpoint import atomic_write
 from spg.compress import self_pinching
 from spg.compress.clustering import cluster_compress, structured_magnitude_prune
 from spg.compress.interface import AttentionUnits, Method
-from spg.compress.magnitude import Mixed, UMP
+from spg.compress.magnitude import GMP, Mixed, UMP
 from spg.data import check_durations, read_corpus
 from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
                           exit_code_of, load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
@@ -53,7 +54,7 @@ from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
-METHODS = ("dense", "spg", "ump", "mixed", "cluster", "l0")
+METHODS = ("dense", "spg", "ump", "gmp", "mixed", "cluster", "l0")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
 # at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
 DEFAULT_STEPS = 500
@@ -106,6 +107,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=POSITIVE, default=2e-4)
     parser.add_argument("--warmup", type=FRACTION, default=0.1, help="warm-up fraction of the steps, in [0, 1)")
     parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.01)
+    parser.add_argument("--grad-clip", type=NON_NEGATIVE, default=5.0,
+                        help="clip the gradient norm of the weights to this (0: no clipping, as in the SPG authors' "
+                             "code); default %(default)g")
+    parser.add_argument("--ctc-reduction", choices=["mean", "sum"], default="mean",
+                        help="CTC over a batch: mean of length-normalised losses (default) or their sum (the SPG "
+                             "authors' code, which their --eta-raw values go with)")
     parser.add_argument("--train-feature-extractor", action="store_true",
                         help="also train the conv front end (default: frozen and cached)")
     parser.add_argument("--dropout", type=FRACTION, default=None, help="override every dropout probability")
@@ -146,6 +153,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="default %(default)g (paper)")
     group.add_argument("--threshold-lr", type=POSITIVE, default=None,
                        help="learning rate of the thresholds (default: --lr, as in the paper)")
+    group.add_argument("--band", type=FRACTION, default=None,
+                       help="two-sided controller of the authors' code: prune below target - BAND, un-prune above "
+                            "the target, neither inside (their scripts: 0.02 up to 50%%, 0.002 above); default: "
+                            "on/off (prune below the target)")
     group.add_argument("--no-reset", action="store_true",
                        help="keep the thresholds' optimiser state when eta switches (the paper's bare controller)")
     group.add_argument("--no-calibrate", action="store_true",
@@ -173,8 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.method is None:
         args.method = "spg" if args.sparsity > 0 else "dense"
     if args.sparsity > 0 and args.method == "dense":
-        parser.error("--sparsity > 0 needs a compression method (--method spg, ump or mixed)")
-    if args.sparsity == 0 and args.method in ("spg", "ump", "cluster", "l0") or \
+        parser.error("--sparsity > 0 needs a compression method (--method spg, ump, gmp, mixed, cluster or l0)")
+    if args.sparsity == 0 and args.method in ("spg", "ump", "gmp", "cluster", "l0") or \
             args.method == "mixed" and args.sparsity == 0 and args.mixed_from is None:
         parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.model and args.init:
@@ -197,9 +208,11 @@ def build_method(args, model, *, whisper: bool = False) -> Method:
         return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
                                  normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
                                  threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
-                                 reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
+                                 band=args.band, reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
     if args.method == "ump":
         return UMP(args.sparsity)
+    if args.method == "gmp":
+        return GMP(args.sparsity)
     if args.method == "mixed":
         default = f"whisper-spg-{args.sparsity:g}.pt" if whisper else f"spg-{args.sparsity:g}.pt"
         source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / default
@@ -313,12 +326,13 @@ def run_settings(args) -> dict:
                 "--method": args.method, "--sparsity": args.sparsity, "--steps": args.steps,
                 "--batch-size": args.batch_size, "--lr": args.lr, "--warmup": args.warmup,
                 "--weight-decay": args.weight_decay, "--train-feature-extractor": args.train_feature_extractor,
-                "--dropout": args.dropout, "--seed": args.seed}
+                "--dropout": args.dropout, "--seed": args.seed, "--grad-clip": args.grad_clip,
+                "--ctc-reduction": args.ctc_reduction}
     if args.method == "spg":
         settings.update({"--eta": args.eta, "--eta-raw": args.eta_raw, "--tau-start": args.tau_start,
                          "--tau-end": args.tau_end, "--threshold-init": args.threshold_init,
                          "--threshold-lr": args.threshold_lr, "--no-reset": args.no_reset,
-                         "--no-calibrate": args.no_calibrate})
+                         "--no-calibrate": args.no_calibrate, "--band": args.band})
     elif args.method == "mixed":
         settings["--mixed-from"] = _where(args.mixed_from)
     elif args.method == "cluster":
@@ -408,7 +422,7 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
 def run_training(args, model, method: Method, before: dict, dense_size: Optional[int], train_set, dev_set,
                  evaluation_sets: dict, out: Path, device: torch.device, started: float, *,
                  objective: Optional[Objective] = None, dense_copy=None) -> int:
-    """Train with `method` (dense, SPG, UMP, mixed, L0) on `objective` (default CTC), save,
+    """Train with `method` (dense, SPG, UMP, GMP, mixed, L0) on `objective` (default CTC), save,
     evaluate every split of `evaluation_sets` against `before` (the starting model's
     decoding) and print the summary. `dev_set` is what `--eval-every` scores."""
     rank = distributed_rank()[0]
@@ -418,7 +432,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
-                         feature_cache_dir=feature_cache)
+                         feature_cache_dir=feature_cache, grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args),
                    dev_utterances=dev_set, stop_after_steps=args.stop_after, objective=objective)
@@ -503,7 +517,8 @@ def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_s
     if args.epochs:
         steps = args.epochs * -(-len(train_set) // args.batch_size)
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
-                             weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed)
+                             weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed,
+                             grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
         train(clustered, train_set, config, device=device, checkpoint_path=state_path(out),
               resume=args.resume, settings=run_settings(args))
         clustered.cpu()
@@ -576,14 +591,15 @@ def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.devi
 
 def run_whisper(args, model: Whisper, root: Path, device: torch.device, started: float) -> int:
     """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
-    with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, mixed, L0 (heads
+    with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, GMP, mixed, L0 (heads
     of every attention module and FFN neurons) or no pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
     if args.method == "cluster" and args.epochs:
         sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
-                 "dense, spg, ump, mixed or l0 on it; recovery epochs after clustering are written for "
+                 "dense, spg, ump, gmp, mixed or l0 on it; recovery epochs after clustering are written for "
                  "wav2vec2/HuBERT only")
     for option, value in (("--feature-cache", args.feature_cache), ("--dense-eval", args.dense_eval),
-                          ("--dropout", args.dropout), ("--distill", args.distill or None)):
+                          ("--dropout", args.dropout), ("--distill", args.distill or None),
+                          ("--ctc-reduction", args.ctc_reduction if args.ctc_reduction != "mean" else None)):
         if value is not None:
             sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {args.model}")
     out = output_path(args, whisper=True)

@@ -58,7 +58,11 @@ class TrainConfig:
     lr: float = 2e-4                 # SPG paper: AdamW, lr 2e-4
     warmup_fraction: float = 0.1     # SPG paper: linear warm-up over the first 10 % of steps
     weight_decay: float = 0.01       # not specified by the paper; AdamW's usual value
-    grad_clip: float = 5.0           # not specified by the paper; guards rare CTC spikes
+    grad_clip: float = 5.0           # not specified by the paper; guards rare CTC spikes (0: no clipping)
+    # CTC's reduction: "mean" (each utterance's loss divided by its target length, then
+    # averaged; ours) or "sum" (summed over the batch, HF's ctc_loss_reduction="sum", which
+    # the SPG authors' code uses and their η values go with)
+    loss_reduction: str = "mean"
     freeze_feature_extractor: bool = True
     cache_features: bool = True      # only with a frozen extractor, and only for a small corpus
     max_cached_hours: float = 10.0   # above this, audio and features are re-read/re-computed each step
@@ -99,14 +103,17 @@ class Objective:
 
 
 class CTCObjective(Objective):
-    """Mean-reduced CTC on a `Wav2Vec2CTC`, with the conv front end optionally frozen and its
-    outputs cached (`TrainConfig.freeze_feature_extractor`, `cache_features`)."""
+    """CTC on a `Wav2Vec2CTC` (reduced as `TrainConfig.loss_reduction` says), with the conv
+    front end optionally frozen and its outputs cached (`freeze_feature_extractor`,
+    `cache_features`)."""
 
     def __init__(self) -> None:
         self.features: Optional[FeatureCache] = None
         self.frozen = False
+        self.reduction = "mean"
 
     def freeze(self, model: Wav2Vec2CTC, config: TrainConfig) -> None:
+        self.reduction = config.loss_reduction
         self.frozen = config.freeze_feature_extractor
         if self.frozen:
             for parameter in model.feature_extractor.parameters():
@@ -125,7 +132,7 @@ class CTCObjective(Objective):
         else:
             batch = _labels_only(audio, indices, model.vocab)
             logits, frame_lengths = forward_batch(model, batch, device, self.features.batch(indices))
-        return ctc_loss(logits, frame_lengths, batch)
+        return ctc_loss(logits, frame_lengths, batch, self.reduction)
 
     def train_mode(self, model: Wav2Vec2CTC) -> None:
         model.train()
@@ -204,11 +211,14 @@ def forward_batch(model: Wav2Vec2CTC, batch: Batch, device: torch.device,
     return model(batch.waveforms.to(device), lengths)
 
 
-def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean-reduced CTC (per-utterance loss divided by its target length, then averaged)."""
+def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """CTC over a batch: "mean" divides each utterance's loss by its target length and
+    averages over the batch; "sum" adds the utterances' losses (HF `ctc_loss_reduction="sum"`)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)                   # (T, B, V)
     return F.ctc_loss(log_probs, batch.targets.to(logits.device), frame_lengths,
-                      batch.target_lengths.to(logits.device), blank=0, reduction="mean", zero_infinity=True)
+                      batch.target_lengths.to(logits.device), blank=0, reduction=reduction, zero_infinity=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -651,9 +661,9 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
                     bar.update(1)
                     continue
                 total.backward()
-                gradient_norm = torch.nn.utils.clip_grad_norm_(
+                gradient_norm = torch.nn.utils.clip_grad_norm_(      # grad_clip 0: the norm only, no clipping
                     [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
-                    config.grad_clip)
+                    config.grad_clip if config.grad_clip > 0 else float("inf"))
                 unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
                 if not torch.isfinite(gradient_norm) or \
                         not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped):

@@ -216,46 +216,73 @@ def calibrate_thresholds(matrices: list[GatedMatrix], target: float, iterations:
 # The controller
 # ========================================================================================
 
+def authors_band(target: float) -> float:
+    """Width of the authors' band below the target (hanyxu/SASPG-pruning scripts): 0.02 for
+    targets up to 50 %, 0.002 above."""
+    return 0.02 if target <= 0.5 + 1e-9 else 0.002
+
+
 class SparsityController:
-    """Paper's controller: after every step, measure the global hard sparsity s; η for the
-    next step is its preset value while s < s*, 0 once s ≥ s*.
+    """Sets the sign of η for the next step from the global hard sparsity s measured after
+    every step. Two controllers:
 
-    `slow_band` (ours; 0 = the paper's bare on/off): within `slow_band` below the target,
-    η is scaled down linearly, η·(s* − s)/slow_band, so the pinching slows as it arrives."""
+      * on/off (`band=None`; the paper's text): +η while s < s*, 0 once s ≥ s*;
+      * two-sided band (`band=b`; the authors' public code, `minmax_gate_prune_loss` in
+        `ASR/utils/prune_ratio_utils.py`): +η below s* − b (prune), −η above s* (the penalty
+        turns into a reward for kept weights: un-prune), 0 inside [s* − b, s*].
 
-    def __init__(self, target: float, eta: float, slow_band: float = 0.0):
+    `slow_band` (ours, on/off only; 0 = off): within `slow_band` below the target, η is scaled
+    down linearly, η·(s* − s)/slow_band, so the pinching slows as it arrives."""
+
+    def __init__(self, target: float, eta: float, slow_band: float = 0.0, band: Optional[float] = None):
+        if band is not None and not 0.0 <= band < target:
+            raise ValueError(f"band must be in [0, target={target}), got {band}")
         self.target = target
         self.eta = eta
         self.slow_band = slow_band
-        self.active = target > 0
+        self.band = band
+        self.direction = 1 if target > 0 else 0     # +1 prune, 0 off, −1 un-prune
         self.sparsity = 0.0
-        self.switches = 0          # how often η was turned on or off
+        self.switches = 0          # how often the direction changed
         self.first_reached: Optional[int] = None
 
+    @property
+    def active(self) -> bool:
+        """True while the penalty is applied (either sign)."""
+        return self.direction != 0
+
     def current_eta(self) -> float:
-        if not self.active:
+        """The signed penalty weight for the next step."""
+        if self.direction == 0:
             return 0.0
-        if self.slow_band > 0:
+        if self.direction > 0 and self.slow_band > 0 and self.band is None:
             return self.eta * min(1.0, (self.target - self.sparsity) / self.slow_band)
-        return self.eta
+        return self.direction * self.eta
 
     def update(self, sparsity: float, step: int) -> bool:
-        """Record the sparsity measured after `step`; returns True when η switched."""
+        """Record the sparsity measured after `step`; returns True when the direction changed."""
         self.sparsity = sparsity
-        active = sparsity < self.target
-        if not active and self.first_reached is None:
+        if self.band is None:
+            direction = 1 if sparsity < self.target else 0
+        elif sparsity < self.target - self.band:
+            direction = 1
+        elif sparsity > self.target:
+            direction = -1
+        else:
+            direction = 0
+        if sparsity >= self.target - (self.band or 0.0) and self.first_reached is None:
             self.first_reached = step
-        switched = active != self.active
+        switched = direction != self.direction
         self.switches += int(switched)
-        self.active = active
+        self.direction = direction
         return switched
 
     def state_dict(self) -> dict:
-        return {"active": self.active, "sparsity": self.sparsity, "switches": self.switches,
+        return {"direction": self.direction, "sparsity": self.sparsity, "switches": self.switches,
                 "first_reached": self.first_reached}
 
     def load_state_dict(self, state: dict) -> None:
-        self.active, self.sparsity = state["active"], state["sparsity"]
+        self.direction, self.sparsity = state["direction"], state["sparsity"]
         self.switches, self.first_reached = state["switches"], state["first_reached"]
 
 
@@ -272,6 +299,8 @@ class SPG(Method):
         per-weight η. None: `default_eta(target)` (normalised).
     threshold_lr: learning rate of the thresholds (None: the weights' lr, as in the paper).
         The thresholds follow the same warm-up/decay schedule, with weight decay 0 (ours).
+    band: None for the on/off controller; a width b for the authors' two-sided band
+        (`SparsityController`; `authors_band(target)` gives their scripts' width).
     reset_on_switch: when η switches, clear the thresholds' AdamW state (ours; see below).
     calibrate: finish with `calibrate_thresholds` so the global sparsity is exactly s* (ours).
     history_every: record global and per-matrix sparsity and thresholds every N steps.
@@ -306,8 +335,8 @@ class SPG(Method):
 
     def __init__(self, target: float, *, eta: Optional[float] = None, normalised_eta: bool = True,
                  tau_start: float = TAU_START, tau_end: float = TAU_END, threshold_init: float = THRESHOLD_INIT,
-                 threshold_lr: Optional[float] = None, slow_band: float = 0.0, reset_on_switch: bool = True,
-                 calibrate: bool = True, history_every: int = 10):
+                 threshold_lr: Optional[float] = None, slow_band: float = 0.0, band: Optional[float] = None,
+                 reset_on_switch: bool = True, calibrate: bool = True, history_every: int = 10):
         if not 0.0 < target < 1.0:
             raise ValueError(f"target sparsity must be in (0, 1), got {target}")
         if eta is None:
@@ -323,7 +352,7 @@ class SPG(Method):
         self.reset_on_switch = reset_on_switch
         self.calibrate = calibrate
         self.history_every = history_every
-        self.controller = SparsityController(target, eta, slow_band)
+        self.controller = SparsityController(target, eta, slow_band, band)
         self.tau = tau_start
         self.history: list[dict] = []
         self.matrices: list[GatedMatrix] = []
@@ -365,7 +394,7 @@ class SPG(Method):
                 optimizer.state.pop(m.gate.threshold, None)
         if self.history_every and (step % self.history_every == 0 or step == total_steps):
             self.record(step)
-        return {"sparsity": f"{sparsity:.3f}", "eta": "on" if self.controller.active else "off",
+        return {"sparsity": f"{sparsity:.3f}", "eta": {1: "on", 0: "off", -1: "neg"}[self.controller.direction],
                 "tau": f"{self.tau:.3f}"}
 
     def finish(self, model: nn.Module) -> None:
@@ -379,7 +408,8 @@ class SPG(Method):
             "thresholds": {m.name: m.gate.threshold.item() for m in self.matrices},
             "eta": self.eta, "eta_form": "normalised" if self.normalised_eta else "raw",
             "tau_start": self.tau_start, "tau_end": self.tau_end,
-            "threshold_lr": self.threshold_lr, "first_reached_step": self.controller.first_reached,
+            "threshold_lr": self.threshold_lr, "band": self.controller.band,
+            "first_reached_step": self.controller.first_reached,
             "switches": self.controller.switches,
         }
         finalize(model)
