@@ -30,12 +30,12 @@ import torch
 
 import spg
 from spg.checkpoint import atomic_write
-from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
-from spg.training import evaluate_corpus, exit_code_of, naming_write_errors, sparsity_report
+from spg.data import DEFAULT_VOCAB, read_corpus
+from spg.experiment import check_model_durations, evaluate
+from spg.training import exit_code_of, naming_write_errors, sparsity_report
 from spg.wer import mapsswe
-from spg.whisper.evaluation import evaluate_whisper, is_transcription_folder, read_transcription_folder
+from spg.whisper.evaluation import is_transcription_folder, read_transcription_folder
 from spg.whisper.io import NAMED_MODELS, named_model_folder
-from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
@@ -54,10 +54,7 @@ def size_on_disk(path: Path) -> int:
 
 def describe(model, model_path: Path, device: torch.device, utterances, label: str) -> dict:
     model.to(device)
-    if isinstance(model, Whisper):
-        result = evaluate_whisper(model, utterances, device=device)
-    else:
-        result = evaluate_corpus(model, utterances, device=device, desc=label)
+    result = evaluate(model, utterances, device, label)     # scored the way its family is
     result.update(sparsity_report(model))
     result.update(model=str(model_path), params_total=model.num_parameters(),
                   params_nonzero=model.num_parameters(nonzero_only=True), size_bytes=size_on_disk(model_path))
@@ -85,16 +82,6 @@ def positive_seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
     return value
-
-
-def check_model_durations(args, utterances, model, *, where: str) -> None:
-    """DataError naming the files `model` cannot take: shorter than its receptive field, or
-    longer than --max-seconds (Whisper: one 30 s window at most)."""
-    if isinstance(model, Whisper):
-        check_durations(utterances, min_samples=1, max_seconds=min(args.max_seconds, 30.0), where=where)
-    else:
-        check_durations(utterances, min_samples=model.config.min_input_samples, max_seconds=args.max_seconds,
-                        where=where)
 
 
 def main(argv=None) -> int:
@@ -132,10 +119,10 @@ def run(args) -> int:
     else:
         utterances = read_corpus(root, args.split, getattr(model, "vocab", DEFAULT_VOCAB))
         where = str(root / args.split)
-    check_model_durations(args, utterances, model, where=where)
+    check_model_durations(utterances, model, max_seconds=args.max_seconds, where=where)
     if args.compare:
         other_model = spg.load(args.compare)        # before decoding: a bad --compare fails early
-        check_model_durations(args, utterances, other_model, where=where)
+        check_model_durations(utterances, other_model, max_seconds=args.max_seconds, where=where)
     result = describe(model, model_path, device, utterances, "decoding")
     print_result(result, f"{args.split} ({root})")
     report = {key: result[key] for key in (

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import evaluate  # noqa: E402
 import spg  # noqa: E402
+import spg.experiment  # noqa: E402
 import train  # noqa: E402
 
 
@@ -149,7 +150,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, ca
 def test_diverging_weights_stop_train_py_with_one_line(tmp_path, capsys, monkeypatch):
     data = noise_corpus(tmp_path / "corpus")
     out = tmp_path / "run.pt"
-    monkeypatch.setattr(train, "build_method", lambda args, model, whisper=False: NanWeightAfterStepThree())
+    monkeypatch.setattr(spg.experiment, "build_method", lambda args, model: NanWeightAfterStepThree())
     assert train.main(["--init", "tiny", "--data", str(data), "--test-split", "test", "--steps", "5",
                        "--batch-size", "3", "--save-every", "2", "--out", str(out)]) == 1
     error = one_line_error(capsys, "train.py")

@@ -9,6 +9,8 @@
    numpy, torch and the few spg leaf modules listed for it below, and those leaves import
    only the standard library, numpy and torch. (A package's `__init__.py` only holds a
    docstring, so importing a submodule brings nothing else with it.)
+4. The top: `spg.experiment` (building, running and summarising one experiment) is what the
+   front ends train.py and evaluate.py call; no module of spg imports it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ COPYABLE = {
     **{leaf: set() for leaf in LEAVES},
 }
 THIRD_PARTY_ALLOWED = {"numpy", "torch"}
+# modules only the front ends (train.py, evaluate.py) import
+TOP = {"spg.experiment"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -189,6 +193,9 @@ def layout_problems(root: Path) -> list[str]:
             problems.append(f"{name}: imports a private name: {statement}")
         for use in private_attribute_uses(modules[name][1], imports, modules):
             problems.append(f"{name}: uses a private name of another module: {use}")
+    for name, imports in sorted(graph.items()):
+        for top in sorted(imports.spg & TOP - {name}):
+            problems.append(f"{name}: imports {top}, which only the front ends (train.py, evaluate.py) may import")
     stdlib = set(sys.stdlib_module_names)
     for name, allowed in sorted(COPYABLE.items()):
         if name not in graph:
@@ -217,7 +224,7 @@ def test_spg_obeys_the_import_rules():
 def test_every_module_parses_and_the_rules_see_the_whole_package():
     modules = parse_package(SPG)
     assert {"spg", "spg.checkpoint", "spg.loading", "spg.training"} <= set(modules)
-    assert set(COPYABLE) <= set(modules)
+    assert set(COPYABLE) <= set(modules) and TOP <= set(modules)
 
 
 # --- the checker itself, on small made-up packages ------------------------------------------
@@ -271,3 +278,13 @@ def test_a_method_module_that_imports_more_than_it_may_is_found(tmp_path, source
     files["wav2vec2/surgery.py"] = ""
     problems = layout_problems(write_package(tmp_path, files))
     assert len(problems) == 1 and problems[0].startswith("spg.compress.magnitude: should import only"), problems
+
+
+def test_a_module_that_imports_the_top_is_found(tmp_path):
+    root = write_package(tmp_path, {
+        "experiment.py": "from spg import training\n",
+        "training.py": "def f():\n    from spg.experiment import run\n",
+    })
+    problems = layout_problems(root)
+    assert "spg.training: imports spg.experiment, which only the front ends (train.py, evaluate.py) may import" \
+        in problems

@@ -1,0 +1,640 @@
+"""Run one experiment and print its summary: what `train.py` does after parsing its options.
+
+Build the model (`build_model`) and the compression method (`build_method`) from the options,
+read the splits the model can take (`read_split`, `check_model_durations`), decode them with the
+starting model (for wav2vec2/HuBERT through a reusable cache, `evaluate_dense`), then either
+train (`run_training`: dense, SPG, UMP, GMP, mixed or L0) or cluster (`run_cluster`), save, score
+every split against the starting model (WER/CER and MAPSSWE) and print the summary.
+
+What differs between model families is written once, in a `Family` recipe per family (the
+`FAMILIES` table at the end, looked up by the model's class in `family_of`): which splits an
+experiment scores and which options it refuses (its `run`), how a model is scored, the audio
+lengths it takes, the input its forward time is measured on, and its run-file names. A third
+family adds one recipe there.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+import spg
+from spg.checkpoint import atomic_write
+from spg.compress import self_pinching
+from spg.compress.clustering import cluster_compress, structured_magnitude_prune
+from spg.compress.interface import AttentionUnits, Method
+from spg.compress.magnitude import GMP, Mixed, UMP
+from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
+from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
+                          load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
+from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
+from spg.wer import mapsswe
+from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
+from spg.whisper.model import Whisper
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
+# Real recorded speech shipped with the tests (Sphinx-style folders; see each folder's README).
+REAL_RECORDINGS = tuple(REPO / "tests" / "data" / name for name in ("librivox", "cards", "beckett"))
+# Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
+# scored on the real recordings and the first 50 utterances of each --test-split.
+WHISPER_EVAL_UTTERANCES = 50
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an experiment needs to know about one model family."""
+    name: str
+    run: Callable[..., int]            # (args, model, root, test_splits, rank, device, started) -> exit code
+    score: Callable[..., dict]         # (model, utterances, device, desc) -> evaluate_corpus-style figures
+    min_input_samples: Callable[..., int]   # (model) -> shortest input it takes
+    max_seconds: float                 # longest input it takes (also bounded by --max-seconds)
+    forward_inputs: Callable[..., tuple]    # (model) -> random input its forward time is measured on
+    forward_input: str                 # that input in words
+    runs_prefix: str                   # runs/<prefix><method>-<sparsity>.pt
+    set_dropout: Optional[Callable[..., object]] = None   # (model, p) -> model; None: --dropout is refused
+
+
+def family_of(model) -> Family:
+    """The recipe of `model`'s family (the first of its classes that `FAMILIES` lists)."""
+    for cls in type(model).__mro__:
+        if cls in FAMILIES:
+            return FAMILIES[cls]
+    raise TypeError(f"{type(model).__name__} is not a model family spg runs experiments on")
+
+
+def build_method(args, model) -> Method:
+    """The compression method of --method (`mixed` reads an SPG run's per-matrix sparsities;
+    it refuses here, before any training, when that run is missing)."""
+    if args.method == "l0":
+        from spg.compress.l0 import L0Method
+        teacher = None
+        if args.distill:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed)
+    if args.method == "spg":
+        return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
+                                 normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
+                                 threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
+                                 band=args.band, reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
+    if args.method == "ump":
+        return UMP(args.sparsity)
+    if args.method == "gmp":
+        return GMP(args.sparsity)
+    if args.method == "mixed":
+        prefix = family_of(model).runs_prefix
+        source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"{prefix}spg-{args.sparsity:g}.pt"
+        if not source.exists():
+            model_option = f"--model {args.model} " if prefix else ""      # a named family's model is named
+            sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
+                     f"exist: run `python train.py {model_option}--sparsity {args.sparsity:g}` first "
+                     "or pass --mixed-from")
+        per_matrix = spg.load(source).compression.get("per_matrix_sparsity")
+        if not per_matrix:
+            sys.exit(f"{source} has no compression['per_matrix_sparsity'] (not written by an SPG run)")
+        print(f"mixed: per-matrix sparsities from {source}")
+        return Mixed(per_matrix)
+    return Method()
+
+
+
+def build_model(args):
+    """--init's random preset, or the --model checkpoint (default: the shipped dense model)."""
+    if args.init:
+        torch.manual_seed(args.seed)
+        config = preset(args.init)
+        if args.dropout is not None:
+            _set_dropout(config, args.dropout)
+        return Wav2Vec2CTC(config)
+    path = Path(args.model) if args.model else DEFAULT_MODEL
+    model = spg.load(path)
+    set_dropout = family_of(model).set_dropout
+    if args.dropout is not None and set_dropout is not None:    # else the family's run refuses it
+        model = set_dropout(model, args.dropout)
+    return model
+
+
+def _set_dropout(config, probability: float) -> None:
+    for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "final_dropout", "layerdrop"):
+        setattr(config, name, probability)
+
+
+def _with_dropout(model: Wav2Vec2CTC, probability: float) -> Wav2Vec2CTC:
+    """A copy of `model` built with every dropout probability set to `probability`."""
+    _set_dropout(model.config, probability)
+    fresh = Wav2Vec2CTC(model.config, model.vocab)
+    fresh.load_state_dict(model.state_dict())
+    fresh.compression = model.compression
+    return fresh
+
+
+def corpus_root(args) -> Path:
+    if args.data:
+        return Path(args.data)
+    from spg.corpus import build_corpus
+    return build_corpus()
+
+
+
+def setup_distributed(args) -> tuple[int, torch.device]:
+    """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR/PORT); a plain `python train.py` stays single-process."""
+    device = torch.device(args.device)
+    # torchrun sets TORCHELASTIC_RUN_ID: under it even one process joins a group, so that
+    # `torchrun --nproc_per_node 1` runs the same backend and code path as N processes.
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    if args.method == "cluster":
+        sys.exit("--method cluster is data-free and single-process; run it without torchrun")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A long rank-0 evaluation keeps the other ranks waiting at their first all-reduce.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
+    if dist.get_rank() == 0:
+        print(f"distributed: backend {dist.get_backend()}, {dist.get_world_size()} process(es)", flush=True)
+    return dist.get_rank(), device
+
+
+
+def run_from_command_line(args, started: float) -> int:
+    """train.py's run (under torchrun: in the process group), for `spg.training.exit_code_of`."""
+    rank, device = setup_distributed(args)
+    try:
+        return run(args, rank, device, started)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def output_path(args, family: Family) -> Path:
+    if args.out:
+        return Path(args.out)
+    return REPO / "runs" / f"{family.runs_prefix}{args.method}-{args.sparsity:g}.pt"
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state")
+
+
+def _where(value) -> Optional[str]:
+    """A path setting as an absolute path (a name such as whisper-tiny.en stays as it is)."""
+    if value is None:
+        return None
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+
+def run_settings(args) -> dict:
+    """The options that decide the trained weights, by flag: stored in the resume state and
+    compared on --resume (see the --resume help for the ones that may change)."""
+    settings = {"--model": _where(args.model) if args.model or args.init else str(DEFAULT_MODEL),
+                "--init": args.init, "--data": _where(args.corpus), "--train-split": args.train_split,
+                "--method": args.method, "--sparsity": args.sparsity, "--steps": args.steps,
+                "--batch-size": args.batch_size, "--lr": args.lr, "--warmup": args.warmup,
+                "--weight-decay": args.weight_decay, "--train-feature-extractor": args.train_feature_extractor,
+                "--dropout": args.dropout, "--seed": args.seed, "--grad-clip": args.grad_clip,
+                "--ctc-reduction": args.ctc_reduction}
+    if args.method == "spg":
+        settings.update({"--eta": args.eta, "--eta-raw": args.eta_raw, "--tau-start": args.tau_start,
+                         "--tau-end": args.tau_end, "--threshold-init": args.threshold_init,
+                         "--threshold-lr": args.threshold_lr, "--no-reset": args.no_reset,
+                         "--no-calibrate": args.no_calibrate, "--band": args.band})
+    elif args.method == "mixed":
+        settings["--mixed-from"] = _where(args.mixed_from)
+    elif args.method == "cluster":
+        settings.update({"--merge": args.merge, "--mixed": args.mixed, "--epochs": args.epochs})
+        del settings["--steps"]                      # derived from --epochs
+    elif args.method == "l0":
+        settings.update({"--ste": args.ste, "--distill": args.distill})
+    return settings
+
+
+def prepare_output(args, out: Path, rank: int) -> None:
+    """Before any long work: remove what interrupted saves of this run's files left behind
+    (rank 0), and with --resume check the state and its settings (every rank: all must stop)."""
+    if rank == 0:
+        remove_stale_temporaries([out, state_path(out)] + [Path(p) for p in (args.json, args.dense_eval) if p])
+    if args.resume and (args.method != "cluster" or args.epochs):
+        state = load_resume_state(state_path(out))
+        check_resume_settings(state, state_path(out), settings=run_settings(args))
+
+
+def remove_stale_temporaries(paths: list[Path]) -> tuple[int, int]:
+    """Delete `.NAME.XXXXXXXX.tmp` beside each of `paths`: the temporary files that
+    `spg.checkpoint.atomic_write` leaves when a save of NAME is killed. Only that exact pattern
+    (mkstemp's random part has no dot) for these names; returns (files, bytes)."""
+    count = size = 0
+    for path in paths:
+        if not path.parent.is_dir():
+            continue
+        pattern = re.compile(r"\." + re.escape(path.name) + r"\.[A-Za-z0-9_]+\.tmp")
+        for candidate in path.parent.iterdir():
+            if pattern.fullmatch(candidate.name) and candidate.is_file() and not candidate.is_symlink():
+                try:
+                    bytes_ = candidate.stat().st_size
+                    candidate.unlink()
+                except FileNotFoundError:
+                    continue
+                count, size = count + 1, size + bytes_
+    if count:
+        print(f"removed {count} stale temporary file{'s' if count > 1 else ''} of interrupted saves beside "
+              f"{paths[0]} ({f'{size / 1e6:.1f} MB' if size >= 100_000 else f'{size:,} bytes'} freed)")
+    return count, size
+
+
+def write_json(path, data) -> None:
+    """The summary, atomically (a reader never sees half of it); a full disk names `path`."""
+    with naming_write_errors(path):
+        atomic_write(os.fspath(path), lambda file: file.write(json.dumps(data, indent=2).encode()))
+
+
+
+def run(args, rank: int, device: torch.device, started: float) -> int:
+    """Build the model and the corpus, then run the experiment of the model's family."""
+    model = build_model(args)            # first: a bad --model fails before the corpus is built
+    if rank != 0 and args.data is None:
+        dist.barrier()                   # rank 0 synthesises the built-in corpus first
+    root = corpus_root(args)
+    if rank == 0 and args.data is None and dist.is_initialized():
+        dist.barrier()
+    test_splits = [s for s in args.test_split.split(",") if s]
+    if args.data is None and "test-unseen" not in test_splits:
+        test_splits.append("test-unseen")
+    args.corpus = root
+    return family_of(model).run(args, model, root, test_splits, rank, device, started)
+
+
+def run_ctc(args, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, device: torch.device,
+            started: float) -> int:
+    """wav2vec2/HuBERT: train (or cluster) on the train split; score dev and every test split,
+    the starting model's decoding through the --dense-eval cache."""
+    out = output_path(args, family_of(model))
+    if rank == 0:
+        print(f"output checkpoint: {out}")
+    prepare_output(args, out, rank)
+    train_set = read_split(args, root, args.train_split, model)
+    dev_set = read_split(args, root, args.dev_split, model)
+    test_sets = {name: read_split(args, root, name, model) for name in test_splits}
+
+    method = build_method(args, model)   # before training: `mixed` may refuse early
+    dense_copy = copy.deepcopy(model) if args.method == "l0" else None
+    # the size of the model we start from (cluster reports it even for a random --init model)
+    dense_size = None if args.init and args.method != "cluster" or rank != 0 else \
+        saved_size(model, out, half=args.half)
+    before = {} if args.init or rank != 0 else \
+        evaluate_dense(model, {"dev": dev_set, **test_sets}, device, args.dense_eval)
+
+    if args.method == "cluster":
+        return run_cluster(args, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
+                           started)
+
+    return run_training(args, model, method, before, dense_size, train_set, dev_set, {"dev": dev_set, **test_sets},
+                        out, device, started, dense_copy=dense_copy)
+
+
+def run_training(args, model, method: Method, before: dict, dense_size: Optional[int], train_set, dev_set,
+                 evaluation_sets: dict, out: Path, device: torch.device, started: float, *,
+                 objective: Optional[Objective] = None, dense_copy=None) -> int:
+    """Train with `method` (dense, SPG, UMP, GMP, mixed, L0) on `objective` (default CTC), save,
+    evaluate every split of `evaluation_sets` against `before` (the starting model's
+    decoding) and print the summary. `dev_set` is what `--eval-every` scores."""
+    rank = distributed_rank()[0]
+
+    feature_cache = args.feature_cache or \
+        (str(REPO / "runs" / "feature-cache") if args.data is None and objective is None else None)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
+                         weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
+                         save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
+                         feature_cache_dir=feature_cache, grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
+    result = train(model, train_set, config, method=method, device=device,
+                   checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args),
+                   dev_utterances=dev_set, stop_after_steps=args.stop_after, objective=objective)
+    if rank != 0:
+        return 0
+    if result.steps_done < args.steps:
+        print(f"stopped after step {result.steps_done} of {args.steps}; continue with --resume")
+        return 0
+
+    model.cpu()
+    if args.method == "l0":             # deliver the physically smaller model
+        model = method.pruned_model.cpu()
+    save_model(model, out, half=args.half)
+    after = {name: evaluate(model, data, torch.device("cpu"), f"{args.method} {name}")
+             for name, data in evaluation_sets.items()}
+    significance = {
+        name: mapsswe(after[name]["references"], after[name]["hypotheses"], before[name]["hypotheses"], alpha=0.05)
+        for name in after if name in before}
+    report = sparsity_report(model)
+    summary = {
+        "method": args.method, "target_sparsity": args.sparsity, "steps": result.steps_done,
+        "skipped_steps": result.skipped_steps, "out": str(out),
+        "dense_wer": {k: v["wer"] for k, v in before.items()},
+        "compressed_wer": {k: v["wer"] for k, v in after.items()},
+        "mapsswe": {k: {"p_value": r.p_value, "z": r.z, "significant": r.significant, "verdict": verdict(r)}
+                    for k, r in significance.items()},
+        "sparsity": report["sparsity"],
+        "sparsity_before_calibration": model.compression.get("sparsity_before_calibration"),
+        "per_block_sparsity": report["per_block_sparsity"],
+        "per_matrix_sparsity": report["per_matrix_sparsity"],
+        "prunable_params": report["prunable_params"],
+        "params_total": model.num_parameters(), "params_nonzero": model.num_parameters(nonzero_only=True),
+        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
+        "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
+        "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},
+        "compression": {k: v for k, v in model.compression.items() if k != "per_matrix_sparsity"},
+        "train_seconds": result.seconds, "loop_seconds": result.loop_seconds, "seconds": time.time() - started,
+    }
+    if args.method == "l0":
+        forward = forward_seconds({"dense": dense_copy, "compressed": model})
+        summary["kept"] = kept_units(model)
+        # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
+        summary.update(prunable_params=sparsity_report(dense_copy)["prunable_params"],
+                       prunable_params_kept=report["prunable_params"],
+                       sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
+                       forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
+                       forward_time_ratio=forward["compressed"] / forward["dense"])
+    if isinstance(method, self_pinching.SPG):
+        summary["spg_history"] = method.history
+    print_summary(summary)
+    if args.json:
+        write_json(args.json, summary)
+    return 0
+
+
+def kept_units(model) -> dict[str, list[int]]:
+    """Per report group and layer, the heads (and, where head widths are pruned, the summed
+    q/k and value dims) or FFN neurons the model has: {"heads", "qk_dims", "v_dims",
+    "ffn_units"} for wav2vec2, {"encoder_heads", ..., "decoder_ffn_units"} for Whisper."""
+    kept: dict[str, list[int]] = {}
+    for units in model.structured_units():
+        if isinstance(units, AttentionUnits):
+            kept.setdefault(units.group, []).append(units.num_heads)
+            if units.head_dims_prunable:
+                prefix = units.group[:-len("heads")]
+                kept.setdefault(prefix + "qk_dims", []).append(sum(units.qk_head_dims))
+                kept.setdefault(prefix + "v_dims", []).append(sum(units.v_head_dims))
+        else:
+            kept.setdefault(units.group, []).append(units.num_units)
+    return kept
+
+
+def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_set, evaluation_sets: dict,
+                out: Path, device: torch.device, started: float) -> int:
+    """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
+    fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
+    clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=args.mixed, seed=args.seed)
+    magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"])
+    results = {label: {name: evaluate(model, data, device, f"{label} {name}")
+                       for name, data in evaluation_sets.items()}
+               for label, model in (("clustered", clustered), ("magnitude", magnitude))}
+    if args.epochs:
+        steps = args.epochs * -(-len(train_set) // args.batch_size)
+        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
+                             weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed,
+                             grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
+        train(clustered, train_set, config, device=device, checkpoint_path=state_path(out),
+              resume=args.resume, settings=run_settings(args))
+        clustered.cpu()
+        results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
+                                 for name, data in evaluation_sets.items()}
+    save_model(clustered, out, half=args.half)
+    forward = forward_seconds({"dense": dense, "compressed": clustered})
+    final = results["fine-tuned" if args.epochs else "clustered"]
+    summary = {
+        "method": "cluster", "target_sparsity": args.sparsity, "merge": args.merge, "mixed": args.mixed,
+        "epochs": args.epochs, "out": str(out), "kept": record["kept"],
+        "dense_wer": {k: v["wer"] for k, v in before.items()},
+        "compressed_wer": {k: v["wer"] for k, v in final.items()},
+        "clustered_wer": {k: v["wer"] for k, v in results["clustered"].items()},
+        "magnitude_wer": {k: v["wer"] for k, v in results["magnitude"].items()},
+        "finetuned_wer": {k: v["wer"] for k, v in results["fine-tuned"].items()} if args.epochs else None,
+        "mapsswe": {k: {"p_value": r.p_value, "significant": r.significant, "verdict": verdict(r)}
+                    for k, r in ((name, mapsswe(final[name]["references"], final[name]["hypotheses"],
+                                                before[name]["hypotheses"])) for name in final if name in before)},
+        "params_dense": dense.num_parameters(), "params_total": clustered.num_parameters(),
+        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
+        "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
+        "forward_time_ratio": forward["compressed"] / forward["dense"],
+        "seconds": time.time() - started,
+    }
+    print("\n=== summary ===")
+    print(f"parameter clustering ({args.merge}{', mixed K' if args.mixed else ''}) at sparsity {args.sparsity:g}; "
+          f"checkpoint {out}")
+    columns = ["dense", "clustered", "magnitude"] + (["fine-tuned"] if args.epochs else [])
+    print(f"{'split':<14}" + "".join(f"{c + ' WER':>16}" for c in columns))
+    for name in evaluation_sets:
+        row = [before.get(name, {}).get("wer")] + [results[c][name]["wer"] for c in columns[1:]]
+        print(f"{name:<14}" + "".join(f"{100 * v:>15.2f}%" if v is not None else f"{'-':>16}" for v in row))
+    for name, test in summary["mapsswe"].items():
+        print(f"MAPSSWE {name}: {test['verdict']}")
+    print("kept per block: " + "; ".join(f"{name} {values}" for name, values in record["kept"].items()))
+    print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; size on disk "
+          f"{summary['dense_size_bytes'] / 1e6:.2f} MB -> {summary['size_bytes'] / 1e6:.2f} MB")
+    print(f"forward time ({family_of(dense).forward_input}) "
+          f"{1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
+          f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
+    if args.json:
+        write_json(args.json, summary)
+    return 0
+
+
+def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.device,
+                   cache: Optional[str]) -> dict:
+    """Decode every split with the starting model, or reuse a stored decoding of exactly this
+    model (a digest of its weights) on exactly these utterances."""
+    def decode() -> dict:
+        return {name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
+                for name, data in evaluation_sets.items()}
+
+    if not cache:
+        return decode()
+    key = {"weights": tensors_digest(model.state_dict()),
+           "utterances": {name: [u.id for u in data] for name, data in evaluation_sets.items()}}
+    if Path(cache).exists():
+        stored = json.loads(Path(cache).read_text())
+        if stored.get("key") == key:
+            print(f"dense decoding reused from {cache}")
+            return stored["results"]
+        print(f"{cache} holds another model's or corpus's decoding; decoding again")
+    results = decode()
+    with naming_write_errors(cache):
+        atomic_write(os.fspath(cache), lambda file: file.write(json.dumps({"key": key, "results": results}).encode()))
+    return results
+
+
+def run_whisper(args, model: Whisper, root: Path, test_splits: list, rank: int, device: torch.device,
+                started: float) -> int:
+    """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
+    with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, GMP, mixed, L0 (heads
+    of every attention module and FFN neurons) or no pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
+    if args.method == "cluster" and args.epochs:
+        sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
+                 "dense, spg, ump, gmp, mixed or l0 on it; recovery epochs after clustering are written for "
+                 "wav2vec2/HuBERT only")
+    for option, value in (("--feature-cache", args.feature_cache), ("--dense-eval", args.dense_eval),
+                          ("--dropout", args.dropout), ("--distill", args.distill or None),
+                          ("--ctc-reduction", args.ctc_reduction if args.ctc_reduction != "mean" else None)):
+        if value is not None:
+            sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {args.model}")
+    out = output_path(args, family_of(model))
+    print(f"output checkpoint: {out}")
+    prepare_output(args, out, 0)
+    evaluation_sets = {folder.name: read_transcription_folder(folder) for folder in REAL_RECORDINGS}
+    for folder in REAL_RECORDINGS:
+        check_model_durations(evaluation_sets[folder.name], model, max_seconds=args.max_seconds, where=str(folder))
+    for split in [s for s in args.test_split.split(",") if s]:
+        evaluation_sets[split] = read_split(args, root, split, model, limit=args.eval_utterances)
+    print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
+    method = None if args.method == "cluster" else build_method(args, model)
+    dense_copy = copy.deepcopy(model) if args.method == "l0" else None
+    before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
+    dense_size = saved_size(model, out, half=args.half)
+    if args.method == "cluster":
+        return run_cluster(args, model, before, dense_size, [], evaluation_sets, out, device, started)
+    from spg.whisper.training import WhisperObjective
+    train_set = read_split(args, root, args.train_split, model)
+    dev_set = read_split(args, root, args.dev_split, model, limit=args.eval_utterances)
+    return run_training(args, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
+                        started, objective=WhisperObjective(), dense_copy=dense_copy)
+
+
+def evaluate(model, data, device: torch.device, desc: str) -> dict:
+    """Decode and score `data` the way `model`'s family is scored."""
+    return family_of(model).score(model, data, device, desc)
+
+
+def read_split(args, root: Path, split: str, model, *, limit: Optional[int] = None) -> list:
+    """One split of the corpus (its first `limit` utterances), for `model`: its vocabulary
+    (Whisper reads any text), and audio it can take (`check_durations`: DataError naming
+    the files shorter than its receptive field or longer than --max-seconds)."""
+    utterances = read_corpus(root, split, getattr(model, "vocab", DEFAULT_VOCAB))[:limit]
+    check_model_durations(utterances, model, max_seconds=args.max_seconds, where=str(Path(root) / split))
+    return utterances
+
+
+def check_model_durations(utterances, model, *, max_seconds: float, where: str) -> None:
+    """DataError naming the files `model` cannot take: shorter than its family's shortest
+    input, or longer than `max_seconds` (and than its family's longest input)."""
+    family = family_of(model)
+    check_durations(utterances, min_samples=family.min_input_samples(model),
+                    max_seconds=min(max_seconds, family.max_seconds), where=where)
+
+
+def save_model(model, path: Path, *, half: bool) -> None:
+    with naming_write_errors(path):
+        spg.save(model, path, half=half)
+
+
+def forward_seconds(models: dict, *, rounds: int = 5) -> dict:
+    """Median forward time of each model on the same random input (its family's
+    `forward_inputs`), runs interleaved."""
+    inputs = family_of(next(iter(models.values()))).forward_inputs(next(iter(models.values())))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model.eval()(*inputs)                        # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                begin = time.perf_counter()
+                model(*inputs)
+                times[name].append(time.perf_counter() - begin)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+
+
+def verdict(result) -> str:
+    """MAPSSWE outcome of compressed (A) against dense (B) in words."""
+    if not result.significant:
+        return f"no significant difference (p={result.p_value:.3g})"
+    worse = "worse" if result.mean_difference > 0 else "better"
+    return f"compressed significantly {worse} than dense (p={result.p_value:.3g})"
+
+
+def saved_size(model: Wav2Vec2CTC, near: Path, *, half: bool) -> int:
+    """Bytes the model takes in our format (written to a temporary file next to `near`)."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=near.parent) as folder:
+        path = Path(folder) / "dense.pt"
+        save_model(model, path, half=half)
+        return path.stat().st_size
+
+
+def print_summary(summary: dict) -> None:
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    print("\n=== summary ===")
+    print(f"method {summary['method']}, {summary['steps']} steps ({summary['skipped_steps']} skipped), "
+          f"checkpoint {summary['out']}")
+    print(f"{'split':<14}{'dense WER':>11}{'WER':>9}{'dense CER':>11}{'CER':>9}   MAPSSWE (alpha 0.05)")
+    for split, figures in summary["after"].items():
+        was = summary["before"].get(split, {})
+        test = summary["mapsswe"].get(split)
+        print(f"{split:<14}{pct(was.get('wer')):>11}{pct(figures['wer']):>9}{pct(was.get('cer')):>11}"
+              f"{pct(figures['cer']):>9}   {test['verdict'] if test else '-'}")
+    target = summary["target_sparsity"]
+    line = f"global sparsity {pct(summary['sparsity'])} of {summary['prunable_params']:,} prunable weights"
+    if "prunable_params_kept" in summary:
+        line += f" removed ({summary['prunable_params_kept']:,} kept in the smaller model)"
+    if summary["sparsity_before_calibration"] is not None:
+        line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration)"
+    print(line)
+    if "kept" in summary:                 # l0: a physically smaller model, not zeros
+        for name, values in summary["kept"].items():
+            print(f"  kept {name:<9} per block {values}")
+        print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; forward time (10 s of "
+              f"audio) ratio {summary['forward_time_ratio']:.2f}")
+    elif summary["sparsity"] > 0 and all(f"encoder.layers.{block}.{m}" in summary["per_matrix_sparsity"]
+                                         for block in summary["per_block_sparsity"] for m in PRUNABLE_MATRICES):
+        print_sparsity_table(summary["per_matrix_sparsity"], summary["per_block_sparsity"])
+    elif summary["sparsity"] > 0:           # Whisper: per encoder/decoder layer
+        print("sparsity per layer: " + ", ".join(f"{layer} {100 * value:.1f}%"
+                                                 for layer, value in summary["per_block_sparsity"].items()))
+    print(f"parameters {summary['params_total']:,} total, {summary['params_nonzero']:,} non-zero")
+    dense = summary["dense_size_bytes"]
+    size = f"size on disk {summary['size_bytes'] / 1e6:.2f} MB"
+    if dense:
+        size += f" (dense {dense / 1e6:.2f} MB, ratio {summary['size_bytes'] / dense:.3f})"
+    print(size)
+    print(f"time {summary['seconds']:.0f} s (training {summary['train_seconds']:.0f} s)")
+
+
+def print_sparsity_table(per_matrix: dict, per_block: dict) -> None:
+    """Blocks as rows, the six prunable matrices as columns, sparsity in percent."""
+    short = {"attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
+             "attention.out_proj": "out", "feed_forward.intermediate_dense": "fc1",
+             "feed_forward.output_dense": "fc2"}
+    print("sparsity %  " + "".join(f"{short[m]:>6}" for m in PRUNABLE_MATRICES) + f"{'block':>8}")
+    for block, overall in per_block.items():
+        cells = "".join(f"{100 * per_matrix[f'encoder.layers.{block}.{m}']:6.1f}" for m in PRUNABLE_MATRICES)
+        print(f"block {block:<5}" + cells + f"{100 * overall:8.1f}")
+
+
+# --- the model families ---------------------------------------------------------------------
+
+FAMILIES: dict[type, Family] = {
+    Wav2Vec2CTC: Family(
+        name="wav2vec2/HuBERT", run=run_ctc,
+        score=lambda model, data, device, desc: evaluate_corpus(model, data, device=device, desc=desc),
+        min_input_samples=lambda model: model.config.min_input_samples, max_seconds=math.inf,
+        forward_inputs=lambda model: (torch.randn(1, 16000 * 10),), forward_input="10 s of audio",
+        runs_prefix="", set_dropout=_with_dropout),
+    Whisper: Family(             # pads or cuts every input to one 30 s window
+        name="Whisper", run=run_whisper,
+        score=lambda model, data, device, desc: evaluate_whisper(model, data, device=device),
+        min_input_samples=lambda model: 1, max_seconds=30.0,
+        forward_inputs=lambda model: (torch.randn(1, model.config.num_mel_bins, 3000),
+                                      torch.tensor([model.config.prompt_ids()])),
+        forward_input="one 30 s window", runs_prefix="whisper-"),
+}
