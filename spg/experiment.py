@@ -73,7 +73,8 @@ def family_of(model) -> Family:
     for cls in type(model).__mro__:
         if cls in FAMILIES:
             return FAMILIES[cls]
-    raise TypeError(f"{type(model).__name__} is not a model family spg runs experiments on")
+    raise TypeError(f"{type(model).__name__} is none of the model families spg runs experiments on "
+                    f"({', '.join(family.name for family in FAMILIES.values())})")
 
 
 def build_method(args, model) -> Method:
@@ -98,7 +99,7 @@ def build_method(args, model) -> Method:
         prefix = family_of(model).runs_prefix
         source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"{prefix}spg-{args.sparsity:g}.pt"
         if not source.exists():
-            model_option = f"--model {args.model} " if prefix else ""      # a named family's model is named
+            model_option = f"--model {args.model} " if prefix else ""   # the default model's family needs none
             sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
                      f"exist: run `python train.py {model_option}--sparsity {args.sparsity:g}` first "
                      "or pass --mixed-from")
@@ -108,7 +109,6 @@ def build_method(args, model) -> Method:
         print(f"mixed: per-matrix sparsities from {source}")
         return Mixed(per_matrix)
     return Method()
-
 
 
 def build_model(args):
@@ -392,7 +392,7 @@ def kept_units(model) -> dict[str, list[int]]:
     return kept
 
 
-def run_cluster(args, dense: Wav2Vec2CTC, before: dict, dense_size: int, train_set, evaluation_sets: dict,
+def run_cluster(args, dense, before: dict, dense_size: int, train_set, evaluation_sets: dict,
                 out: Path, device: torch.device, started: float) -> int:
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
@@ -480,7 +480,9 @@ def run_whisper(args, model: Whisper, root: Path, test_splits: list, rank: int, 
                 started: float) -> int:
     """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
     with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, GMP, mixed, L0 (heads
-    of every attention module and FFN neurons) or no pruning. Scored on the real recordings and the first --eval-utterances of each --test-split."""
+    of every attention module and FFN neurons) or no pruning. Scored on the real recordings and
+    the first --eval-utterances of each --test-split as given (`test_splits`, which adds the built-in
+    corpus's test-unseen, and `rank` are not used)."""
     if args.method == "cluster" and args.epochs:
         sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
                  "dense, spg, ump, gmp, mixed or l0 on it; recovery epochs after clustering are written for "
@@ -519,7 +521,7 @@ def evaluate(model, data, device: torch.device, desc: str) -> dict:
 
 def read_split(args, root: Path, split: str, model, *, limit: Optional[int] = None) -> list:
     """One split of the corpus (its first `limit` utterances), for `model`: its vocabulary
-    (Whisper reads any text), and audio it can take (`check_durations`: DataError naming
+    (a model without one, such as Whisper: spg.data.DEFAULT_VOCAB), and audio it can take (`check_durations`: DataError naming
     the files shorter than its receptive field or longer than --max-seconds)."""
     utterances = read_corpus(root, split, getattr(model, "vocab", DEFAULT_VOCAB))[:limit]
     check_model_durations(utterances, model, max_seconds=args.max_seconds, where=str(Path(root) / split))
@@ -563,7 +565,7 @@ def verdict(result) -> str:
     return f"compressed significantly {worse} than dense (p={result.p_value:.3g})"
 
 
-def saved_size(model: Wav2Vec2CTC, near: Path, *, half: bool) -> int:
+def saved_size(model, near: Path, *, half: bool) -> int:
     """Bytes the model takes in our format (written to a temporary file next to `near`)."""
     near.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=near.parent) as folder:
