@@ -32,12 +32,8 @@ layer (`AttentionUnits.group`): {"heads": [...], "ffn_units": [...]} for wav2vec
 {"encoder_heads", "encoder_ffn_units", "decoder_heads", "decoder_cross_heads",
 "decoder_ffn_units"} for Whisper.
 
-Measured on the real Whisper tiny.en (tests/bench/whisper_cluster.py,
-results/whisper_cluster.json): unlike the paper's Whisper-large-v3, tiny.en does not survive
-data-free compression of its heads: K = round(6 · 0.9) = 5 already removes one head in every
-attention module, and every head-and-FFN setting ends at 90 % WER or more on the real
-recordings (dense 4.2 %). Compressing only the FFN neurons, clustering with `mean` keeps the
-most: 22.5 % WER at 10 % against 50.7 % for structured magnitude pruning.
+What this measures on the real Whisper tiny.en (tests/bench/whisper_cluster.py) is in
+README.md, "Data-free clustering", and results/whisper_cluster.json.
 """
 
 from __future__ import annotations

@@ -315,20 +315,9 @@ class SPG(Method):
     Clearing the thresholds' AdamW state at every switch (`reset_on_switch`) removes both:
     each switch restarts them with a bounded step of one learning rate, in the direction
     of the gradient they now see (penalty up, task loss usually down), so the controller chatters
-    around s*. Measured on the tiny model (phase-1 checkpoint at step 300, 800 training
-    utterances, 600 steps, batch 8, lr 2e-4, target 0.60, η' = 1.7e3; sparsity first
-    reached at step 113 in every run; "final" is before calibration):
-        bare on/off (paper)                      final 0.681   (peak 0.681, 1 switch)
-        η scaled down within 5 points of s*      final 0.666   (peak 0.666, 1 switch)
-        reset on switch (our default)            final 0.6002  (range 0.598-0.605 after
-                                                                first reaching s*, 127 switches)
-        reset on switch, target 0.85             final 0.8507  (range 0.849-0.857; reached
-                                                                at step 165, 125 switches)
-    The final common-scale calibration (`calibrate`) then moves the sparsity from 0.6002
-    to 0.6000 (scale 0.9998) instead of from 0.681 (scale 0.888, which would un-prune 8 %
-    of the weights after training has adapted to their absence). The facts.md toy MLP saw
-    the same overshoot (0.65-0.67) also with a 10x smaller threshold learning rate, so we
-    keep the paper's single lr for thresholds and weights.
+    around s*. The measurements behind this choice (overshoot of the bare controller, the
+    range with the reset, what calibration then changes) are in README.md, "Compressing the
+    shipped model".
     """
 
     name = "spg"
