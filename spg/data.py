@@ -17,7 +17,6 @@ no transcript lists are not used, and a warning gives their count and first name
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

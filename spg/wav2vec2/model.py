@@ -29,14 +29,14 @@ import copy
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardUnits, FeedForwardWeights,
+from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardUnits,
                                     ModuleWeights, StructuredUnits)
 from spg.config import check_config_fields
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardUnits, FeedForwardWeights,
+from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardUnits,
                                     ModuleWeights, StructuredUnits)
 from spg.config import check_config_fields
 from spg.whisper.audio import log_mel_spectrogram
