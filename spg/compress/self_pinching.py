@@ -21,9 +21,11 @@ model is still a model of the same class (same forward, `prunable_linears()` ret
 same Linear modules and `linear.weight` reads the masked weight); `finalize` bakes W ⊙ B into a
 plain `nn.Linear.weight` and leaves no gate code behind.
 
-Penalty scaling. The paper writes the raw count (η · Σ‖B‖₀, "raw" form below) next to a
-mean-reduced CTC loss: wav2vec2-base η = 2e-5 (3e-5 for targets ≥ 65 %), HuBERT-large
-η = 1e-6 (2e-6). We default to the normalised form η'·mean(M) over all N prunable weights:
+Penalty scaling. The paper writes the raw count (η · Σ‖B‖₀, "raw" form below); the authors'
+code adds it to a CTC loss SUMMED over the batch (`--ctc-reduction sum`; HF's
+ctc_loss_reduction="sum"): wav2vec2-base η = 2e-5 (3e-5 for targets ≥ 65 %), HuBERT-large
+η = 1e-6 (2e-6). Our default (until issue 15's measurement picks the authors' balance) is a
+mean-reduced CTC with the normalised form η'·mean(M) over all N prunable weights:
     η' · (Σ_l Σ M_l) / N  ==  η · Σ_l Σ M_l   with   η = η' / N,
 so η' = η·N does not change with model size: wav2vec2-base (N = 84.9 M) η = 2e-5 ↔ η' ≈ 1.7e3,
 3e-5 ↔ 2.5e3; HuBERT-large (N = 302 M) η = 1e-6 ↔ η' ≈ 3.0e2, 2e-6 ↔ 6.0e2; our tiny model
