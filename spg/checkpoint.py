@@ -33,13 +33,13 @@ import pickle
 import sys
 import tempfile
 import warnings
-from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
 __all__ = ["CheckpointError", "format_keys", "read_json", "first_line", "encode_state_dict", "decode_state_dict",
            "FORMAT_NAME", "FORMAT_VERSION", "FAMILIES", "OLD_FORMATS", "FORMAT_NAMES", "write_checkpoint",
-           "checkpoint_family", "read_checkpoint",
+           "checkpoint_family", "read_checkpoint", "non_finite_entries",
            "read_hf_weights", "read_safetensors", "write_safetensors", "read_torch_file", "to_plain",
            "install_state_dict", "check_finite", "check_plain_data", "atomic_write"]
 
@@ -815,15 +815,21 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "boolean" if dtype == torch.bool else "integer"
 
 
-def check_finite(model: torch.nn.Module, source: str) -> None:
-    """Raise CheckpointError naming every parameter or buffer that holds NaN or ±inf (one
-    such weight among millions turns every output into NaN, with no other sign)."""
+def non_finite_entries(state: Mapping[str, Any]) -> list[str]:
+    """"name (k of n values)" for every floating-point tensor of `state` that holds NaN or ±inf."""
     broken = []
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() or tensor.is_complex():
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 broken.append(f"{name} ({bad:,} of {tensor.numel():,} values)")
+    return broken
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Raise CheckpointError naming every parameter or buffer that holds NaN or ±inf (one
+    such weight among millions turns every output into NaN, with no other sign)."""
+    broken = non_finite_entries(model.state_dict())
     if broken:
         raise CheckpointError(f"{source}: non-finite weights (NaN or inf) in {format_keys(broken)}; "
                               "pass spg.load(..., allow_nonfinite=True) to inspect the file anyway")

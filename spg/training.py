@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from spg.data import AudioCache, Batch, DataError, Utterance, length_sorted_batches, make_targets, normalize_waveform
-from spg.checkpoint import CheckpointError, atomic_write
+from spg.checkpoint import CheckpointError, atomic_write, format_keys, non_finite_entries
 from spg.compress.interface import Method, PrunableModel
 from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
 from spg.wer import corpus_scores, error_counts
@@ -359,9 +359,9 @@ def load_resume_state(path: str | Path, map_location="cpu") -> dict:
         state["python_rng"] = (int(version), tuple(int(x) for x in internal), None if gauss is None else float(gauss))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: 'python_rng' is not a random.getstate() value ({error})") from None
-    for name, tensor in state["model"].items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{path}: model weight {name} has non-finite values (NaN or inf)")
+    broken = non_finite_entries(state["model"])
+    if broken:
+        raise CheckpointError(f"{path}: non-finite model weights (NaN or inf) in {format_keys(broken)}")
     return state
 
 

@@ -206,3 +206,16 @@ def test_non_finite_weights_stop_training_and_keep_the_last_checkpoint(tmp_path)
               progress=False)
     kept = load_resume_state(state)                      # also checks that its weights are finite
     assert kept["step"] == 2
+
+
+def test_resume_state_with_non_finite_weights_is_refused_by_name(tmp_path):
+    utterances = tiny_corpus(tmp_path)
+    state_path = tmp_path / "run.state"
+    train(tiny_model(), utterances, TrainConfig(steps=2, batch_size=3, save_every=1), checkpoint_path=state_path,
+          progress=False)
+    state = torch.load(state_path, weights_only=True)
+    state["model"]["lm_head.bias"][3] = float("inf")
+    torch.save(state, state_path)
+    with pytest.raises(CheckpointError, match=r"run.state: non-finite model weights \(NaN or inf\) in "
+                                              r"lm_head.bias \(1 of \d+ values\)"):
+        load_resume_state(state_path)
