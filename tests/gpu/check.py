@@ -242,12 +242,11 @@ def check_ratios(args, runs: dict, device: torch.device) -> dict:
         return runs[name]["loop_seconds"] / runs[name]["steps"]
 
     figures = {"spg_step_over_plain_step": per_step("spg-0.6") / per_step("dense-0")}
-    dense = runs["dense-0"]["out"]
     waveforms = torch.randn(1, 16_000 * (1 if args.quick else 10), device=device)
     lengths = torch.tensor([waveforms.shape[1]], device=device)
     times = {}
     for name in ("dense-0", "cluster-0.3", "cluster-0.5", "l0-0.7"):
-        model = spg.load(runs[name]["out"] if name != "dense-0" else dense).to(device).eval()
+        model = spg.load(runs[name]["out"]).to(device).eval()
 
         def forward(model=model):
             with torch.inference_mode():
