@@ -80,13 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     parser.add_argument("--lr", type=POSITIVE, default=2e-4)
     parser.add_argument("--warmup", type=FRACTION, default=0.1, help="warm-up fraction of the steps, in [0, 1)")
-    parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.01)
-    parser.add_argument("--grad-clip", type=NON_NEGATIVE, default=5.0,
-                        help="clip the gradient norm of the weights to this (0: no clipping, as in the SPG authors' "
-                             "code); default %(default)g")
-    parser.add_argument("--ctc-reduction", choices=["mean", "sum"], default="mean",
-                        help="CTC over a batch: mean of length-normalised losses (default) or their sum (the SPG "
-                             "authors' code, which their --eta-raw values go with)")
+    parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=None,
+                        help="default 0 (the SPG authors' code) for dense, spg, ump, gmp and mixed on wav2vec2/HuBERT; "
+                             "0.01 for l0, cluster --epochs and Whisper")
+    parser.add_argument("--grad-clip", type=NON_NEGATIVE, default=None,
+                        help="clip the gradient norm of the weights to this (0: no clipping); default 0 (the SPG "
+                             "authors' code) where --weight-decay defaults to 0, else 5")
+    parser.add_argument("--ctc-reduction", choices=["mean", "sum"], default=None,
+                        help="CTC over a batch: the sum of the utterances' losses (the SPG authors' code; default "
+                             "for dense, spg, ump, gmp and mixed) or the mean of length-normalised losses "
+                             "(default for l0 and cluster --epochs)")
     parser.add_argument("--train-feature-extractor", action="store_true",
                         help="also train the conv front end (default: frozen and cached)")
     parser.add_argument("--dropout", type=FRACTION, default=None, help="override every dropout probability")
@@ -112,27 +115,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=COUNT, default=0)
     group = parser.add_argument_group("SPG (self-pinching gates)")
-    group.add_argument("--eta", type=NON_NEGATIVE, default=None,
-                       help=f"normalised penalty weight eta' on the mean soft mask (default "
-                            f"{self_pinching.ETA_NORMALISED:g} below a 0.65 target, "
-                            f"{self_pinching.ETA_NORMALISED_HIGH:g} from 0.65: "
-                            "the paper's wav2vec2-base eta 2e-5 / 3e-5 times its 84.9M prunable weights)")
     group.add_argument("--eta-raw", type=NON_NEGATIVE, default=None,
-                       help="the paper's form instead: eta times the count of kept weights (e.g. 2e-5 for "
-                            "wav2vec2-base); overrides --eta")
+                       help="penalty weight eta times the count of kept weights, the paper's form (default for "
+                            f"wav2vec2/HuBERT: {self_pinching.default_raw_eta(0.6):g} below a 0.65 target, "
+                            f"{self_pinching.default_raw_eta(0.7):g} from 0.65: the paper's 2e-5 / 3e-5 times "
+                            f"{self_pinching.ETA_BUDGET_FACTOR:g} for a short budget)")
+    group.add_argument("--eta", type=NON_NEGATIVE, default=None,
+                       help=f"normalised form instead: eta' on the mean soft mask (default for Whisper: "
+                            f"{self_pinching.ETA_NORMALISED:g} below a 0.65 target, "
+                            f"{self_pinching.ETA_NORMALISED_HIGH:g} from 0.65, the paper's eta times its 84.9M "
+                            "prunable weights)")
     group.add_argument("--tau-start", type=POSITIVE, default=self_pinching.TAU_START,
                        help="default %(default)g (paper)")
     group.add_argument("--tau-end", type=POSITIVE, default=self_pinching.TAU_END, help="default %(default)g (paper)")
     group.add_argument("--threshold-init", type=FINITE, default=self_pinching.THRESHOLD_INIT,
                        help="default %(default)g (paper)")
     group.add_argument("--threshold-lr", type=POSITIVE, default=None,
-                       help="learning rate of the thresholds (default: --lr, as in the paper)")
+                       help=f"learning rate of the thresholds (default: {self_pinching.THRESHOLD_TRAVEL:g}/--steps, "
+                            "and at least --lr, the paper's)")
+    group.add_argument("--controller", choices=["band", "on-off"], default=None,
+                       help="band (the authors' code; default for wav2vec2/HuBERT): prune below target - BAND, "
+                            "un-prune above the target; on-off (the paper's text; default for Whisper): prune "
+                            "while below the target")
     group.add_argument("--band", type=FRACTION, default=None,
-                       help="two-sided controller of the authors' code: prune below target - BAND, un-prune above "
-                            "the target, neither inside (their scripts: 0.02 up to 50%%, 0.002 above); default: "
-                            "on/off (prune below the target)")
-    group.add_argument("--no-reset", action="store_true",
-                       help="keep the thresholds' optimiser state when eta switches (the paper's bare controller)")
+                       help="width of the band controller (default as in the authors' scripts: 0.02 up to 50%%, "
+                            "0.002 above)")
+    group.add_argument("--reset", action=argparse.BooleanOptionalAction, default=None,
+                       help="clear the thresholds' optimiser state when eta switches (ours; default: on with the "
+                            "on-off controller, off with the band, as in the authors' code)")
     group.add_argument("--no-calibrate", action="store_true",
                        help="skip the final common threshold scale that makes the sparsity exactly the target")
     group = parser.add_argument_group("mixed (SPG's per-matrix sparsities + magnitude pruning)")

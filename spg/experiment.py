@@ -36,7 +36,7 @@ from spg.checkpoint import atomic_write
 from spg.compress import self_pinching
 from spg.compress.clustering import cluster_compress, structured_magnitude_prune
 from spg.compress.interface import AttentionUnits, Method
-from spg.compress.magnitude import GMP, Mixed, UMP
+from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
 from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
                           load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
@@ -90,7 +90,8 @@ def build_method(args, model) -> Method:
         return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
                                  normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
                                  threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
-                                 band=args.band, reset_on_switch=not args.no_reset, calibrate=not args.no_calibrate)
+                                 band=args.band if args.controller == "band" else None,
+                                 reset_on_switch=args.reset, calibrate=not args.no_calibrate)
     if args.method == "ump":
         return UMP(args.sparsity)
     if args.method == "gmp":
@@ -109,6 +110,43 @@ def build_method(args, model) -> Method:
         print(f"mixed: per-matrix sparsities from {source}")
         return Mixed(per_matrix)
     return Method()
+
+
+# The options train.py leaves at None, resolved per family and method. wav2vec2/HuBERT under dense,
+# spg, ump, gmp and mixed: the SPG authors' settings (CTC summed over the batch, weight decay 0,
+# no gradient clipping), so that SPG and its baselines are trained alike. l0 and the recovery
+# epochs of cluster keep a mean-reduced CTC with weight decay 0.01 and clipping at 5 (their
+# Lagrangian and learning rates were tuned with it); so does Whisper (a mean cross-entropy).
+AUTHORS_SETTINGS = {"ctc_reduction": "sum", "weight_decay": 0.0, "grad_clip": 0.0}
+MEAN_LOSS_SETTINGS = {"ctc_reduction": "mean", "weight_decay": 0.01, "grad_clip": 5.0}
+
+
+def resolve_defaults(args, family: "Family") -> None:
+    """Fill in the options left at None (see AUTHORS_SETTINGS) for `family`, in place. SPG on
+    wav2vec2/HuBERT: the authors' balance (raw η by target, `self_pinching.default_raw_eta`)
+    and two-sided band controller without optimiser resets, a threshold learning rate that
+    fits --steps; on Whisper: the normalised η', the on/off controller with resets and the
+    weights' lr for the thresholds (what its README figures were measured with)."""
+    ctc = family.name != "Whisper"
+    settings = AUTHORS_SETTINGS if ctc and args.method in ("dense", "spg", "ump", "gmp", "mixed") \
+        else MEAN_LOSS_SETTINGS
+    for name, value in settings.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.method != "spg":
+        return
+    if args.eta is None and args.eta_raw is None and ctc:
+        args.eta_raw = self_pinching.default_raw_eta(args.sparsity)
+    if args.controller is None:
+        args.controller = "band" if ctc else "on-off"
+    if args.controller == "band" and args.band is None:
+        args.band = self_pinching.authors_band(args.sparsity)
+    if args.controller == "band" and not 0 <= args.band < args.sparsity:
+        sys.exit(f"--band must be below --sparsity {args.sparsity:g}, got {args.band:g}")
+    if args.reset is None:
+        args.reset = args.controller == "on-off"
+    if args.threshold_lr is None and ctc:
+        args.threshold_lr = self_pinching.default_threshold_lr(args.lr, args.steps)
 
 
 def build_model(args):
@@ -211,8 +249,8 @@ def run_settings(args) -> dict:
     if args.method == "spg":
         settings.update({"--eta": args.eta, "--eta-raw": args.eta_raw, "--tau-start": args.tau_start,
                          "--tau-end": args.tau_end, "--threshold-init": args.threshold_init,
-                         "--threshold-lr": args.threshold_lr, "--no-reset": args.no_reset,
-                         "--no-calibrate": args.no_calibrate, "--band": args.band})
+                         "--threshold-lr": args.threshold_lr, "--controller": args.controller,
+                         "--reset": args.reset, "--no-calibrate": args.no_calibrate, "--band": args.band})
     elif args.method == "mixed":
         settings["--mixed-from"] = _where(args.mixed_from)
     elif args.method == "cluster":
@@ -266,6 +304,7 @@ def write_json(path, data) -> None:
 def run(args, rank: int, device: torch.device, started: float) -> int:
     """Build the model and the corpus, then run the experiment of the model's family."""
     model = build_model(args)            # first: a bad --model fails before the corpus is built
+    resolve_defaults(args, family_of(model))
     if rank != 0 and args.data is None:
         dist.barrier()                   # rank 0 synthesises the built-in corpus first
     root = corpus_root(args)
@@ -320,6 +359,9 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
                          feature_cache_dir=feature_cache, grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
+    # what global magnitude pruning of the starting model would keep per matrix: SPG's learned
+    # allocation is compared with it in the summary
+    reference = global_magnitude_allocation(model, args.sparsity) if isinstance(method, self_pinching.SPG) else None
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args),
                    dev_utterances=dev_set, stop_after_steps=args.stop_after, objective=objective)
@@ -367,12 +409,50 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
                        sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
                        forward_time_ratio=forward["compressed"] / forward["dense"])
+    summary["history"] = result.history
+    # the decodings, so that runs can be compared with each other (MAPSSWE) without re-decoding
+    summary["decoding"] = {name: {"references": list(figures["references"]), "hypotheses": list(figures["hypotheses"])}
+                           for name, figures in after.items()}
     if isinstance(method, self_pinching.SPG):
         summary["spg_history"] = method.history
+        summary["allocation"] = allocation_summary(model.compression, reference, args.steps)
     print_summary(summary)
     if args.json:
         write_json(args.json, summary)
     return 0
+
+
+def global_magnitude_allocation(model, sparsity: float) -> dict[str, float]:
+    """{matrix: sparsity} that ONE magnitude threshold over all of `model`'s prunable weights
+    gives at global `sparsity` (what `--method gmp` prunes)."""
+    masks = global_magnitude_masks({name: linear.weight for name, linear in model.prunable_linears()}, sparsity)
+    return {name: 1.0 - keep.float().mean().item() for name, keep in masks.items()}
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson's correlation coefficient of two equally long lists (nan when one is constant)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def allocation_summary(compression: dict, reference: dict[str, float], steps: int) -> dict:
+    """Whether SPG learned its own allocation: the correlation of its per-matrix sparsities
+    with global magnitude pruning's (`reference`; near 1 = SPG pruned like one global
+    threshold), the spread of the thresholds (relative s.d., max/min) and when the target
+    (band) was first reached."""
+    names = list(reference)
+    learned = compression["per_matrix_sparsity"]
+    thresholds = [abs(compression["thresholds"][name]) for name in names]
+    mean = sum(thresholds) / len(thresholds)
+    sd = math.sqrt(sum((t - mean) ** 2 for t in thresholds) / len(thresholds))
+    return {"correlation_with_global_magnitude": pearson([learned[n] for n in names], [reference[n] for n in names]),
+            "global_magnitude_per_matrix_sparsity": reference,
+            "threshold_relative_sd": sd / mean if mean > 0 else math.nan,
+            "threshold_max_over_min": max(thresholds) / min(thresholds) if min(thresholds) > 0 else math.inf,
+            "first_reached_step": compression["first_reached_step"], "steps": steps}
 
 
 def kept_units(model) -> dict[str, list[int]]:
@@ -603,6 +683,16 @@ def print_summary(summary: dict) -> None:
     elif summary["sparsity"] > 0:           # Whisper: per encoder/decoder layer
         print("sparsity per layer: " + ", ".join(f"{layer} {100 * value:.1f}%"
                                                  for layer, value in summary["per_block_sparsity"].items()))
+    if "allocation" in summary:
+        allocation = summary["allocation"]
+        first = allocation["first_reached_step"]
+        print(f"allocation: correlation of the per-matrix sparsities with global magnitude pruning "
+              f"{allocation['correlation_with_global_magnitude']:.2f} (1 = one global threshold); thresholds spread "
+              f"{100 * allocation['threshold_relative_sd']:.1f}% relative s.d., max/min "
+              f"{allocation['threshold_max_over_min']:.2f}")
+        print("target first reached at " + (f"step {first} of {allocation['steps']} "
+                                            f"({100 * first / allocation['steps']:.0f}% of the run)"
+                                            if first is not None else "no step (calibration did it)"))
     print(f"parameters {summary['params_total']:,} total, {summary['params_nonzero']:,} non-zero")
     dense = summary["dense_size_bytes"]
     size = f"size on disk {summary['size_bytes'] / 1e6:.2f} MB"

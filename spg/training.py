@@ -678,7 +678,7 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
                 check_weights_finite()
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                if step % 50 == 0 or step == config.steps:
+                if step % 10 == 0 or step == config.steps:
                     history.append({"step": step, "loss": loss.item(),
                                     **{k: v for k, v in shown.items() if k != "loss"}})
                 if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:

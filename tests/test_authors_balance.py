@@ -14,9 +14,11 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from spg.compress.magnitude import GMP, global_magnitude_masks
 from spg.compress.self_pinching import SPG, SparsityController, authors_band
 from spg.data import Batch, make_targets
+from spg.experiment import FAMILIES, resolve_defaults
 from spg.training import TrainConfig, ctc_loss, train
 from spg.wav2vec2.io import model_config_from_hf, our_key
 from spg.wav2vec2.model import Wav2Vec2CTC
+from spg.whisper.model import Whisper
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -125,11 +127,39 @@ def test_train_py_runs_gmp_and_the_authors_balance(tmp_path):
     assert train_script.main(common + ["--method", "gmp", "--out", str(tmp_path / "gmp.pt"),
                                        "--json", str(tmp_path / "gmp.json")]) == 0
     assert abs(json.loads((tmp_path / "gmp.json").read_text())["sparsity"] - 0.6) < 1e-6
-    authors = ["--ctc-reduction", "sum", "--eta-raw", "2e-5", "--band", "0.002", "--weight-decay", "0",
-               "--grad-clip", "0", "--no-reset"]
-    assert train_script.main(common + authors + ["--out", str(tmp_path / "spg.pt"),
-                                                 "--json", str(tmp_path / "spg.json")]) == 0
-    compression = json.loads((tmp_path / "spg.json").read_text())
-    assert abs(compression["sparsity"] - 0.6) < 1e-3          # calibrated onto the target
-    saved = torch.load(tmp_path / "spg.pt.state", weights_only=True)["train_config"]
-    assert saved["loss_reduction"] == "sum" and saved["grad_clip"] == 0.0
+    # the authors' balance is the default: nothing to pass
+    assert train_script.main(common + ["--out", str(tmp_path / "spg.pt"), "--json", str(tmp_path / "spg.json")]) == 0
+    summary = json.loads((tmp_path / "spg.json").read_text())
+    assert abs(summary["sparsity"] - 0.6) < 1e-3          # calibrated onto the target
+    saved = torch.load(tmp_path / "spg.pt.state", weights_only=True)
+    assert saved["train_config"]["loss_reduction"] == "sum" and saved["train_config"]["grad_clip"] == 0.0
+    assert saved["train_config"]["weight_decay"] == 0.0
+    assert saved["settings"]["--eta-raw"] == pytest.approx(1e-4) and saved["settings"]["--band"] == 0.002
+    assert saved["settings"]["--controller"] == "band" and saved["settings"]["--reset"] is False
+    compression = summary["compression"]
+    assert compression["eta_form"] == "raw" and compression["band"] == 0.002 and compression["threshold_lr"] == 1e-2
+
+
+def test_defaults_by_family_and_method():
+    """Unset options resolve to the authors' settings for SPG and its baselines on wav2vec2/HuBERT,
+    to the mean-loss settings for l0 and Whisper; explicit values are kept."""
+    def resolved(argv, family):
+        args = train_script.parse_args(argv)
+        resolve_defaults(args, FAMILIES[family])
+        return args
+    for method in ("spg", "ump", "gmp", "mixed"):
+        args = resolved(["--sparsity", "0.7", "--method", method], Wav2Vec2CTC)
+        assert (args.ctc_reduction, args.weight_decay, args.grad_clip) == ("sum", 0.0, 0.0)
+    args = resolved(["--sparsity", "0.7"], Wav2Vec2CTC)
+    assert args.eta_raw == pytest.approx(1.5e-4) and args.eta is None                      # 3e-5 x 5 from 65 %
+    assert (args.controller, args.band, args.reset) == ("band", 0.002, False)
+    assert args.threshold_lr == 1.5 / 500                                     # THRESHOLD_TRAVEL / steps
+    args = resolved(["--sparsity", "0.5", "--steps", "27000"], Wav2Vec2CTC)
+    assert args.eta_raw == pytest.approx(1e-4) and args.band == 0.02 and args.threshold_lr == 2e-4   # the paper's lr
+    args = resolved(["--sparsity", "0.7", "--controller", "on-off", "--weight-decay", "0.1"], Wav2Vec2CTC)
+    assert args.reset is True and args.band is None and args.weight_decay == 0.1
+    args = resolved(["--sparsity", "0.7", "--method", "l0"], Wav2Vec2CTC)
+    assert (args.ctc_reduction, args.weight_decay, args.grad_clip) == ("mean", 0.01, 5.0)
+    args = resolved(["--sparsity", "0.3", "--model", "whisper-tiny.en"], Whisper)
+    assert (args.eta, args.eta_raw, args.controller, args.reset, args.threshold_lr) == (None, None, "on-off", True, None)
+    assert (args.weight_decay, args.grad_clip) == (0.01, 5.0)

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""SPG against its baselines with seeds: the experiment that can rank them (issue 15).
+
+    python tests/bench/spg_experiment.py                 # 5 arms x {60,70,80}% x 3 seeds, 300 steps
+    python tests/bench/spg_experiment.py --report        # only the table, from the runs so far
+
+Arms, every one with the same steps, batch, learning-rate schedule, seeds and corpus:
+    spg       SPG as train.py runs it by default (the authors' balance: CTC summed over the batch,
+              raw eta by target, two-sided band controller, weight decay 0, no clipping)
+    spg-mean  SPG with the settings it had before (mean-reduced CTC, normalised eta', on/off
+              controller with optimiser resets, the weights' lr for the thresholds, weight
+              decay 0.01, clipping at 5): the ablation
+    ump       uniform magnitude pruning, then fixed-mask fine-tuning
+    gmp       one-shot global magnitude pruning, then fixed-mask fine-tuning
+    mixed     SPG's per-matrix sparsities (the spg run of the same seed), magnitude masks
+The baselines use train.py's defaults, i.e. the same summed CTC and optimiser settings as spg.
+
+Each run is one `train.py` process (one OpenMP thread each, --workers at a time: on 2 cores two
+single-thread runs give about twice the throughput of one two-thread run), writes
+<out>/<arm>-<sparsity>-s<seed>.{pt,json,log} and saves a resume state every 100 steps; an
+interrupted experiment continues where it stopped when started again (finished runs are
+skipped, unfinished ones resume). The report pools dev and test (the built-in corpus's seen
+speakers) and shows test-unseen separately: WER mean and s.d. over seeds, MAPSSWE of SPG
+against each baseline per seed (pooled split), the highest lossless sparsity per method
+and seed (no significant increase over dense on the pooled split at that sparsity and every
+lower one), SPG's first step at the target, its allocation's correlation with global
+magnitude pruning, and the training-loop time of each arm (SPG/UMP last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from spg.compress import self_pinching  # noqa: E402
+from spg.wer import error_counts, mapsswe  # noqa: E402
+
+ARMS = ("spg", "spg-mean", "ump", "gmp", "mixed")
+BASELINES = ("spg-mean", "ump", "gmp", "mixed")
+POOLED = ("dev", "test")
+
+
+def arm_options(arm: str, sparsity: float, lr: float) -> list[str]:
+    """train.py options of one arm (beyond the common ones)."""
+    if arm == "spg":
+        return ["--method", "spg"]
+    if arm == "spg-mean":          # the settings of SPG before issue 15, spelled out
+        return ["--method", "spg", "--ctc-reduction", "mean", "--eta", f"{self_pinching.default_eta(sparsity):g}",
+                "--controller", "on-off", "--reset", "--threshold-lr", f"{lr:g}", "--weight-decay", "0.01",
+                "--grad-clip", "5"]
+    return ["--method", arm]
+
+
+def stem(out: Path, arm: str, sparsity: float, seed: int) -> Path:
+    return out / f"{arm}-{sparsity:g}-s{seed}"
+
+
+def run_all(args, out: Path, passthrough: list[str]) -> None:
+    """Run every (sparsity, seed, arm) not finished yet, `args.workers` at a time; `mixed`
+    waits for the spg run of its sparsity and seed."""
+    jobs = [(arm, sparsity, seed) for sparsity in args.sparsities for seed in args.seeds for arm in ARMS]
+    pending = [job for job in jobs if not stem(out, *job).with_suffix(".json").exists()]
+    running: dict[tuple, tuple[subprocess.Popen, object]] = {}
+    failed = []
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    while pending or running:
+        for job in list(running):
+            process, log = running[job]
+            if process.poll() is not None:
+                log.close()
+                del running[job]
+                if process.returncode != 0:
+                    failed.append(job)
+                    bar.write(f"FAILED ({process.returncode}): {stem(out, *job)}.log")
+                bar.update(1)
+        for job in list(pending):
+            if len(running) >= args.workers:
+                break
+            arm, sparsity, seed = job
+            if arm == "mixed" and not stem(out, "spg", sparsity, seed).with_suffix(".json").exists():
+                if ("spg", sparsity, seed) in failed:
+                    pending.remove(job)
+                    failed.append(job)
+                continue
+            path = stem(out, *job)
+            command = [sys.executable, str(REPO / "train.py"), "--sparsity", str(sparsity), "--seed", str(seed),
+                       "--steps", str(args.steps), "--out", f"{path}.pt", "--json", f"{path}.json",
+                       "--dense-eval", str(out / "dense-decoding.json"), "--save-every", "100"]
+            command += arm_options(arm, sparsity, args.lr) + ["--lr", f"{args.lr:g}"] + passthrough
+            if arm == "mixed":
+                command += ["--mixed-from", str(stem(out, "spg", sparsity, seed).with_suffix(".pt"))]
+            if Path(f"{path}.pt.state").exists():
+                command.append("--resume")
+            log = open(f"{path}.log", "a")
+            log.write("\n$ " + " ".join(command) + "\n")
+            log.flush()
+            running[job] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log)
+            pending.remove(job)
+            bar.set_postfix_str(f"started {path.name}")
+        time.sleep(2)
+    bar.close()
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join(stem(out, *job).name for job in failed))
+
+
+def pooled_decoding(run: dict) -> tuple[list[str], list[str]]:
+    references, hypotheses = [], []
+    for split in POOLED:
+        references += run["decoding"][split]["references"]
+        hypotheses += run["decoding"][split]["hypotheses"]
+    return references, hypotheses
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rounded(value, digits: int = 5):
+    """Floats to `digits` significant digits, recursively (keeps the results file small)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return value
+
+
+def report(args, out: Path) -> dict:
+    runs = {}
+    for sparsity in args.sparsities:
+        for seed in args.seeds:
+            for arm in ARMS:
+                path = stem(out, arm, sparsity, seed).with_suffix(".json")
+                if path.exists():
+                    runs[arm, sparsity, seed] = json.loads(path.read_text())
+    if not runs:
+        sys.exit(f"no finished runs under {out}")
+    first = next(iter(runs.values()))
+    dense_cache = json.loads((out / "dense-decoding.json").read_text())
+    dense_hyp = {split: dense_cache["results"][split]["hypotheses"] for split in (*POOLED, "test-unseen")}
+
+    rows, comparisons = [], []
+    for (arm, sparsity, seed), run in runs.items():
+        references, hypotheses = pooled_decoding(run)
+        counts = error_counts(references, hypotheses)
+        pooled = counts.rate
+        unseen = run["compressed_wer"]["test-unseen"]
+        allocation = run.get("allocation", {})
+        rows.append({"arm": arm, "sparsity": sparsity, "seed": seed, "wer_pooled": pooled, "wer_unseen": unseen,
+                     "wer": run["compressed_wer"], "sparsity_reached": run["sparsity"],
+                     "sparsity_before_calibration": run["sparsity_before_calibration"],
+                     "first_reached_step": allocation.get("first_reached_step"),
+                     "correlation_with_global_magnitude": allocation.get("correlation_with_global_magnitude"),
+                     "threshold_relative_sd": allocation.get("threshold_relative_sd"),
+                     "loop_seconds": run["loop_seconds"], "train_seconds": run["train_seconds"],
+                     "mapsswe_vs_dense": run["mapsswe"], "per_matrix_sparsity": run["per_matrix_sparsity"],
+                     "history": run.get("history"), "spg_history": run.get("spg_history")})
+    by_key = {(r["arm"], r["sparsity"], r["seed"]): r for r in rows}
+    for sparsity in args.sparsities:
+        for seed in args.seeds:
+            if ("spg", sparsity, seed) not in runs:
+                continue
+            spg_refs, spg_hyp = pooled_decoding(runs["spg", sparsity, seed])
+            for baseline in BASELINES:
+                if (baseline, sparsity, seed) not in runs:
+                    continue
+                _, base_hyp = pooled_decoding(runs[baseline, sparsity, seed])
+                test = mapsswe(spg_refs, spg_hyp, base_hyp, alpha=0.05)
+                unseen = runs["spg", sparsity, seed]["decoding"]["test-unseen"]
+                test_unseen = mapsswe(unseen["references"], unseen["hypotheses"],
+                                      runs[baseline, sparsity, seed]["decoding"]["test-unseen"]["hypotheses"],
+                                      alpha=0.05)
+                comparisons.append({"sparsity": sparsity, "seed": seed, "baseline": baseline,
+                                    "pooled": {"p": test.p_value, "z": test.z, "significant": test.significant,
+                                               "spg_better": test.mean_difference < 0},
+                                    "test-unseen": {"p": test_unseen.p_value, "z": test_unseen.z,
+                                                    "significant": test_unseen.significant,
+                                                    "spg_better": test_unseen.mean_difference < 0}})
+
+    # dense WER on the pooled split, from one run's dense decoding figures
+    words = {split: sum(len(r.split()) for r in first["decoding"][split]["references"]) for split in POOLED}
+    dense_pooled = sum(first["dense_wer"][s] * words[s] for s in POOLED) / sum(words.values())
+    lossless = {}
+    for arm in ARMS:
+        for seed in args.seeds:
+            best = 0.0
+            for sparsity in sorted(args.sparsities):
+                run = runs.get((arm, sparsity, seed))
+                if run is None or pooled_worse(run, dense_hyp):
+                    break
+                best = sparsity
+            lossless.setdefault(arm, []).append(best)
+
+    print(f"\n=== {args.steps} steps, batch 8, seeds {args.seeds}; WER in %, mean ± s.d. over seeds "
+          f"(n = runs finished); dense: dev+test {100 * dense_pooled:.2f}, test-unseen "
+          f"{100 * first['dense_wer']['test-unseen']:.2f}")
+    print(f"{'arm':<10}{'sparsity':>9}{'n':>3}{'dev+test':>16}{'test-unseen':>16}{'reached at':>12}{'corr GMP':>10}"
+          f"{'loop s':>8}")
+    summary_rows = []
+    for sparsity in args.sparsities:
+        for arm in ARMS:
+            chosen = [by_key[arm, sparsity, seed] for seed in args.seeds if (arm, sparsity, seed) in by_key]
+            if not chosen:
+                continue
+            pooled, unseen = mean_sd([r["wer_pooled"] for r in chosen]), mean_sd([r["wer_unseen"] for r in chosen])
+            reached = mean_sd([r["first_reached_step"] for r in chosen])
+            corr = mean_sd([r["correlation_with_global_magnitude"] for r in chosen])
+            loop = mean_sd([r["loop_seconds"] for r in chosen])
+            summary_rows.append({"arm": arm, "sparsity": sparsity, "n": len(chosen), "wer_pooled": pooled,
+                                 "wer_unseen": unseen, "first_reached_step": reached,
+                                 "correlation_with_global_magnitude": corr, "loop_seconds": loop})
+            cell = lambda ms: "-" if math.isnan(ms[0]) else f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"  # noqa: E731
+            print(f"{arm:<10}{100 * sparsity:8.0f}%{len(chosen):>3}{cell(pooled):>16}{cell(unseen):>16}"
+                  f"{'-' if math.isnan(reached[0]) else f'{reached[0]:.0f}':>12}"
+                  f"{'-' if math.isnan(corr[0]) else f'{corr[0]:.2f}':>10}{loop[0]:8.0f}")
+    print("\nMAPSSWE of spg against each baseline, per seed (pooled dev+test; + spg significantly better, "
+          "- significantly worse, = no significant difference):")
+    for sparsity in args.sparsities:
+        cells = []
+        for baseline in BASELINES:
+            marks = "".join("=" if not c["pooled"]["significant"] else "+" if c["pooled"]["spg_better"] else "-"
+                            for c in comparisons if c["sparsity"] == sparsity and c["baseline"] == baseline)
+            cells.append(f"vs {baseline} {marks or '.'}")
+        print(f"  {100 * sparsity:.0f}%: " + ", ".join(cells))
+    print("highest lossless sparsity per seed (pooled dev+test, MAPSSWE against dense): "
+          + "; ".join(f"{arm} {[f'{100 * s:.0f}%' for s in values]}" for arm, values in lossless.items()))
+    loop = {arm: statistics.median(r["loop_seconds"] for r in rows if r["arm"] == arm) for arm in ARMS
+            if any(r["arm"] == arm for r in rows)}
+    results = {"steps": args.steps, "batch_size": 8, "lr": args.lr, "seeds": args.seeds,
+               "sparsities": args.sparsities, "arms": {arm: arm_options(arm, 0.7, args.lr) for arm in ARMS},
+               "workers": args.workers, "dense_wer": first["dense_wer"], "dense_wer_pooled": dense_pooled,
+               "summary": summary_rows, "comparisons": comparisons, "max_lossless": lossless,
+               "loop_seconds_median": loop, "runs": rows}
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(rounded(results), indent=1) + "\n")
+    print(f"results written to {results_path}")
+    if "spg" in loop and "ump" in loop:
+        print(f"SPG/UMP training-loop time per run (median, {args.workers} runs at a time): "
+              f"{loop['spg'] / loop['ump']:.2f}")
+    return results
+
+
+def pooled_worse(run: dict, dense_hyp) -> bool:
+    """Significantly worse than dense on dev+test pooled (MAPSSWE, alpha 0.05)."""
+    references, hypotheses = pooled_decoding(run)
+    dense = dense_hyp["dev"] + dense_hyp["test"]
+    test = mapsswe(references, hypotheses, dense, alpha=0.05)
+    return test.significant and test.mean_difference > 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.6, 0.8],
+                        help="in the order they run (default: 70 %% first)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "runs" / "spg-experiment"))
+    parser.add_argument("--results", default=str(REPO / "results" / "spg_experiment.json"))
+    parser.add_argument("--report", action="store_true", help="only the report, from the runs finished so far")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        run_all(args, out, passthrough)
+    args.sparsities = sorted(args.sparsities)
+    report(args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
