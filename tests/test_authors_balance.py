@@ -163,3 +163,66 @@ def test_defaults_by_family_and_method():
     args = resolved(["--sparsity", "0.3", "--model", "whisper-tiny.en"], Whisper)
     assert (args.eta, args.eta_raw, args.controller, args.reset, args.threshold_lr) == (None, None, "on-off", True, None)
     assert (args.weight_decay, args.grad_clip) == (0.01, 5.0)
+
+
+class PlantedModel(torch.nn.Module):
+    """Two equally large prunable matrices. `useful` has SMALL weights and carries the whole
+    task; `planted` has weights 50x larger but its output is multiplied by 0, so the task
+    ignores it. Global magnitude pruning at 50 % removes `useful` entirely; a method that
+    learns where to prune must remove `planted` instead."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.useful = torch.nn.Linear(width, width, bias=False)
+        self.planted = torch.nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            self.useful.weight.copy_(0.02 * torch.randn(width, width, generator=generator))
+            self.planted.weight.copy_(1.0 * torch.randn(width, width, generator=generator))
+
+    def prunable_linears(self):
+        return [("useful", self.useful), ("planted", self.planted)]
+
+    def forward(self, x):
+        return self.useful(x) + 0.0 * self.planted(x)
+
+
+def planted_run(method: SPG, reduction: str, steps: int = 300, lr: float = 1e-3) -> dict:
+    """Train PlantedModel under `method` on reproducing the useful map; its per-matrix sparsities."""
+    torch.manual_seed(0)
+    model = PlantedModel()
+    teacher = model.useful.weight.detach().clone()             # the task: reproduce the useful map
+    method.attach(model)
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, TrainConfig(lr=lr, weight_decay=0.0)), lr=lr)
+    for step in range(1, steps + 1):
+        method.before_step(model, step, steps)
+        x = torch.randn(64, 32)
+        errors = (model(x) - x @ teacher.T).square()
+        loss = errors.sum() if reduction == "sum" else errors.mean()
+        penalty = method.extra_loss(model, step, steps)
+        loss = loss if penalty is None else loss + penalty
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.after_step(model, step, steps, optimizer=optimizer)
+    method.finish(model)
+    assert abs(model.compression["sparsity"] - 0.5) < 1e-3
+    return model.compression["per_matrix_sparsity"]
+
+
+def test_spg_learns_to_prune_the_matrix_the_task_ignores():
+    """Issue 15, 3a: with the authors' balance (loss summed over the batch, raw eta, band
+    controller) SPG prunes the ignored, large matrix far more than global magnitude pruning
+    would and keeps the useful, small one. With a mean-reduced loss and the normalised eta'
+    (SPG's settings before issue 15) the penalty owns the thresholds and SPG prunes like
+    global magnitude: the wrong matrix."""
+    model = PlantedModel()
+    reference = global_magnitude_masks({n: l.weight for n, l in model.prunable_linears()}, 0.5)
+    gmp = {name: 1 - keep.float().mean().item() for name, keep in reference.items()}
+    assert gmp["useful"] > 0.95 and gmp["planted"] < 0.05     # magnitude would prune the wrong one
+
+    authors = planted_run(SPG(0.5, eta=1e-3, normalised_eta=False, band=authors_band(0.5), reset_on_switch=False,
+                              threshold_lr=1e-2), "sum")
+    assert authors["planted"] > 0.9 and authors["useful"] < 0.1, authors      # measured: 0.971 / 0.029
+    before = planted_run(SPG(0.5, eta=1.7e3, threshold_lr=1e-2), "mean")
+    assert before["useful"] > 0.8 and before["planted"] < 0.2, before          # measured: 0.917 / 0.083

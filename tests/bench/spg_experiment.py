@@ -63,15 +63,16 @@ def arm_options(arm: str, sparsity: float, lr: float) -> list[str]:
     return ["--method", arm]
 
 
-def stem(out: Path, arm: str, sparsity: float, seed: int) -> Path:
-    return out / f"{arm}-{sparsity:g}-s{seed}"
+def stem(out: Path, arm: str, sparsity: float, seed: int, suffix: str = "") -> Path:
+    """<out>/<arm>-<sparsity>-s<seed><suffix> (not Path.with_suffix: "0.7" has a dot)."""
+    return out / f"{arm}-{sparsity:g}-s{seed}{suffix}"
 
 
 def run_all(args, out: Path, passthrough: list[str]) -> None:
     """Run every (sparsity, seed, arm) not finished yet, `args.workers` at a time; `mixed`
     waits for the spg run of its sparsity and seed."""
     jobs = [(arm, sparsity, seed) for sparsity in args.sparsities for seed in args.seeds for arm in ARMS]
-    pending = [job for job in jobs if not stem(out, *job).with_suffix(".json").exists()]
+    pending = [job for job in jobs if not stem(out, *job, ".json").exists()]
     running: dict[tuple, tuple[subprocess.Popen, object]] = {}
     failed = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run")
@@ -90,7 +91,7 @@ def run_all(args, out: Path, passthrough: list[str]) -> None:
             if len(running) >= args.workers:
                 break
             arm, sparsity, seed = job
-            if arm == "mixed" and not stem(out, "spg", sparsity, seed).with_suffix(".json").exists():
+            if arm == "mixed" and not stem(out, "spg", sparsity, seed, ".json").exists():
                 if ("spg", sparsity, seed) in failed:
                     pending.remove(job)
                     failed.append(job)
@@ -101,7 +102,7 @@ def run_all(args, out: Path, passthrough: list[str]) -> None:
                        "--dense-eval", str(out / "dense-decoding.json"), "--save-every", "100"]
             command += arm_options(arm, sparsity, args.lr) + ["--lr", f"{args.lr:g}"] + passthrough
             if arm == "mixed":
-                command += ["--mixed-from", str(stem(out, "spg", sparsity, seed).with_suffix(".pt"))]
+                command += ["--mixed-from", str(stem(out, "spg", sparsity, seed, ".pt"))]
             if Path(f"{path}.pt.state").exists():
                 command.append("--resume")
             log = open(f"{path}.log", "a")
@@ -147,7 +148,7 @@ def report(args, out: Path) -> dict:
     for sparsity in args.sparsities:
         for seed in args.seeds:
             for arm in ARMS:
-                path = stem(out, arm, sparsity, seed).with_suffix(".json")
+                path = stem(out, arm, sparsity, seed, ".json")
                 if path.exists():
                     runs[arm, sparsity, seed] = json.loads(path.read_text())
     if not runs:
