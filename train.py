@@ -5,6 +5,7 @@
     python train.py --sparsity 0.6 --method ump   # baseline: uniform magnitude pruning + fixed-mask fine-tuning
     python train.py --sparsity 0.6 --method gmp   # baseline: one global magnitude threshold + fixed-mask fine-tuning
     python train.py --sparsity 0.6 --method mixed # baseline: SPG's per-matrix sparsities, magnitude masks
+    python train.py --sparsity 0.7 --method structured  # baseline for L0: magnitude pruning to runs/l0-0.7.pt's shape
     python train.py --sparsity 0                  # dense CTC fine-tuning of the shipped model
     python train.py --init tiny --train-feature-extractor --steps 40000 ...   # from scratch
     python train.py --model whisper-tiny.en --method cluster --sparsity 0.2  # Whisper: data-free clustering
@@ -29,11 +30,11 @@ import time
 
 import torch
 
-from spg.compress import self_pinching
+from spg.compress import kmeans, self_pinching
 from spg.experiment import DEFAULT_MODEL, REAL_RECORDINGS, REPO, WHISPER_EVAL_UTTERANCES, run_from_command_line
 from spg.training import exit_code_of
 
-METHODS = ("dense", "spg", "ump", "gmp", "mixed", "cluster", "l0")
+METHODS = ("dense", "spg", "ump", "gmp", "mixed", "cluster", "l0", "structured")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step
 # at batch 8, plus ~2.5 min for corpus synthesis, feature caching and the two evaluations.
 DEFAULT_STEPS = 500
@@ -51,6 +52,29 @@ def number(kind: type, accept, expected: str):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
         return value
     parse.__name__ = expected          # argparse names the type in some messages
+    return parse
+
+
+def per_gate_type(expected: str, accept):
+    """An argparse `type=` for "heads=0.02,ffn=0.1": {gate type: value}, types as in
+    spg.compress.l0.GATE_TYPES."""
+    def parse(text: str) -> dict:
+        from spg.compress.l0 import GATE_TYPES
+        values = {}
+        for item in text.split(","):
+            kind, _, value = item.partition("=")
+            if kind.strip() not in GATE_TYPES:
+                raise argparse.ArgumentTypeError(f"expected TYPE=VALUE pairs with TYPE in {', '.join(GATE_TYPES)}, "
+                                                 f"got {item!r}")
+            try:
+                number_ = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {expected} after {kind}=, got {value!r}") from None
+            if not math.isfinite(number_) or not accept(number_):
+                raise argparse.ArgumentTypeError(f"expected {expected} after {kind}=, got {value}")
+            values[kind.strip()] = number_
+        return values
+    parse.__name__ = "TYPE=VALUE list"
     return parse
 
 
@@ -149,17 +173,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--mixed-from", default=None,
                        help="SPG checkpoint to read per-matrix sparsities from (default: runs/spg-<sparsity>.pt)")
     group = parser.add_argument_group("cluster (data-free parameter clustering of heads and FFN neurons)")
-    group.add_argument("--merge", choices=["sum_out", "mean"], default="mean",
-                       help="how a cluster becomes one unit (default %(default)s; see spg/compress/kmeans.py)")
+    group.add_argument("--merge", choices=list(kmeans.MERGE_RULES), default=kmeans.DEFAULT_MERGE,
+                       help="how a cluster becomes one unit: mean (the paper's; default), sum_out or representative "
+                            "(ours; see spg/compress/kmeans.py)")
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
+    group.add_argument("--mixed-per-kind", action="store_true",
+                       help="with --mixed: rank attention modules and FFNs separately (ours; each kind keeps its "
+                            "uniform budget)")
+    group.add_argument("--min-similarity", type=FRACTION, default=None,
+                       help="merge a cluster only when every member has at least this cosine similarity to its "
+                            "centroid, else keep its representative (ours)")
+    group.add_argument("--fold-bias", action="store_true",
+                       help="fold removed or merged heads' constant output W_out[:, h] b_v[h] into the out bias "
+                            "(ours; exact, data-free; also for the structured magnitude baseline)")
     group.add_argument("--epochs", type=COUNT, default=0,
                        help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
     group.add_argument("--eval-utterances", type=POSITIVE_INT, default=WHISPER_EVAL_UTTERANCES,
                        help="Whisper: score the first N utterances of each --test-split (default %(default)s), "
                             "plus the real recordings in "
                             + ", ".join(str(folder.relative_to(REPO)) for folder in REAL_RECORDINGS))
+    group = parser.add_argument_group("structured (magnitude pruning to another model's structure, then fine-tuning)")
+    group.add_argument("--structure-from", default=None,
+                       help="model whose heads, head widths and FFN sizes to prune to, e.g. an L0 run (default: "
+                            "runs/l0-<sparsity>.pt): the structured baseline of the same shape")
     group = parser.add_argument_group("l0 (hard-concrete head, head-dimension and neuron pruning)")
     group.add_argument("--ste", action="store_true", help="binary masks forward, relaxed gates backward")
+    group.add_argument("--gate-lr", type=per_gate_type("a number > 0", lambda v: v > 0), default=None,
+                       help="learning rate per gate type, e.g. heads=0.02 (types heads, qk_dims, v_dims, ffn; "
+                            "the others keep 0.1)")
+    group.add_argument("--init-drop", type=per_gate_type("a number in (0, 1)", lambda v: 0 < v < 1), default=None,
+                       help="initial drop rate per gate type, e.g. heads=0.001,ffn=0.5 (the others keep 0.01)")
     group.add_argument("--distill", action="store_true",
                        help="add layer-wise hidden-state distillation (L1 + cosine) from the dense model")
     args = parser.parse_args(argv)
@@ -170,6 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sparsity > 0 and args.method == "dense":
         parser.error("--sparsity > 0 needs a compression method (--method spg, ump, gmp, mixed, cluster or l0)")
     if args.sparsity == 0 and args.method in ("spg", "ump", "gmp", "cluster", "l0") or \
+            args.method == "structured" and args.sparsity == 0 and args.structure_from is None or \
             args.method == "mixed" and args.sparsity == 0 and args.mixed_from is None:
         parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.model and args.init:

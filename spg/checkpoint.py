@@ -105,6 +105,19 @@ def encode_state_dict(state: dict[str, torch.Tensor], *, half: bool) -> dict[str
     return {"state_dict": dense, "sparse": sparse} if sparse else {"state_dict": dense}
 
 
+def payload_bytes(state: dict[str, torch.Tensor], *, half: bool) -> int:
+    """Bytes of weight data `encode_state_dict` stores for `state`: the values (fp16 with
+    `half`, else as they are) plus one mask bit per entry of each sparse matrix, without the
+    container's overhead. With half=True this is the limit a file of fp16 non-zeros and a
+    1-bit keep mask can reach."""
+    encoded = encode_state_dict(state, half=half)
+    total = sum(t.numel() * t.element_size() for t in encoded["state_dict"].values())
+    for entry in encoded.get("sparse", {}).values():
+        total += entry["mask"].numel() * entry["mask"].element_size()
+        total += entry["values"].numel() * entry["values"].element_size()
+    return total
+
+
 def decode_state_dict(checkpoint: dict, source: str) -> dict[str, torch.Tensor]:
     """Inverse of `encode_state_dict`: {name: tensor} in whatever dtype was stored (the
     copy into the model casts fp16 back to the model's fp32)."""

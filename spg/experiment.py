@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 import spg
-from spg.checkpoint import atomic_write
+from spg.checkpoint import atomic_write, payload_bytes
 from spg.compress import self_pinching
-from spg.compress.clustering import cluster_compress, structured_magnitude_prune
+from spg.compress.clustering import (cluster_compress, module_shapes, structured_magnitude_prune,
+                                    structured_magnitude_to_shapes)
 from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
@@ -85,7 +86,10 @@ def build_method(args, model) -> Method:
         teacher = None
         if args.distill:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed)
+        from spg.compress.hardconcrete import InitDropRates
+        from spg.compress.l0 import GATE_LR
+        return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed,
+                        gate_lr=args.gate_lr if args.gate_lr else GATE_LR, init=InitDropRates(**(args.init_drop or {})))
     if args.method == "spg":
         return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
                                  normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
@@ -109,6 +113,8 @@ def build_method(args, model) -> Method:
             sys.exit(f"{source} has no compression['per_matrix_sparsity'] (not written by an SPG run)")
         print(f"mixed: per-matrix sparsities from {source}")
         return Mixed(per_matrix)
+    if args.method == "structured":
+        structure_source(args, model)
     return Method()
 
 
@@ -147,6 +153,28 @@ def resolve_defaults(args, family: "Family") -> None:
         args.reset = args.controller == "on-off"
     if args.threshold_lr is None and ctc:
         args.threshold_lr = self_pinching.default_threshold_lr(args.lr, args.steps)
+
+
+def structure_source(args, model) -> Path:
+    """The model whose structure --method structured prunes to (exits when it is missing)."""
+    prefix = family_of(model).runs_prefix
+    source = Path(args.structure_from) if args.structure_from else REPO / "runs" / f"{prefix}l0-{args.sparsity:g}.pt"
+    if not source.exists():
+        sys.exit(f"--method structured prunes to the structure of another model, but {source} does not exist: run "
+                 f"`python train.py --method l0 --sparsity {args.sparsity:g}` first or pass --structure-from")
+    return source
+
+
+def structured_start(args, model):
+    """--method structured: (the starting model pruned by magnitude to --structure-from's
+    structure, the unpruned model); any other method: (model, a copy for l0 or None)."""
+    if args.method != "structured":
+        return model, copy.deepcopy(model) if args.method == "l0" else None
+    source = structure_source(args, model)
+    pruned, record = structured_magnitude_to_shapes(model, module_shapes(spg.load(source)))
+    print(f"structured: pruned by magnitude to the structure of {source} ({100 * record['sparsity']:.2f}% of the "
+          "prunable weights removed)")
+    return pruned, model
 
 
 def build_model(args):
@@ -254,10 +282,15 @@ def run_settings(args) -> dict:
     elif args.method == "mixed":
         settings["--mixed-from"] = _where(args.mixed_from)
     elif args.method == "cluster":
-        settings.update({"--merge": args.merge, "--mixed": args.mixed, "--epochs": args.epochs})
+        settings.update({"--merge": args.merge, "--mixed": args.mixed, "--epochs": args.epochs,
+                         "--mixed-per-kind": args.mixed_per_kind, "--min-similarity": args.min_similarity,
+                         "--fold-bias": args.fold_bias})
         del settings["--steps"]                      # derived from --epochs
     elif args.method == "l0":
-        settings.update({"--ste": args.ste, "--distill": args.distill})
+        settings.update({"--ste": args.ste, "--distill": args.distill, "--gate-lr": args.gate_lr,
+                         "--init-drop": args.init_drop})
+    elif args.method == "structured":
+        settings["--structure-from"] = _where(args.structure_from)
     return settings
 
 
@@ -329,13 +362,12 @@ def run_ctc(args, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, 
     dev_set = read_split(args, root, args.dev_split, model)
     test_sets = {name: read_split(args, root, name, model) for name in test_splits}
 
-    method = build_method(args, model)   # before training: `mixed` may refuse early
-    dense_copy = copy.deepcopy(model) if args.method == "l0" else None
+    method = build_method(args, model)   # before training: `mixed` and `structured` may refuse early
     # the size of the model we start from (cluster reports it even for a random --init model)
-    dense_size = None if args.init and args.method != "cluster" or rank != 0 else \
-        saved_size(model, out, half=args.half)
+    dense_size = None if args.init and args.method != "cluster" or rank != 0 else file_sizes(model, out)
     before = {} if args.init or rank != 0 else \
         evaluate_dense(model, {"dev": dev_set, **test_sets}, device, args.dense_eval)
+    model, dense_copy = structured_start(args, model)
 
     if args.method == "cluster":
         return run_cluster(args, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
@@ -345,7 +377,7 @@ def run_ctc(args, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, 
                         out, device, started, dense_copy=dense_copy)
 
 
-def run_training(args, model, method: Method, before: dict, dense_size: Optional[int], train_set, dev_set,
+def run_training(args, model, method: Method, before: dict, dense_size: Optional[dict], train_set, dev_set,
                  evaluation_sets: dict, out: Path, device: torch.device, started: float, *,
                  objective: Optional[Objective] = None, dense_copy=None) -> int:
     """Train with `method` (dense, SPG, UMP, GMP, mixed, L0) on `objective` (default CTC), save,
@@ -394,19 +426,23 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
         "per_matrix_sparsity": report["per_matrix_sparsity"],
         "prunable_params": report["prunable_params"],
         "params_total": model.num_parameters(), "params_nonzero": model.num_parameters(nonzero_only=True),
-        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
+        "size_bytes": out.stat().st_size,
+        "dense_size_bytes": dense_size and dense_size["fp16" if args.half else "fp32"],
+        "sizes": size_figures(dense_size, model, out, half=args.half),
         "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
         "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},
         "compression": {k: v for k, v in model.compression.items() if k != "per_matrix_sparsity"},
         "train_seconds": result.seconds, "loop_seconds": result.loop_seconds, "seconds": time.time() - started,
     }
-    if args.method == "l0":
+    if args.method in ("l0", "structured"):
         forward = forward_seconds({"dense": dense_copy, "compressed": model})
         summary["kept"] = kept_units(model)
         # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
-        summary.update(prunable_params=sparsity_report(dense_copy)["prunable_params"],
-                       prunable_params_kept=report["prunable_params"],
-                       sparsity=model.compression["sparsity"], params_dense=dense_copy.num_parameters(),
+        dense_prunable = sparsity_report(dense_copy)["prunable_params"]
+        summary.update(prunable_params=dense_prunable, prunable_params_kept=report["prunable_params"],
+                       sparsity=model.compression["sparsity"] if args.method == "l0"
+                       else 1.0 - report["prunable_params"] / dense_prunable,
+                       params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
                        forward_time_ratio=forward["compressed"] / forward["dense"])
     summary["history"] = result.history
@@ -472,12 +508,14 @@ def kept_units(model) -> dict[str, list[int]]:
     return kept
 
 
-def run_cluster(args, dense, before: dict, dense_size: int, train_set, evaluation_sets: dict,
+def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluation_sets: dict,
                 out: Path, device: torch.device, started: float) -> int:
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
-    clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=args.mixed, seed=args.seed)
-    magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"])
+    mixed = "per_kind" if args.mixed and args.mixed_per_kind else args.mixed
+    clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=mixed, seed=args.seed,
+                                         min_similarity=args.min_similarity, fold_bias=args.fold_bias)
+    magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"], fold_bias=args.fold_bias)
     results = {label: {name: evaluate(model, data, device, f"{label} {name}")
                        for name, data in evaluation_sets.items()}
                for label, model in (("clustered", clustered), ("magnitude", magnitude))}
@@ -506,7 +544,8 @@ def run_cluster(args, dense, before: dict, dense_size: int, train_set, evaluatio
                     for k, r in ((name, mapsswe(final[name]["references"], final[name]["hypotheses"],
                                                 before[name]["hypotheses"])) for name in final if name in before)},
         "params_dense": dense.num_parameters(), "params_total": clustered.num_parameters(),
-        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size,
+        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size["fp16" if args.half else "fp32"],
+        "sizes": size_figures(dense_size, clustered, out, half=args.half),
         "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
         "forward_time_ratio": forward["compressed"] / forward["dense"],
         "seconds": time.time() - started,
@@ -522,8 +561,8 @@ def run_cluster(args, dense, before: dict, dense_size: int, train_set, evaluatio
     for name, test in summary["mapsswe"].items():
         print(f"MAPSSWE {name}: {test['verdict']}")
     print("kept per block: " + "; ".join(f"{name} {values}" for name, values in record["kept"].items()))
-    print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; size on disk "
-          f"{summary['dense_size_bytes'] / 1e6:.2f} MB -> {summary['size_bytes'] / 1e6:.2f} MB")
+    print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}")
+    print_sizes(summary["sizes"])
     print(f"forward time ({family_of(dense).forward_input}) "
           f"{1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
           f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
@@ -582,11 +621,11 @@ def run_whisper(args, model: Whisper, root: Path, test_splits: list, rank: int, 
         evaluation_sets[split] = read_split(args, root, split, model, limit=args.eval_utterances)
     print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
     method = None if args.method == "cluster" else build_method(args, model)
-    dense_copy = copy.deepcopy(model) if args.method == "l0" else None
     before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
-    dense_size = saved_size(model, out, half=args.half)
+    dense_size = file_sizes(model, out)
     if args.method == "cluster":
         return run_cluster(args, model, before, dense_size, [], evaluation_sets, out, device, started)
+    model, dense_copy = structured_start(args, model)
     from spg.whisper.training import WhisperObjective
     train_set = read_split(args, root, args.train_split, model)
     dev_set = read_split(args, root, args.dev_split, model, limit=args.eval_utterances)
@@ -645,6 +684,24 @@ def verdict(result) -> str:
     return f"compressed significantly {worse} than dense (p={result.p_value:.3g})"
 
 
+def file_sizes(model, near: Path) -> dict[str, int]:
+    """{"fp32": bytes, "fp16": bytes} of `model` saved in our format either way."""
+    return {"fp32": saved_size(model, near, half=False), "fp16": saved_size(model, near, half=True)}
+
+
+def size_figures(dense_sizes: Optional[dict], model, out: Path, *, half: bool) -> dict:
+    """The compressed model's file in both precisions (one is `out` itself), the fp16 limit
+    (`checkpoint.payload_bytes`: fp16 non-zeros plus a 1-bit mask, no container) and the
+    dense model's files; None where there is no dense model to compare with."""
+    other = saved_size(model, out, half=not half)
+    figures = {"compressed_fp32": other if half else out.stat().st_size,
+               "compressed_fp16": out.stat().st_size if half else other,
+               "fp16_limit": payload_bytes(model.state_dict(), half=True)}
+    if dense_sizes:
+        figures.update(dense_fp32=dense_sizes["fp32"], dense_fp16=dense_sizes["fp16"])
+    return figures
+
+
 def saved_size(model, near: Path, *, half: bool) -> int:
     """Bytes the model takes in our format (written to a temporary file next to `near`)."""
     near.parent.mkdir(parents=True, exist_ok=True)
@@ -694,12 +751,19 @@ def print_summary(summary: dict) -> None:
                                             f"({100 * first / allocation['steps']:.0f}% of the run)"
                                             if first is not None else "no step (calibration did it)"))
     print(f"parameters {summary['params_total']:,} total, {summary['params_nonzero']:,} non-zero")
-    dense = summary["dense_size_bytes"]
-    size = f"size on disk {summary['size_bytes'] / 1e6:.2f} MB"
-    if dense:
-        size += f" (dense {dense / 1e6:.2f} MB, ratio {summary['size_bytes'] / dense:.3f})"
-    print(size)
+    print_sizes(summary["sizes"])
     print(f"time {summary['seconds']:.0f} s (training {summary['train_seconds']:.0f} s)")
+
+
+def print_sizes(sizes: dict) -> None:
+    """Compressed and dense file sizes, fp32 and fp16, against the fp16 limit."""
+    mb = lambda n: f"{n / 1e6:.2f} MB"  # noqa: E731
+    line = (f"size on disk: compressed {mb(sizes['compressed_fp32'])} fp32, {mb(sizes['compressed_fp16'])} fp16 "
+            f"(--half; the limit for fp16 non-zeros plus a 1-bit mask is {mb(sizes['fp16_limit'])})")
+    if "dense_fp32" in sizes:
+        line += (f"; dense {mb(sizes['dense_fp32'])} fp32, {mb(sizes['dense_fp16'])} fp16; compressed fp16 / dense "
+                 f"fp32 {sizes['compressed_fp16'] / sizes['dense_fp32']:.3f}")
+    print(line)
 
 
 def print_sparsity_table(per_matrix: dict, per_block: dict) -> None:

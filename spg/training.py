@@ -511,6 +511,17 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+ESTIMATE_AFTER_STEPS = 20       # the loop prints how long the rest will take after this many steps
+
+
+def time_estimate(seconds: float, steps_done: int, steps_left: int) -> str:
+    """One line: how long the remaining steps take at the speed of the first ones."""
+    left = seconds / steps_done * steps_left
+    finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+    return (f"{seconds / steps_done:.2f} s per step: the remaining {steps_left} steps take about "
+            f"{left / 60:.1f} min (until about {finish}), then saving and evaluation")
+
+
 def train(model: nn.Module, train_utterances: Sequence[Utterance], config: TrainConfig, *,
           method: Optional[Method] = None, objective: Optional[Objective] = None,
           device: torch.device = torch.device("cpu"),
@@ -633,7 +644,7 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
     bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
                dynamic_ncols=True)
     end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
-    loop_started = time.time()
+    loop_started, first_step = time.time(), step
     try:
         while step < end_step:
             batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
@@ -678,6 +689,9 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
                 check_weights_finite()
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
+                if step - first_step == ESTIMATE_AFTER_STEPS and end_step - step > ESTIMATE_AFTER_STEPS and rank == 0 \
+                        and progress:
+                    bar.write(time_estimate(time.time() - loop_started, step - first_step, end_step - step))
                 if step % 10 == 0 or step == config.steps:
                     history.append({"step": step, "loss": loss.item(),
                                     **{k: v for k, v in shown.items() if k != "loss"}})

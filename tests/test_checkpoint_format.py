@@ -234,3 +234,16 @@ def test_family_mismatch_and_vocab_for_whisper(tmp_path):
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="other.pt: not an spg checkpoint"):
         load_whisper(tmp_path / "other.pt")
+
+
+def test_payload_bytes_counts_values_and_mask_bits():
+    """Hand count: a 4x4 matrix with 6 non-zeros is stored sparse (16 mask bits = 2 bytes, plus
+    6 values), a 4-vector dense; fp16 halves the values, not the mask."""
+    from spg.checkpoint import payload_bytes
+    weight = torch.zeros(4, 4)
+    weight.view(-1)[[0, 3, 5, 8, 12, 15]] = torch.arange(1.0, 7.0)
+    state = {"weight": weight, "bias": torch.ones(4)}
+    assert payload_bytes(state, half=True) == 2 + 6 * 2 + 4 * 2
+    assert payload_bytes(state, half=False) == 2 + 6 * 4 + 4 * 4
+    dense = {"weight": torch.ones(4, 4)}                # no zeros: stored dense
+    assert payload_bytes(dense, half=True) == 16 * 2

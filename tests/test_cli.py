@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO))
 
 import evaluate  # noqa: E402
 import spg  # noqa: E402
+from spg.checkpoint import payload_bytes  # noqa: E402
 import train  # noqa: E402
 
 SHIPPED = REPO / "models" / "tiny-dense.pt"
@@ -91,8 +92,19 @@ def test_train_compresses_with_spg_then_mixed_and_ump(tmp_path, capsys):
     assert set(summary["dense_wer"]) == set(summary["compressed_wer"]) == set(summary["mapsswe"]) == {"dev", "test"}
     assert summary["sparsity_before_calibration"] is not None and len(summary["per_matrix_sparsity"]) == 12
     assert summary["size_bytes"] < summary["dense_size_bytes"] and summary["params_nonzero"] < summary["params_total"]
+    sizes = summary["sizes"]
+    assert sizes["compressed_fp32"] == summary["size_bytes"] and sizes["dense_fp32"] == summary["dense_size_bytes"]
+    assert sizes["fp16_limit"] < sizes["compressed_fp16"] < sizes["compressed_fp32"] < sizes["dense_fp32"]
+    assert sizes["compressed_fp16"] < sizes["dense_fp16"] < sizes["dense_fp32"]
+    assert sizes["fp16_limit"] == payload_bytes(spg.load(tmp_path / "spg.pt").state_dict(), half=True)
     printed = capsys.readouterr().out
     assert "MAPSSWE" in printed and "block 1" in printed and "before calibration" in printed
+    assert "allocation: correlation" in printed and "target first reached at" in printed
+    assert "fp16 (--half; the limit for fp16 non-zeros plus a 1-bit mask is" in printed
+    assert -1 <= summary["allocation"]["correlation_with_global_magnitude"] <= 1
+    assert len(summary["history"]) == 1 and summary["history"][0]["step"] == 8      # every 10 steps and the last
+    assert summary["decoding"]["test"]["hypotheses"] and len(summary["decoding"]["dev"]["references"]) == \
+        len(summary["decoding"]["dev"]["hypotheses"])
 
     learned = spg.load(tmp_path / "spg.pt").compression["per_matrix_sparsity"]
     assert train.main(common + ["--method", "mixed", "--mixed-from", str(tmp_path / "spg.pt"),
@@ -142,6 +154,22 @@ def test_l0_method_end_to_end(tmp_path):
     # the final calibration deploys at least the target sparsity of the prunable layers
     assert summary["sparsity"] >= 0.5
     assert len(summary["kept"]["heads"]) == 6 and summary["forward_time_ratio"] > 0
+
+    # the structured baseline of the same shape: magnitude pruning to L0's sizes, then fine-tuning
+    structured_path = tmp_path / "structured.json"
+    assert train.main(["--method", "structured", "--structure-from", str(tmp_path / "l0.pt"), "--sparsity", "0.5",
+                       "--model", str(dense_path), "--data", str(data), "--test-split", "test", "--steps", "2",
+                       "--batch-size", "3", "--out", str(tmp_path / "structured.pt"),
+                       "--json", str(structured_path)]) == 0
+    structured = json.loads(structured_path.read_text())
+    from spg.compress.clustering import module_shapes
+    sorted_shapes = lambda model: {name: {key: sorted(value) if isinstance(value, list) else value  # noqa: E731
+                                          for key, value in shape.items()}
+                                   for name, shape in module_shapes(model).items()}
+    assert sorted_shapes(spg.load(tmp_path / "structured.pt")) == sorted_shapes(pruned)
+    assert structured["params_total"] == summary["params_total"] and structured["kept"] == summary["kept"]
+    assert structured["prunable_params_kept"] == summary["prunable_params_kept"]
+    assert structured["dense_size_bytes"] == summary["dense_size_bytes"] and structured["dense_wer"] == summary["dense_wer"]
 
 
 def test_dense_decoding_is_reused_only_for_the_same_model(tmp_path, capsys):

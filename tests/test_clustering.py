@@ -224,3 +224,124 @@ def test_compressing_an_already_pruned_model() -> None:
     assert report["kept"] == {"heads": [2, 0, 2], "ffn_units": [12, 12, 0]}
     assert again.compression["previous"] == {"method": "earlier"}
     assert torch.isfinite(logits(again)).all()
+
+
+def test_one_default_merge_rule_everywhere():
+    """Issue 16, item 4: merge_units, cluster_units, cluster_compress and train.py agree."""
+    import inspect
+
+    import train
+    from spg.compress import clustering
+    assert inspect.signature(kmeans.merge_units).parameters["rule"].default == kmeans.DEFAULT_MERGE
+    assert inspect.signature(kmeans.cluster_units).parameters["merge"].default == kmeans.DEFAULT_MERGE
+    assert inspect.signature(clustering.cluster_compress).parameters["merge"].default == kmeans.DEFAULT_MERGE
+    assert train.parse_args(["--method", "cluster", "--sparsity", "0.3"]).merge == kmeans.DEFAULT_MERGE == "mean"
+
+
+# --- issue 16: the variants labelled as ours ------------------------------------------
+
+def test_representative_rule_by_hand_and_exact_on_duplicates() -> None:
+    """The member nearest the centroid is kept unchanged (ties: lower index); on clusters of
+    exact duplicates it equals every other rule's unit."""
+    units = kmeans.ModuleUnits(input_side=[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [9.0, 9.0]],
+                               output_side=[[0.0], [1.0], [2.0], [5.0]])
+    chosen = kmeans.merge_units(units, np.array([0, 0, 0, 1]), "representative")
+    # cluster 0's centroid is (4/3, 0 | 1): unit 1 (1, 0 | 1) is nearest
+    np.testing.assert_array_equal(chosen.input_side, [[1.0, 0.0], [9.0, 9.0]])
+    np.testing.assert_array_equal(chosen.output_side, [[1.0], [5.0]])
+    tie = kmeans.merge_units(kmeans.ModuleUnits([[0.0], [2.0]], [[0.0], [0.0]]), np.array([0, 0]), "representative")
+    np.testing.assert_array_equal(tie.input_side, [[0.0]])               # both at distance 1: the lower index
+    duplicates = kmeans.ModuleUnits(input_side=[[1.0, 2.0], [1.0, 2.0], [4.0, 1.0]], output_side=[[3.0], [3.0], [2.0]])
+    labels = np.array([0, 0, 1])
+    for rule in ("mean", "representative"):
+        merged = kmeans.merge_units(duplicates, labels, rule)
+        np.testing.assert_array_equal(merged.input_side, [[1.0, 2.0], [4.0, 1.0]])
+        np.testing.assert_array_equal(merged.output_side, [[3.0], [2.0]])
+
+
+def test_min_similarity_merges_only_tight_clusters() -> None:
+    units = kmeans.ModuleUnits(input_side=[[1.0, 0.0], [1.0, 0.01], [1.0, 0.0], [0.0, 1.0]],
+                               output_side=[[1.0], [1.0], [1.0], [1.0]])
+    labels = np.array([0, 0, 1, 1])      # cluster 0: nearly parallel; cluster 1: orthogonal members
+    merged = kmeans.merge_units(units, labels, "mean", min_similarity=0.99)
+    np.testing.assert_allclose(merged.input_side[0], [1.0, 0.005])       # merged (mean)
+    np.testing.assert_array_equal(merged.input_side[1], [1.0, 0.0])      # kept its representative (tie: lower index)
+    everything = kmeans.merge_units(units, labels, "mean")
+    np.testing.assert_allclose(everything.input_side[1], [0.5, 0.5])
+
+
+def test_fold_value_bias_keeps_the_attention_output_on_a_zero_input() -> None:
+    """With heads dropped (structured magnitude) or merged (clustering), the attention output
+    on a zero input equals the unpruned one exactly when the value-bias constant is folded,
+    and differs without the fold."""
+    model = tiny_model().eval()
+    zeros = torch.zeros(2, 5, 32)
+    for compress in (lambda fold: structured_magnitude_prune(model, 0.5, fold_bias=fold),
+                     lambda fold: cluster_compress(model, 0.5, fold_bias=fold)):
+        folded, _ = compress(True)
+        plain, _ = compress(False)
+        for block in range(3):
+            with torch.no_grad():
+                reference = model.encoder.layers[block].attention(zeros)
+                torch.testing.assert_close(folded.encoder.layers[block].attention(zeros), reference,
+                                           rtol=0, atol=1e-6)
+                assert (plain.encoder.layers[block].attention(zeros) - reference).abs().max() > 1e-3
+
+
+def test_mixed_per_kind_keeps_each_kinds_uniform_budget() -> None:
+    """Ranked within each kind, the high-variance third of each kind gains 1.2x and the low
+    third pays for it inside the same kind: each kind's parameter count stays (within one
+    unit per module) at the uniform one."""
+    num_units = [10, 10, 10, 100, 100, 100]
+    sizes = [400, 400, 400, 10, 10, 10]
+    variances = [1.0, 2.0, 3.0, 10.0, 20.0, 30.0]      # every FFN above every head: ranked together,
+    kinds = ["heads"] * 3 + ["ffn_units"] * 3           # the heads would only pay
+    ks, groups = kmeans.mixed_kept_units_per_kind(num_units, sizes, variances, 0.5, kinds)
+    assert groups == ["low", "mid", "high"] * 2
+    for members in (range(3), range(3, 6)):
+        uniform = sum(kmeans.kept_units(num_units[m], 0.5) * sizes[m] for m in members)
+        assert abs(sum(ks[m] * sizes[m] for m in members) - uniform) <= max(sizes[m] for m in members)
+    together, _ = kmeans.mixed_kept_units(num_units, sizes, variances, 0.5)
+    assert together[:3] != ks[:3]                      # ranked together, the split between kinds moves
+
+
+def test_structured_magnitude_to_shapes_hits_exactly_the_requested_sizes() -> None:
+    """Issue 16, item 1: any per-module structure (heads, their query/key and value widths, FFN
+    neurons) is reproduced exactly, by norm; the model stays consistent (its forward runs)."""
+    from spg.compress.clustering import module_shapes, structured_magnitude_to_shapes
+    model = tiny_model().eval()
+    shapes = module_shapes(model)
+    assert shapes["encoder.layers.0.attention"] == {"qk_head_dims": [HEAD_DIM] * 4, "v_head_dims": [HEAD_DIM] * 4}
+    target = dict(shapes)
+    target["encoder.layers.0.attention"] = {"qk_head_dims": [3, 8], "v_head_dims": [5, 1]}
+    target["encoder.layers.1.attention"] = {"qk_head_dims": [], "v_head_dims": []}
+    target["encoder.layers.2.feed_forward"] = {"units": 7}
+    pruned, record = structured_magnitude_to_shapes(model, target)
+    got = module_shapes(pruned)
+    assert sorted(got["encoder.layers.0.attention"]["qk_head_dims"]) == [3, 8]
+    assert sorted(got["encoder.layers.0.attention"]["v_head_dims"]) == [1, 5]
+    assert got["encoder.layers.1.attention"] == {"qk_head_dims": [], "v_head_dims": []}
+    assert got["encoder.layers.2.feed_forward"] == {"units": 7}
+    assert got["encoder.layers.2.attention"] == shapes["encoder.layers.2.attention"]
+    kept = sum(linear.weight.numel() for _, linear in pruned.prunable_linears())
+    total = sum(linear.weight.numel() for _, linear in model.prunable_linears())
+    assert record["sparsity"] == pytest.approx(1 - kept / total) and record["sparsity"] > 0
+    assert torch.isfinite(logits(pruned)).all()
+    # the strongest head gets the widest budget, and inside it the largest-norm dims survive
+    head_norms = np.linalg.norm(kmeans.attention_head_units(
+        *[t.detach().double().numpy() for t in (model.encoder.layers[0].attention.q_proj.weight,
+                                                 model.encoder.layers[0].attention.q_proj.bias,
+                                                 model.encoder.layers[0].attention.k_proj.weight,
+                                                 model.encoder.layers[0].attention.k_proj.bias,
+                                                 model.encoder.layers[0].attention.v_proj.weight,
+                                                 model.encoder.layers[0].attention.v_proj.bias,
+                                                 model.encoder.layers[0].attention.out_proj.weight)], 4).vectors(), axis=1)
+    strongest = int(np.argmax(head_norms))
+    attention = model.encoder.layers[0].attention
+    columns = slice(strongest * HEAD_DIM, (strongest + 1) * HEAD_DIM)
+    score = (attention.v_proj.weight[columns].square().sum(1) + attention.v_proj.bias[columns].square()
+             + attention.out_proj.weight[:, columns].square().sum(0))
+    expected = attention.v_proj.weight[columns][score.argsort(descending=True)[:5].sort().values]
+    widths = module_shapes(pruned)["encoder.layers.0.attention"]["v_head_dims"]
+    start = sum(widths[:widths.index(5)])
+    torch.testing.assert_close(pruned.encoder.layers[0].attention.v_proj.weight[start:start + 5], expected)

@@ -13,6 +13,7 @@ from helpers import padded_noise, perturbed, write_corpus
 
 import spg
 from spg.compress import hardconcrete as hc
+from spg.compress.hardconcrete import InitDropRates
 from spg.compress import l0
 from spg.compress.l0 import L0Method, default_distill_layers
 from spg.data import read_corpus
@@ -360,3 +361,31 @@ def test_l0_method_with_distillation(tmp_path) -> None:
     assert all(math.isfinite(h["distill"]) and h["distill"] > 0 for h in method.history)
     assert default_distill_layers(12) == [4, 8, 12] and default_distill_layers(6) == [2, 4, 6]
     assert not teacher.encoder.layers[0]._forward_hooks and method.pruned_model is not None
+
+
+def test_l0_per_gate_type_learning_rates_and_drop_rates(tmp_path) -> None:
+    """Issue 16, item 2: one optimiser group per gate type with its own lr (every gate in
+    exactly one group), the initial drop rates per type, and the target still reached."""
+    from spg.compress.l0 import GATE_LR, gate_parameters_by_type
+    utterances = tiny_corpus(tmp_path)
+    model = tiny_model(dropout=0.1).train()
+    method = L0Method(0.5, gate_lr={"heads": 0.02, "ffn": 0.05}, init=InitDropRates(heads=0.001, ffn=0.2))
+    method.attach(model)
+    groups = method.gate_groups()
+    by_type = gate_parameters_by_type(method.gates)
+    assert [g["lr"] for g in groups] == [0.02, GATE_LR, GATE_LR, 0.05][:len(groups)]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in method.gates.parameters())
+    # log_alpha starts near log((1 - p) / p) for each type (N(., 0.01) noise)
+    assert abs(float(by_type["heads"][0].detach().mean()) - math.log(0.999 / 0.001)) < 0.05
+    assert abs(float(by_type["ffn"][0].detach().mean()) - math.log(0.8 / 0.2)) < 0.05
+    method.detach(model)
+    with pytest.raises(ValueError, match="unknown gate types"):
+        L0Method(0.5, gate_lr={"layers": 0.1})
+
+    model = tiny_model(dropout=0.1).train()
+    method = L0Method(0.5, gate_lr={"heads": 0.02}, init=InitDropRates(ffn=0.2))
+    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=0), method=method,
+          progress=False)
+    record = method.pruned_model.compression
+    assert 0.5 <= record["sparsity"] < 0.56       # the smallest reachable; one head is ~5 % of this model
+    assert record["gate_lr"]["heads"] == 0.02 and record["gate_lr"]["ffn"] == GATE_LR

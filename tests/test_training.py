@@ -219,3 +219,14 @@ def test_resume_state_with_non_finite_weights_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"run.state: non-finite model weights \(NaN or inf\) in "
                                               r"lm_head.bias \(1 of \d+ values\)"):
         load_resume_state(state_path)
+
+
+def test_time_estimate_after_the_first_steps(tmp_path, capsys):
+    """After ESTIMATE_AFTER_STEPS steps the loop prints how long the rest takes; the arithmetic
+    is the first steps' speed times the steps left."""
+    from spg.training import ESTIMATE_AFTER_STEPS, time_estimate
+    line = time_estimate(30.0, 20, 480)
+    assert line.startswith("1.50 s per step: the remaining 480 steps take about 12.0 min (until about ")
+    steps = 2 * ESTIMATE_AFTER_STEPS + 5               # short runs (fewer steps left than done) print nothing
+    train(tiny_model(), tiny_corpus(tmp_path), TrainConfig(steps=steps, batch_size=3, lr=1e-3, save_every=0))
+    assert f"s per step: the remaining {steps - ESTIMATE_AFTER_STEPS} steps take about" in capsys.readouterr().out

@@ -32,6 +32,7 @@ a method module copied out of spg needs this file and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Protocol, Sequence, Union
 
@@ -106,6 +107,20 @@ class AttentionWeights:
             actual = tuple(tensor.shape)
             if actual != shape:
                 raise ValueError(f"attention {name} has shape {actual}, expected {shape}")
+
+    def value_bias_constant(self) -> torch.Tensor:
+        """(D,) W_out · b_v: what the value biases add to EVERY output position. Exact for any
+        input, because each query's attention weights sum to 1 (softmax)."""
+        return self.out_weight @ self.v_bias
+
+    def fold_value_bias(self, before: "AttentionWeights") -> "AttentionWeights":
+        """A copy whose out_bias also carries the value-bias constant that `before` (the
+        module before some heads were dropped or merged) had and these weights lost:
+        out_bias + W_out_before · b_v_before − W_out · b_v. Exact and data-free: the module's
+        output then differs from `before`'s only by the dropped heads' input-dependent part
+        (on a zero input, not at all). Ours, not in the papers."""
+        folded = self.out_bias + before.value_bias_constant() - self.value_bias_constant()
+        return dataclasses.replace(self, out_bias=folded)
 
     def keep_head_dims(self, qk_dims: Sequence[Sequence[int]], v_dims: Sequence[Sequence[int]]) -> "AttentionWeights":
         """Keep, for every head h, the query/key dims `qk_dims[h]` (rows of W_q and W_k and

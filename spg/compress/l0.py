@@ -67,7 +67,7 @@ Not specified by the papers, ours (defaults):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -80,6 +80,18 @@ from spg.compress.interface import (AttentionWeights, FeedForwardWeights, Method
 GATE_LR = 0.1                   # ours; DPHuBERT's reg_lr is 0.02 (see the module docstring)
 LAMBDA_LR = 0.1                 # ours; DPHuBERT's reg_lr is 0.02 (ascent)
 TARGET_WARMUP_FRACTION = 0.5    # ours; DPHuBERT 0.1 (see the module docstring)
+GATE_TYPES = ("heads", "qk_dims", "v_dims", "ffn")
+
+
+def gate_parameters_by_type(gates: L0Gates) -> dict[str, list[nn.Parameter]]:
+    """{gate type: the log_alpha of every gate group of that type} (types without gates omitted)."""
+    found: dict[str, list[nn.Parameter]] = {}
+    for block in gates.blocks:
+        for kind in GATE_TYPES:
+            gate = getattr(block, kind)
+            if gate is not None and gate.log_alpha.numel():
+                found.setdefault(kind, []).append(gate.log_alpha)
+    return found
 
 
 def default_distill_layers(num_blocks: int) -> list[int]:
@@ -138,7 +150,10 @@ class L0Method(Method):
         attention module and FFN counted with their biases (`spg.compress.hardconcrete`
         module docstring).
     ste: straight-through variant (binary masks forward, relaxed gradient backward).
-    gate_lr, lambda_lr: learning rates of log_alpha and of λ1, λ2.
+    gate_lr, lambda_lr: learning rates of log_alpha and of λ1, λ2. `gate_lr` may also be a
+        dict by gate type ({"heads", "qk_dims", "v_dims", "ffn"}; missing types: GATE_LR):
+        a head gate's penalty gradient is ~128x an FFN gate's on the tiny model while its
+        CTC gradient is only ~30x, so under Adam head gates take near-full steps (issue 16).
     target_warmup_fraction: share of the steps over which t ramps from 0 to the target.
     init: initial drop rate per gate type (`InitDropRates`).
     seed: seed of the log_alpha init noise.
@@ -155,7 +170,7 @@ class L0Method(Method):
 
     name = "l0"
 
-    def __init__(self, target_sparsity: float, *, ste: bool = False, gate_lr: float = GATE_LR,
+    def __init__(self, target_sparsity: float, *, ste: bool = False, gate_lr: Union[float, dict] = GATE_LR,
                  lambda_lr: float = LAMBDA_LR, target_warmup_fraction: float = TARGET_WARMUP_FRACTION,
                  init: InitDropRates = InitDropRates(), seed: int = 0,
                  distill_teacher: Optional[nn.Module] = None, distill_layers: Optional[Sequence[int]] = None,
@@ -164,7 +179,14 @@ class L0Method(Method):
             raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
         self.target = float(target_sparsity)
         self.ste = bool(ste)
-        self.gate_lr, self.lambda_lr = float(gate_lr), float(lambda_lr)
+        if isinstance(gate_lr, dict):
+            unknown = set(gate_lr) - set(GATE_TYPES)
+            if unknown:
+                raise ValueError(f"unknown gate types {sorted(unknown)}; expected some of {GATE_TYPES}")
+            self.gate_lr = {kind: float(gate_lr.get(kind, GATE_LR)) for kind in GATE_TYPES}
+        else:
+            self.gate_lr = float(gate_lr)
+        self.lambda_lr = float(lambda_lr)
         self.target_warmup_fraction = float(target_warmup_fraction)
         self.init = init
         self.seed = int(seed)
@@ -222,9 +244,17 @@ class L0Method(Method):
         return super().parameter_groups(model, config) + [
             # Gates and λ: no weight decay (it would pull them to 0, i.e. to a 50 % drop rate
             # and to no constraint) and no clipping (see the module docstring).
-            {"params": list(self.gates.parameters()), "lr": self.gate_lr, "weight_decay": 0.0, "clip_grad": False},
+            *self.gate_groups(),
             {"params": [self.lambda1, self.lambda2], "lr": self.lambda_lr, "weight_decay": 0.0, "clip_grad": False},
         ]
+
+    def gate_groups(self) -> list[dict]:
+        """The gates' optimiser groups: one for all, or one per gate type with its own lr."""
+        if not isinstance(self.gate_lr, dict):
+            return [{"params": list(self.gates.parameters()), "lr": self.gate_lr, "weight_decay": 0.0,
+                     "clip_grad": False}]
+        return [{"params": params, "lr": self.gate_lr[kind], "weight_decay": 0.0, "clip_grad": False}
+                for kind, params in gate_parameters_by_type(self.gates).items()]
 
     def before_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         self.current_target = target_at(step, total_steps, self.target, self.target_warmup_fraction)

@@ -11,9 +11,9 @@ gets ONE learnable scalar threshold t_l. With a temperature τ:
 with L_task the model's own loss (the training loop's `Objective`: CTC for wav2vec2/HuBERT,
 as in the paper; teacher-forced decoder cross-entropy for Whisper). So W and t are trained
 together: the penalty raises t ("pinches" the matrix) and shrinks weights, the task loss
-pushes back where weights matter. A controller holds the GLOBAL hard sparsity
-at the target s*: η is on below s* and 0 at or above it. The per-matrix sparsities are
-learned, not set ("mixed sparsity"). τ is cosine-annealed 0.5 → 0.01. There is no separate
+pushes back where weights matter. A controller holds the GLOBAL hard sparsity at the target
+s* (`SparsityController`: the paper's on/off, or the authors' two-sided band, which also
+un-prunes above s*). The per-matrix sparsities are learned, not set ("mixed sparsity"). τ is cosine-annealed 0.5 → 0.01. There is no separate
 prune-then-fine-tune stage; the final model is W ⊙ B with the gates removed (`finalize`).
 
 The gate is a `torch.nn.utils.parametrize` parametrization of `Linear.weight`, so a gated
@@ -344,8 +344,9 @@ class SPG(Method):
     calibrate: finish with `calibrate_thresholds` so the global sparsity is exactly s* (ours).
     history_every: record global and per-matrix sparsity and thresholds every N steps.
 
-    What lands on the target (not specified by the paper; our choice, measured). With the
-    bare on/off controller the sparsity overshoots and then keeps creeping up: while η is on
+    What lands on the target with the ON/OFF controller (not specified by the paper; our
+    choice, measured; the band controller, the default for wav2vec2/HuBERT, needs no reset
+    because it pulls back itself). With the bare on/off controller the sparsity overshoots and then keeps creeping up: while η is on
     it dominates the thresholds' gradient, so AdamW's second moment v becomes large and its
     first moment m points up; after the switch m carries the thresholds on for tens of steps,
     and the small task-loss gradient that remains is divided by the large sqrt(v), so the

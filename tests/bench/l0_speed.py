@@ -20,8 +20,9 @@ touches the conv front end. The last line is ``pruned/dense forward time: R``.
 
 --wer: instead of timing, print the built-in default's test WER of an L0 run (`train.py
 --method l0 --json FILE`, default runs/l0-0.7.json) next to SPG and UMP at the same parameter
-count: the sweep run (results/spg_sweep.json, `tests/bench/spg_sweep.py`) whose non-zero
-parameter count is closest to the L0 model's physical count.
+count: the runs of the SPG experiment (results/spg_experiment.json,
+`tests/bench/spg_experiment.py`) whose non-zero parameter count is closest to the L0 model's
+physical count, their WER averaged over seeds.
 """
 
 from __future__ import annotations
@@ -80,33 +81,38 @@ def plausible_gates(model: Wav2Vec2CTC, sparsity: float, seed: int = 0) -> hc.L0
     return gates
 
 
-def compare_wer(l0_path: str, sweep_path: str, split: str) -> None:
-    """L0 against the sweep's SPG and UMP runs with the closest non-zero parameter count."""
+def compare_wer(l0_path: str, experiment_path: str, split: str) -> None:
+    """L0 against the experiment's SPG and UMP runs with the closest non-zero parameter count."""
     for path, how in ((l0_path, "python train.py --method l0 --sparsity 0.7 --ste --json runs/l0-0.7.json"),
-                      (sweep_path, "python tests/bench/spg_sweep.py")):
+                      (experiment_path, "python tests/bench/spg_experiment.py")):
         if not os.path.exists(path):
             sys.exit(f"{path} does not exist; produce it with `{how}`")
     with open(l0_path) as stream:
         l0 = json.load(stream)
-    with open(sweep_path) as stream:
-        sweep = json.load(stream)
+    with open(experiment_path) as stream:
+        experiment = json.load(stream)
     params = l0["params_total"]
-    rows = [("dense", None, l0["params_dense"], l0["dense_wer"][split], None),
+    rows = [("dense", None, l0["params_dense"], l0["dense_wer"][split], False, 1),
             ("l0" + (" (ste)" if l0.get("compression", {}).get("ste") else ""), l0["sparsity"], params,
-             l0["compressed_wer"][split], l0["mapsswe"][split])]
+             l0["compressed_wer"][split], l0["mapsswe"][split]["significant"] and
+             l0["compressed_wer"][split] > l0["dense_wer"][split], 1)]
     for method in ("spg", "ump"):
-        candidates = [r for r in sweep["runs"] if r["method"] == method]
+        candidates = [r for r in experiment["runs"] if r["arm"] == method]
         if not candidates:
             continue
-        run = min(candidates, key=lambda r: abs(r["params_nonzero"] - params))
-        rows.append((method, run["achieved_sparsity"], run["params_nonzero"], run["wer"][split], run["mapsswe"][split]))
+        closest = min(candidates, key=lambda r: abs(r["params_nonzero"] - params))["sparsity"]
+        runs = [r for r in candidates if r["sparsity"] == closest]
+        worse = sum(r["mapsswe_vs_dense"][split]["significant"] and r["wer"][split] > l0["dense_wer"][split]
+                    for r in runs)
+        rows.append((method, closest, round(sum(r["params_nonzero"] for r in runs) / len(runs)),
+                     sum(r["wer"][split] for r in runs) / len(runs), worse == len(runs), len(runs)))
     print(f"{split} WER on the built-in corpus at about {params / 1e6:.2f}M parameters "
-          f"(L0: physically smaller; SPG/UMP: non-zero weights); * = significantly worse than dense")
-    print(f"{'method':<10}{'sparsity':>10}{'parameters':>14}{'WER':>10}")
-    for name, sparsity, count, wer, test in rows:
-        worse = test is not None and test.get("significant") and wer > rows[0][3]
+          f"(L0: physically smaller; SPG/UMP: non-zero weights, mean over seeds, {experiment['steps']} steps); "
+          "* = significantly worse than dense (every seed)")
+    print(f"{'method':<10}{'sparsity':>10}{'parameters':>14}{'WER':>10}{'runs':>6}")
+    for name, sparsity, count, wer, worse, n in rows:
         shown = "-" if sparsity is None else f"{100 * sparsity:.1f}%"
-        print(f"{name:<10}{shown:>10}{count:>14,}{100 * wer:>9.2f}%{'*' if worse else ''}")
+        print(f"{name:<10}{shown:>10}{count:>14,}{100 * wer:>9.2f}%{'*' if worse else ' '}{n:>5}")
     print(f"L0/SPG {split} WER: {l0['compressed_wer'][split] / rows[2][3]:.2f}" if len(rows) > 2 else "")
 
 
@@ -127,11 +133,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--wer", action="store_true", help="WER of L0 vs SPG vs UMP (see the docstring)")
     parser.add_argument("--l0-json", default=os.path.join(REPO, "runs", "l0-0.7.json"))
-    parser.add_argument("--sweep-json", default=os.path.join(REPO, "results", "spg_sweep.json"))
+    parser.add_argument("--experiment-json", default=os.path.join(REPO, "results", "spg_experiment.json"))
     parser.add_argument("--split", default="test")
     args = parser.parse_args()
     if args.wer:
-        compare_wer(args.l0_json, args.sweep_json, args.split)
+        compare_wer(args.l0_json, args.experiment_json, args.split)
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

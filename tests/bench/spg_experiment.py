@@ -48,7 +48,9 @@ from spg.compress import self_pinching  # noqa: E402
 from spg.wer import error_counts, mapsswe  # noqa: E402
 
 ARMS = ("spg", "spg-mean", "ump", "gmp", "mixed")
-BASELINES = ("spg-mean", "ump", "gmp", "mixed")
+# One ingredient of the default changed at a time, at --ablation-sparsity only (--ablations)
+ABLATIONS = ("spg-slow", "spg-mean-fast", "spg-on-off")
+BASELINES = ("spg-mean", "ump", "gmp", "mixed") + ABLATIONS
 POOLED = ("dev", "test")
 
 
@@ -60,6 +62,12 @@ def arm_options(arm: str, sparsity: float, lr: float) -> list[str]:
         return ["--method", "spg", "--ctc-reduction", "mean", "--eta", f"{self_pinching.default_eta(sparsity):g}",
                 "--controller", "on-off", "--reset", "--threshold-lr", f"{lr:g}", "--weight-decay", "0.01",
                 "--grad-clip", "5"]
+    if arm == "spg-slow":          # the thresholds at the weights' lr (the paper's), all else the default
+        return ["--method", "spg", "--threshold-lr", f"{lr:g}"]
+    if arm == "spg-mean-fast":     # the earlier balance, with the default's threshold learning rate
+        return arm_options("spg-mean", sparsity, lr)[:-6] + ["--weight-decay", "0.01", "--grad-clip", "5"]
+    if arm == "spg-on-off":        # the paper's on/off controller (with our resets) instead of the band
+        return ["--method", "spg", "--controller", "on-off"]
     return ["--method", arm]
 
 
@@ -72,6 +80,8 @@ def run_all(args, out: Path, passthrough: list[str]) -> None:
     """Run every (sparsity, seed, arm) not finished yet, `args.workers` at a time; `mixed`
     waits for the spg run of its sparsity and seed."""
     jobs = [(arm, sparsity, seed) for sparsity in args.sparsities for seed in args.seeds for arm in ARMS]
+    if args.ablations:
+        jobs += [(arm, args.ablation_sparsity, seed) for seed in args.seeds for arm in ABLATIONS]
     pending = [job for job in jobs if not stem(out, *job, ".json").exists()]
     running: dict[tuple, tuple[subprocess.Popen, object]] = {}
     failed = []
@@ -143,11 +153,11 @@ def rounded(value, digits: int = 5):
     return value
 
 
-def report(args, out: Path) -> dict:
+def report(args, out: Path, passthrough: list[str]) -> dict:
     runs = {}
     for sparsity in args.sparsities:
         for seed in args.seeds:
-            for arm in ARMS:
+            for arm in ARMS + ABLATIONS:
                 path = stem(out, arm, sparsity, seed, ".json")
                 if path.exists():
                     runs[arm, sparsity, seed] = json.loads(path.read_text())
@@ -166,12 +176,14 @@ def report(args, out: Path) -> dict:
         allocation = run.get("allocation", {})
         rows.append({"arm": arm, "sparsity": sparsity, "seed": seed, "wer_pooled": pooled, "wer_unseen": unseen,
                      "wer": run["compressed_wer"], "sparsity_reached": run["sparsity"],
+                     "params_nonzero": run["params_nonzero"], "params_total": run["params_total"],
                      "sparsity_before_calibration": run["sparsity_before_calibration"],
                      "first_reached_step": allocation.get("first_reached_step"),
                      "correlation_with_global_magnitude": allocation.get("correlation_with_global_magnitude"),
                      "threshold_relative_sd": allocation.get("threshold_relative_sd"),
                      "loop_seconds": run["loop_seconds"], "train_seconds": run["train_seconds"],
-                     "mapsswe_vs_dense": run["mapsswe"], "per_matrix_sparsity": run["per_matrix_sparsity"],
+                     "mapsswe_vs_dense": run["mapsswe"], "pooled_vs_dense": pooled_against_dense(run, dense_hyp),
+                     "per_matrix_sparsity": run["per_matrix_sparsity"],
                      "history": run.get("history"), "spg_history": run.get("spg_history")})
     by_key = {(r["arm"], r["sparsity"], r["seed"]): r for r in rows}
     for sparsity in args.sparsities:
@@ -216,7 +228,7 @@ def report(args, out: Path) -> dict:
           f"{'loop s':>8}")
     summary_rows = []
     for sparsity in args.sparsities:
-        for arm in ARMS:
+        for arm in ARMS + ABLATIONS:
             chosen = [by_key[arm, sparsity, seed] for seed in args.seeds if (arm, sparsity, seed) in by_key]
             if not chosen:
                 continue
@@ -236,35 +248,87 @@ def report(args, out: Path) -> dict:
     for sparsity in args.sparsities:
         cells = []
         for baseline in BASELINES:
+            if not any(c["sparsity"] == sparsity and c["baseline"] == baseline for c in comparisons):
+                continue
             marks = "".join("=" if not c["pooled"]["significant"] else "+" if c["pooled"]["spg_better"] else "-"
                             for c in comparisons if c["sparsity"] == sparsity and c["baseline"] == baseline)
             cells.append(f"vs {baseline} {marks or '.'}")
         print(f"  {100 * sparsity:.0f}%: " + ", ".join(cells))
     print("highest lossless sparsity per seed (pooled dev+test, MAPSSWE against dense): "
           + "; ".join(f"{arm} {[f'{100 * s:.0f}%' for s in values]}" for arm, values in lossless.items()))
-    loop = {arm: statistics.median(r["loop_seconds"] for r in rows if r["arm"] == arm) for arm in ARMS
+    loop = {arm: statistics.median(r["loop_seconds"] for r in rows if r["arm"] == arm) for arm in ARMS + ABLATIONS
             if any(r["arm"] == arm for r in rows)}
     results = {"steps": args.steps, "batch_size": 8, "lr": args.lr, "seeds": args.seeds,
-               "sparsities": args.sparsities, "arms": {arm: arm_options(arm, 0.7, args.lr) for arm in ARMS},
+               "sparsities": args.sparsities, "arms": {arm: arm_options(arm, 0.7, args.lr) for arm in ARMS + ABLATIONS},
                "workers": args.workers, "dense_wer": first["dense_wer"], "dense_wer_pooled": dense_pooled,
                "summary": summary_rows, "comparisons": comparisons, "max_lossless": lossless,
                "loop_seconds_median": loop, "runs": rows}
+    if args.timing_steps:
+        ratio, plain, gated = step_time_ratio(steps=args.timing_steps, rounds=args.timing_rounds, passthrough=passthrough)
+        results.update(step_seconds={"plain": plain, "spg": gated}, step_time_ratio=ratio)
+        print(f"seconds per step, alone on the machine: plain {statistics.median(plain):.3f}, SPG "
+              f"{statistics.median(gated):.3f} (batch 8, {args.timing_steps} steps x {args.timing_rounds} rounds, "
+              "interleaved)")
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(rounded(results), indent=1) + "\n")
     print(f"results written to {results_path}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from figures import plot_allocation, plot_wer_against_sparsity
+    figures = [results_path.with_name(results_path.stem + ".png")]
+    plot_wer_against_sparsity(results, figures[0])
+    if any(r["arm"] == "spg" and r["sparsity"] == 0.7 for r in rows) and any(
+            r["arm"] == "gmp" and r["sparsity"] == 0.7 for r in rows):
+        figures.append(results_path.with_name(results_path.stem + "_allocation.png"))
+        plot_allocation(results, 0.7, figures[1])
+    print("figures written to " + ", ".join(str(f) for f in figures))
     if "spg" in loop and "ump" in loop:
         print(f"SPG/UMP training-loop time per run (median, {args.workers} runs at a time): "
               f"{loop['spg'] / loop['ump']:.2f}")
+    if args.timing_steps:
+        print(f"SPG/plain training-step time: {results['step_time_ratio']:.2f}")
     return results
+
+
+def step_time_ratio(*, steps: int, rounds: int, passthrough: list[str]) -> tuple[float, list[float], list[float]]:
+    """Seconds per optimiser step of SPG over plain CTC fine-tuning (both with the default
+    settings), on the same batches, alternating, in this process."""
+    import spg
+    import train
+    from spg.compress.interface import Method
+    from spg.compress.self_pinching import SPG
+    from spg.corpus import build_corpus
+    from spg.data import read_corpus
+    from spg.training import TrainConfig
+    from spg.training import train as train_loop
+    data_root = Path(passthrough[passthrough.index("--data") + 1]) if "--data" in passthrough else build_corpus()
+    cache = passthrough[passthrough.index("--feature-cache") + 1] if "--feature-cache" in passthrough \
+        else str(REPO / "runs" / "feature-cache")
+    plain_times, spg_times = [], []
+    for _ in range(rounds):
+        for label, make_method in (("plain", Method), ("spg", lambda: SPG(0.6, eta=1e-4, normalised_eta=False,
+                                                                          band=0.002, reset_on_switch=False,
+                                                                          threshold_lr=5e-3))):
+            model = spg.load(train.DEFAULT_MODEL)
+            utterances = read_corpus(data_root, "train", model.vocab)
+            config = TrainConfig(steps=steps, batch_size=8, lr=2e-4, save_every=0, feature_cache_dir=cache,
+                                 loss_reduction="sum", weight_decay=0.0, grad_clip=0.0)
+            result = train_loop(model, utterances, config, method=make_method(), progress=False)
+            (plain_times if label == "plain" else spg_times).append(result.loop_seconds / steps)
+    return statistics.median(spg_times) / statistics.median(plain_times), plain_times, spg_times
+
+
+def pooled_against_dense(run: dict, dense_hyp: dict) -> dict:
+    """MAPSSWE (alpha 0.05) of the run against dense on dev+test pooled."""
+    references, hypotheses = pooled_decoding(run)
+    test = mapsswe(references, hypotheses, dense_hyp["dev"] + dense_hyp["test"], alpha=0.05)
+    return {"p": test.p_value, "z": test.z, "significant": test.significant,
+            "worse": test.significant and test.mean_difference > 0}
 
 
 def pooled_worse(run: dict, dense_hyp) -> bool:
     """Significantly worse than dense on dev+test pooled (MAPSSWE, alpha 0.05)."""
-    references, hypotheses = pooled_decoding(run)
-    dense = dense_hyp["dev"] + dense_hyp["test"]
-    test = mapsswe(references, hypotheses, dense, alpha=0.05)
-    return test.significant and test.mean_difference > 0
+    return pooled_against_dense(run, dense_hyp)["worse"]
 
 
 def main(argv=None) -> int:
@@ -280,14 +344,20 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "runs" / "spg-experiment"))
     parser.add_argument("--results", default=str(REPO / "results" / "spg_experiment.json"))
+    parser.add_argument("--ablations", action="store_true",
+                        help=f"also run {', '.join(ABLATIONS)} at --ablation-sparsity (one ingredient changed each)")
+    parser.add_argument("--ablation-sparsity", type=float, default=0.7)
     parser.add_argument("--report", action="store_true", help="only the report, from the runs finished so far")
+    parser.add_argument("--timing-steps", type=int, default=40,
+                        help="steps per round of the SPG/plain step-time measurement at the end (0: skip)")
+    parser.add_argument("--timing-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         run_all(args, out, passthrough)
     args.sparsities = sorted(args.sparsities)
-    report(args, out)
+    report(args, out, passthrough)
     return 0
 
 

@@ -1,0 +1,110 @@
+"""Figures of the measured results, drawn from the results JSON files (matplotlib, a
+notebook/bench dependency only). The benches call these to write the PNGs under results/
+that the README shows; notebooks/06_results.ipynb calls the same functions to draw them inline.
+
+    plot_wer_against_sparsity(experiment)  # results/spg_experiment.json -> WER vs sparsity, one line per method
+    plot_allocation(experiment)            # SPG's learned per-matrix sparsity against global magnitude's
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+LABELS = {"spg": "SPG (authors' balance, default)", "spg-mean": "SPG, earlier settings (mean CTC)",
+          "ump": "UMP (uniform magnitude)", "gmp": "GMP (global magnitude)",
+          "mixed": "mixed (SPG's sparsities, magnitude masks)"}
+MATRICES = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj",
+            "feed_forward.intermediate_dense", "feed_forward.output_dense")
+SHORT = ("q", "k", "v", "out", "fc1", "fc2")
+
+
+def _pyplot():
+    import matplotlib
+    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg"):
+        matplotlib.use("Agg")          # no display needed when a bench writes a PNG
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, split: str = "wer_pooled"):
+    """WER (mean ± s.d. over seeds) against sparsity, one line per arm, the dense model as a
+    dashed line, and a ring around the points where no seed's run is significantly worse than
+    dense (MAPSSWE, alpha 0.05, pooled dev+test: "lossless"). Written to `path` when given."""
+    plt = _pyplot()
+    dense = experiment["dense_wer_pooled"] if split == "wer_pooled" else experiment["dense_wer"]["test-unseen"]
+    figure, axes = plt.subplots(figsize=(7.5, 4.6), dpi=100)
+    rows = experiment["summary"]
+    for index, arm in enumerate(LABELS):
+        points = sorted((r["sparsity"], r[split]) for r in rows if r["arm"] == arm)
+        if not points:
+            continue
+        offset = (index - 2) * 0.003           # a small horizontal offset so error bars do not overlap
+        xs = [100 * (s + offset) for s, _ in points]
+        ys = [100 * m for _, (m, _) in points]
+        errors = [100 * sd for _, (_, sd) in points]
+        line = axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[arm])
+        if split == "wer_pooled":       # ring the points no seed made significantly worse than dense
+            lossless = [(x, y) for (s, _), x, y in zip(points, xs, ys)
+                        if not any(r["pooled_vs_dense"]["worse"] for r in experiment["runs"]
+                                   if r["arm"] == arm and r["sparsity"] == s)]
+            if lossless:
+                axes.scatter(*zip(*lossless), s=160, facecolors="none", edgecolors=line[0].get_color(), linewidths=1.5)
+    axes.axhline(100 * dense, color="black", linestyle="--", linewidth=1, label=f"dense ({100 * dense:.2f}%)")
+    where = "dev + test (seen speakers)" if split == "wer_pooled" else "test-unseen (held-out voices)"
+    ring = "; ringed: no seed significantly worse than dense" if split == "wer_pooled" else ""
+    axes.set_title(f"Unstructured pruning of the shipped model: WER on {where}\n"
+                   f"{experiment['steps']} steps, batch {experiment['batch_size']}, mean ± s.d. over "
+                   f"{len(experiment['seeds'])} seeds{ring}", fontsize=10)
+    axes.set_xlabel("global sparsity of the prunable matrices (%)")
+    axes.set_ylabel("word error rate (%)")
+    axes.set_xticks([100 * s for s in experiment["sparsities"]])
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path)
+    return figure
+
+
+def plot_allocation(experiment: dict, sparsity: float = 0.7, path: Optional[Path] = None):
+    """Block x matrix heat maps at `sparsity`: the per-matrix sparsity SPG learned (mean over
+    seeds), global magnitude pruning's (the gmp run of seed 0) and their difference."""
+    plt = _pyplot()
+    runs = [r for r in experiment["runs"] if r["sparsity"] == sparsity]
+    spg = [r["per_matrix_sparsity"] for r in runs if r["arm"] == "spg"]
+    gmp = [r["per_matrix_sparsity"] for r in runs if r["arm"] == "gmp"][:1]
+    if not spg or not gmp:
+        raise ValueError(f"the experiment has no spg and gmp runs at sparsity {sparsity}")
+    blocks = sorted({int(name.split(".")[2]) for name in spg[0]})
+
+    def grid(tables):
+        return [[100 * sum(t[f"encoder.layers.{b}.{m}"] for t in tables) / len(tables) for m in MATRICES]
+                for b in blocks]
+    learned, magnitude = grid(spg), grid(gmp)
+    difference = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(learned, magnitude)]
+    figure, all_axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=100)
+    low = min(min(r) for r in learned + magnitude)
+    high = max(max(r) for r in learned + magnitude)
+    span = max(abs(v) for r in difference for v in r) or 1.0
+    panels = ((f"SPG, learned (mean of {len(spg)} seeds)", learned, "viridis", low, high),
+              ("global magnitude pruning", magnitude, "viridis", low, high),
+              ("SPG − global magnitude (points)", difference, "coolwarm", -span, span))
+    for axes, (title, values, colours, vmin, vmax) in zip(all_axes, panels):
+        image = axes.imshow(values, cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
+        axes.set_title(title, fontsize=9)
+        axes.set_xticks(range(len(SHORT)), SHORT)
+        axes.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks])
+        for y, row in enumerate(values):
+            for x, value in enumerate(row):
+                axes.text(x, y, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                          color="white" if colours == "viridis" and value < (vmin + vmax) / 2 else "black")
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    correlation = [r["correlation_with_global_magnitude"] for r in runs if r["arm"] == "spg"]
+    figure.suptitle(f"Per-matrix sparsity (%) at a {100 * sparsity:.0f}% global target; correlation of SPG's "
+                    f"with global magnitude's {sum(correlation) / len(correlation):.2f} (mean over seeds)",
+                    fontsize=10)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path)
+    return figure
