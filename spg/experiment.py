@@ -34,7 +34,7 @@ import torch.distributed as dist
 import spg
 from spg.checkpoint import atomic_write, payload_bytes
 from spg.compress import self_pinching
-from spg.compress.clustering import (cluster_compress, module_shapes, structured_magnitude_prune,
+from spg.compress.clustering import (cluster_compress, module_shapes, plan_kept_units, structured_magnitude_prune,
                                     structured_magnitude_to_shapes)
 from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
@@ -561,6 +561,12 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
     for name, test in summary["mapsswe"].items():
         print(f"MAPSSWE {name}: {test['verdict']}")
     print("kept per block: " + "; ".join(f"{name} {values}" for name, values in record["kept"].items()))
+    if mixed:      # how variance-based mixed K split the budget between the module kinds
+        uniform = plan_kept_units(dense, args.sparsity)
+        print("mixed K per kind: " + "; ".join(
+            f"{name} {sum(values)} of {sum(record['units_before'][name])} (uniform K: {sum(uniform[name])})"
+            for name, values in record["kept"].items())
+            + (" (variances ranked within each kind)" if mixed == "per_kind" else " (variances ranked over all modules)"))
     print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}")
     print_sizes(summary["sizes"])
     print(f"forward time ({family_of(dense).forward_input}) "

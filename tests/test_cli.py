@@ -137,6 +137,25 @@ def test_cluster_method_end_to_end(tmp_path):
     assert summary["forward_time_ratio"] > 0
 
 
+def test_cluster_variants_from_the_command_line(tmp_path, capsys):
+    """Issue 16's options reach the library: representative rule, mixed K per kind (each kind
+    keeps its uniform unit count, printed), the bias fold and min-similarity in the record."""
+    data = noise_corpus(tmp_path / "corpus")
+    dense_path = tmp_path / "dense.pt"
+    torch.manual_seed(0)
+    from spg.wav2vec2.model import Wav2Vec2CTC, preset
+    spg.save(Wav2Vec2CTC(preset("tiny")), dense_path)
+    assert train.main(["--method", "cluster", "--sparsity", "0.5", "--model", str(dense_path), "--data", str(data),
+                       "--test-split", "test", "--merge", "representative", "--mixed", "--mixed-per-kind",
+                       "--fold-bias", "--min-similarity", "0.5", "--out", str(tmp_path / "c.pt"),
+                       "--json", str(tmp_path / "c.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed K per kind: heads 12 of 24 (uniform K: 12)" in printed and "ranked within each kind" in printed
+    record = spg.load(tmp_path / "c.pt").compression
+    assert record["merge"] == "representative" and record["mixed"] == "per_kind" and record["fold_bias"] is True
+    assert record["min_similarity"] == 0.5 and sum(record["kept"]["ffn_units"]) == 3072
+
+
 def test_l0_method_end_to_end(tmp_path):
     data = noise_corpus(tmp_path / "corpus")
     dense_path = tmp_path / "dense.pt"

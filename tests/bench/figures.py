@@ -108,3 +108,45 @@ def plot_allocation(experiment: dict, sparsity: float = 0.7, path: Optional[Path
     if path is not None:
         figure.savefig(path)
     return figure
+
+
+def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset: str = "librivox"):
+    """Whisper tiny.en without data or training: WER on real speech against sparsity for
+    clustering (each merge rule, uniform or mixed K) and structured magnitude pruning. Left:
+    heads and FFN units compressed; right: FFN units only. WER above 100 % (the decoder
+    loops or emits junk) is drawn as a triangle at the 100 % edge."""
+    plt = _pyplot()
+    dense = 100 * whisper["dense"]["wer"][dataset]
+    scopes = {"heads+ffn": "heads and FFN units", "ffn": "FFN units only"}
+
+    def label_of(run: dict) -> str:
+        label = "structured magnitude" if run["method"] == "magnitude" else f"clustering, merge {run['merge']}"
+        return label + (", mixed K" if run["mixed"] else "")
+    labels = sorted({label_of(run) for run in whisper["runs"]})
+    colours = dict(zip(labels, plt.cm.tab10.colors))           # one colour per method in both panels
+    figure, all_axes = plt.subplots(1, 2, figsize=(11, 4.0), dpi=100, sharey=True)
+    for axes, (scope, title) in zip(all_axes, scopes.items()):
+        groups: dict[str, list] = {}
+        for run in whisper["runs"]:
+            if run.get("units", "heads+ffn") == scope:
+                groups.setdefault(label_of(run), []).append((run["sparsity"], 100 * run["wer"][dataset]))
+        for label, points in sorted(groups.items()):
+            points.sort()
+            xs = [100 * s for s, _ in points]
+            axes.plot(xs, [min(w, 100) for _, w in points], "-", color=colours[label], label=label)
+            for x, (_, w) in zip(xs, points):
+                axes.plot([x], [min(w, 100)], "^" if w > 100 else "o", color=colours[label], markersize=7)
+        axes.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"uncompressed ({dense:.1f}%)")
+        axes.set_title(f"{title}: WER on {whisper['datasets'][dataset]} LibriVox sentences", fontsize=9)
+        axes.set_xlabel("sparsity of the compressed modules (%)")
+        axes.set_xticks(sorted({100 * run["sparsity"] for run in whisper["runs"]}))
+        axes.set_ylim(0, 108)
+        axes.grid(alpha=0.3)
+    all_axes[0].set_ylabel("word error rate (%); ▲ = above 100")
+    handles = {h.get_label(): h for axes in all_axes for h in axes.get_lines() if not h.get_label().startswith("_")}
+    figure.legend(list(handles.values()), list(handles), fontsize=8, loc="lower center", ncol=3)
+    figure.suptitle("Whisper tiny.en, data-free structured compression (no fine-tuning)", fontsize=10)
+    figure.tight_layout(rect=(0, 0.14, 1, 1))
+    if path is not None:
+        figure.savefig(path)
+    return figure

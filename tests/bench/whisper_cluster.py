@@ -6,7 +6,7 @@ decoder self-attention, decoder cross-attention) and FFN neurons, against struct
 magnitude pruning (drop the smallest-norm units) at the same per-module sizes.
 
     OMP_NUM_THREADS=1 python tests/bench/whisper_cluster.py --utterances 20 --ffn-only   # results/ as committed
-    python tests/bench/whisper_cluster.py --print-only                                  # the table of the JSON
+    python tests/bench/whisper_cluster.py --print-only                                  # table and figure of the JSON
 
 Methods: clustering with merge `mean` / `sum_out`, uniform K or variance-based mixed K;
 structured magnitude with uniform or mixed K; each at 10 %, 20 %, 30 % per-module sparsity
@@ -102,6 +102,14 @@ def print_table(result: dict) -> None:
                 print(f"{label:<34}{100 * run['sparsity']:>8.0f}%{run['params']:>12,}"
                       + "".join(f"{100 * run['wer'][n]:>14.2f}" for n in names))
 
+def write_figure(result: dict, out: Path) -> None:
+    """<out>.png: WER on the real sentences against sparsity (tests/bench/figures.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from figures import plot_whisper_clustering
+    plot_whisper_clustering(result, out.with_suffix(".png"))
+    print(f"figure written to {out.with_suffix('.png')}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--utterances", type=int, default=50, help="built-in test utterances (default %(default)s)")
@@ -115,6 +123,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.print_only:
         print_table(json.loads(out.read_text()))
+        write_figure(json.loads(out.read_text()), out)
         return 0
 
     started = time.time()
@@ -154,6 +163,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{n} {100 * w:.2f}%" for n, w in run["wer"].items())
               + f" ({time.time() - begin:.0f} s)", flush=True)
     print_table(result)
+    write_figure(result, out)
     print(f"\n{time.time() - started:.0f} s this call")
     return 0
 
