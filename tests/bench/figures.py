@@ -14,6 +14,9 @@ from typing import Optional
 LABELS = {"spg": "SPG (authors' balance, default)", "spg-mean": "SPG, earlier settings (mean CTC)",
           "ump": "UMP (uniform magnitude)", "gmp": "GMP (global magnitude)",
           "mixed": "mixed (SPG's sparsities, magnitude masks)"}
+# the ablation arms (one ingredient of the default changed; at 70 % only, so not in the line plot)
+ABLATION_LABELS = {"spg-slow": "SPG, thresholds at the weights' lr", "spg-mean-fast": "SPG, mean CTC + eta', fast thresholds",
+                   "spg-on-off": "SPG, on/off controller + resets"}
 MATRICES = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj",
             "feed_forward.intermediate_dense", "feed_forward.output_dense")
 SHORT = ("q", "k", "v", "out", "fc1", "fc2")
@@ -53,9 +56,11 @@ def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, spl
     axes.axhline(100 * dense, color="black", linestyle="--", linewidth=1, label=f"dense ({100 * dense:.2f}%)")
     where = "dev + test (seen speakers)" if split == "wer_pooled" else "test-unseen (held-out voices)"
     ring = "; ringed: no seed significantly worse than dense" if split == "wer_pooled" else ""
+    counts = sorted({r["n"] for r in rows if r["arm"] in LABELS})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     axes.set_title(f"Unstructured pruning of the shipped model: WER on {where}\n"
                    f"{experiment['steps']} steps, batch {experiment['batch_size']}, mean ± s.d. over "
-                   f"{len(experiment['seeds'])} seeds{ring}", fontsize=10)
+                   f"{seeds} seeds{ring}", fontsize=10)
     axes.set_xlabel("global sparsity of the prunable matrices (%)")
     axes.set_ylabel("word error rate (%)")
     axes.set_xticks([100 * s for s in experiment["sparsities"]])
