@@ -146,7 +146,8 @@ def resolve_defaults(args, family: "Family") -> None:
     if args.controller is None:
         args.controller = "band" if ctc else "on-off"
     if args.controller == "band" and args.band is None:
-        args.band = self_pinching.authors_band(args.sparsity)
+        # the authors' width; for targets at or below it (not in their scripts) half the target
+        args.band = min(self_pinching.authors_band(args.sparsity), args.sparsity / 2)
     if args.controller == "band" and not 0 <= args.band < args.sparsity:
         sys.exit(f"--band must be below --sparsity {args.sparsity:g}, got {args.band:g}")
     if args.reset is None:
