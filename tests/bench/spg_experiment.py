@@ -276,7 +276,7 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
               "interleaved)")
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(rounded(results), indent=1) + "\n")
+    results_path.write_text(json.dumps(rounded(results), separators=(",", ":")) + "\n")   # compact: ~1 MB
     print(f"results written to {results_path}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from figures import plot_allocation, plot_wer_against_sparsity
