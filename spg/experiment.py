@@ -468,11 +468,7 @@ def global_magnitude_allocation(model, sparsity: float) -> dict[str, float]:
 
 def pearson(xs: list[float], ys: list[float]) -> float:
     """Pearson's correlation coefficient of two equally long lists (nan when one is constant)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+    return torch.corrcoef(torch.tensor([xs, ys], dtype=torch.float64))[0, 1].item()
 
 
 def allocation_summary(compression: dict, reference: dict[str, float], steps: int) -> dict:

@@ -273,12 +273,6 @@ def module_shapes(model: PrunableModel) -> dict[str, dict]:
             for units in model.structured_units()}
 
 
-def _largest(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices (ascending) of the k largest scores; ties go to the lower index."""
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:k])
-
-
 def _prunable_count(model: PrunableModel) -> int:
     return sum(linear.weight.numel() for _, linear in model.prunable_linears())
 
@@ -315,8 +309,8 @@ def structured_magnitude_to_shapes(model: PrunableModel, shapes: dict[str, dict]
         if len(qk_widths) > current.num_heads or any(w > source.head_dim for w in qk_widths + v_widths):
             raise ValueError(f"{name}: the target structure {target} does not fit {current.num_heads} heads of "
                              f"{source.head_dim}")
-        heads = kmeans.largest_norm_units(module.units, len(qk_widths)).tolist()
         norms = np.linalg.norm(module.units.vectors(), axis=1)
+        heads = kmeans.largest_indices(norms, len(qk_widths)).tolist()
         by_strength = sorted(heads, key=lambda h: (-norms[h], h))
         qk_dims, v_dims = [[] for _ in range(current.num_heads)], [[] for _ in range(current.num_heads)]
         qk_slices, v_slices = source.qk_slices(), source.v_slices()
@@ -326,8 +320,8 @@ def structured_magnitude_to_shapes(model: PrunableModel, shapes: dict[str, dict]
                 + current.q_bias[rows].square() + (0 if current.k_bias is None else current.k_bias[rows].square())
             v_score = current.v_weight[columns].square().sum(1) + current.v_bias[columns].square() \
                 + current.out_weight[:, columns].square().sum(0)
-            qk_dims[head] = _largest(qk_score, qk_widths[rank])
-            v_dims[head] = _largest(v_score, v_widths[rank])
+            qk_dims[head] = kmeans.largest_indices(qk_score.double().numpy(), qk_widths[rank]).tolist()
+            v_dims[head] = kmeans.largest_indices(v_score.double().numpy(), v_widths[rank]).tolist()
         pruned = current.keep_head_dims(qk_dims, v_dims)
         weights[name] = pruned.fold_value_bias(current) if fold_bias else pruned
     new_model = model.rebuild(weights)

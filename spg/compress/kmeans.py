@@ -32,7 +32,7 @@ __all__ = [
     "MERGE_RULES", "ModuleUnits", "attention_head_units", "attention_weights_from_units",
     "ffn_neuron_units", "ffn_weights_from_units", "merge_units", "cluster_units",
     "largest_norm_units", "kept_units", "weight_variance", "variance_groups", "mixed_kept_units",
-    "mixed_kept_units_per_kind", "DEFAULT_MERGE",
+    "mixed_kept_units_per_kind", "DEFAULT_MERGE", "largest_indices",
 ]
 
 
@@ -561,8 +561,12 @@ def largest_norm_units(units: ModuleUnits, k: int) -> np.ndarray:
     structured magnitude pruning baseline drops the others. Ties go to the lower index."""
     if not 0 <= k <= units.num_units:
         raise ValueError(f"k must satisfy 0 <= k <= N; got k={k}, N={units.num_units}")
-    norms = np.sqrt((units.vectors() ** 2).sum(axis=1))
-    order = np.argsort(-norms, kind="stable")
+    return largest_indices(np.sqrt((units.vectors() ** 2).sum(axis=1)), k)
+
+
+def largest_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices (ascending) of the k largest `scores`; ties go to the lower index."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     return np.sort(order[:k])
 
 

@@ -217,8 +217,8 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
                 continue                         # this arm has no run with this seed
             best = 0.0
             for sparsity in sorted(args.sparsities):
-                run = runs.get((arm, sparsity, seed))
-                if run is None or pooled_worse(run, dense_hyp):
+                row = by_key.get((arm, sparsity, seed))
+                if row is None or row["pooled_vs_dense"]["worse"]:
                     break
                 best = sparsity
             lossless.setdefault(arm, []).append(best)
@@ -332,11 +332,6 @@ def pooled_against_dense(run: dict, dense_hyp: dict) -> dict:
     test = mapsswe(references, hypotheses, dense_hyp["dev"] + dense_hyp["test"], alpha=0.05)
     return {"p": test.p_value, "z": test.z, "significant": test.significant,
             "worse": test.significant and test.mean_difference > 0}
-
-
-def pooled_worse(run: dict, dense_hyp) -> bool:
-    """Significantly worse than dense on dev+test pooled (MAPSSWE, alpha 0.05)."""
-    return pooled_against_dense(run, dense_hyp)["worse"]
 
 
 def main(argv=None) -> int:
