@@ -149,11 +149,14 @@ def test_train_cli_fine_tunes_a_tiny_whisper_with_ump(tmp_path):
     write_corpus(tmp_path / "corpus", "test", {f"{i:04d}": (["HELLO WORLD", "A CAT"][i % 2], 0.5) for i in range(3)})
     model = tiny_whisper(tmp_path)
     save_whisper(model, tmp_path / "w.pt")
+    def run(method: str, out, summary_path) -> int:
+        return train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", method, "--sparsity", "0.5",
+                               "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--data", str(tmp_path / "corpus"),
+                               "--test-split", "test", "--eval-utterances", "2", "--out", str(out),
+                               "--json", str(summary_path)])
+
     out, summary_path = tmp_path / "ump.pt", tmp_path / "summary.json"
-    assert train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "ump", "--sparsity", "0.5",
-                           "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--data", str(tmp_path / "corpus"),
-                           "--test-split", "test", "--eval-utterances", "2", "--out", str(out),
-                           "--json", str(summary_path)]) == 0
+    assert run("ump", out, summary_path) == 0
     summary = json.loads(summary_path.read_text())
     assert set(summary["compressed_wer"]) == set(summary["dense_wer"]) == {"librivox", "cards", "beckett", "test"}
     assert abs(summary["sparsity"] - 0.5) < 1e-3 and summary["steps"] == 2
@@ -168,10 +171,7 @@ def test_train_cli_fine_tunes_a_tiny_whisper_with_ump(tmp_path):
                         "--data", str(tmp_path / "corpus")])
     # L0 runs on Whisper too (spg.compress.l0 sees the model through spg.compress.interface)
     out, summary_path = tmp_path / "l0.pt", tmp_path / "l0.json"
-    assert train_cli.main(["--model", str(tmp_path / "w.pt"), "--method", "l0", "--sparsity", "0.5",
-                           "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--data", str(tmp_path / "corpus"),
-                           "--test-split", "test", "--eval-utterances", "2", "--out", str(out),
-                           "--json", str(summary_path)]) == 0
+    assert run("l0", out, summary_path) == 0
     summary = json.loads(summary_path.read_text())
     assert set(summary["kept"]) == {"encoder_heads", "encoder_ffn_units", "decoder_heads", "decoder_cross_heads",
                                     "decoder_ffn_units"}
