@@ -89,7 +89,8 @@ def build_method(args, model) -> Method:
         from spg.compress.hardconcrete import InitDropRates
         from spg.compress.l0 import GATE_LR
         return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed,
-                        gate_lr=args.gate_lr if args.gate_lr else GATE_LR, init=InitDropRates(**(args.init_drop or {})))
+                        gate_lr=args.gate_lr if args.gate_lr else GATE_LR, init=InitDropRates(**(args.init_drop or {})),
+                        head_gates=not args.dims_only, min_heads=args.min_heads)
     if args.method == "spg":
         return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
                                  normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
@@ -172,7 +173,7 @@ def structured_start(args, model):
     if args.method != "structured":
         return model, copy.deepcopy(model) if args.method == "l0" else None
     source = structure_source(args, model)
-    pruned, record = structured_magnitude_to_shapes(model, module_shapes(spg.load(source)))
+    pruned, record = structured_magnitude_to_shapes(model, module_shapes(spg.load(source)), fold_bias=args.fold_bias)
     print(f"structured: pruned by magnitude to the structure of {source} ({100 * record['sparsity']:.2f}% of the "
           "prunable weights removed)")
     return pruned, model
@@ -289,9 +290,9 @@ def run_settings(args) -> dict:
         del settings["--steps"]                      # derived from --epochs
     elif args.method == "l0":
         settings.update({"--ste": args.ste, "--distill": args.distill, "--gate-lr": args.gate_lr,
-                         "--init-drop": args.init_drop})
+                         "--init-drop": args.init_drop, "--min-heads": args.min_heads, "--dims-only": args.dims_only})
     elif args.method == "structured":
-        settings["--structure-from"] = _where(args.structure_from)
+        settings.update({"--structure-from": _where(args.structure_from), "--fold-bias": args.fold_bias})
     return settings
 
 
@@ -521,8 +522,8 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                              weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed,
                              grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
-        train(clustered, train_set, config, device=device, checkpoint_path=state_path(out),
-              resume=args.resume, settings=run_settings(args))
+        history = train(clustered, train_set, config, device=device, checkpoint_path=state_path(out),
+                        resume=args.resume, settings=run_settings(args)).history
         clustered.cpu()
         results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
                                  for name, data in evaluation_sets.items()}
@@ -531,7 +532,7 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
     final = results["fine-tuned" if args.epochs else "clustered"]
     summary = {
         "method": "cluster", "target_sparsity": args.sparsity, "merge": args.merge, "mixed": args.mixed,
-        "epochs": args.epochs, "out": str(out), "kept": record["kept"],
+        "epochs": args.epochs, "steps": steps if args.epochs else 0, "out": str(out), "kept": record["kept"],
         "dense_wer": {k: v["wer"] for k, v in before.items()},
         "compressed_wer": {k: v["wer"] for k, v in final.items()},
         "clustered_wer": {k: v["wer"] for k, v in results["clustered"].items()},
@@ -546,7 +547,14 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
         "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
         "forward_time_ratio": forward["compressed"] / forward["dense"],
         "seconds": time.time() - started,
+        "settings": {"mixed_per_kind": args.mixed_per_kind, "min_similarity": args.min_similarity,
+                     "fold_bias": args.fold_bias, "seed": args.seed},
+        # the decodings, so that the variants can be compared with each other (MAPSSWE)
+        "decoding": {label: {name: {"references": list(r["references"]), "hypotheses": list(r["hypotheses"])}
+                             for name, r in split_results.items()} for label, split_results in results.items()},
     }
+    if args.epochs:
+        summary["history"] = history
     print("\n=== summary ===")
     print(f"parameter clustering ({args.merge}{', mixed K' if args.mixed else ''}) at sparsity {args.sparsity:g}; "
           f"checkpoint {out}")
@@ -730,7 +738,9 @@ def print_summary(summary: dict) -> None:
     if "prunable_params_kept" in summary:
         line += f" removed ({summary['prunable_params_kept']:,} kept in the smaller model)"
     if summary["sparsity_before_calibration"] is not None:
-        line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration)"
+        line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration"
+        shift = summary.get("compression", {}).get("calibration_shift")
+        line += f", which shifted every log_alpha by {shift:+.3f})" if shift is not None else ")"
     print(line)
     if "kept" in summary:                 # l0: a physically smaller model, not zeros
         for name, values in summary["kept"].items():

@@ -389,3 +389,71 @@ def test_l0_per_gate_type_learning_rates_and_drop_rates(tmp_path) -> None:
     record = method.pruned_model.compression
     assert 0.5 <= record["sparsity"] < 0.56       # the smallest reachable; one head is ~5 % of this model
     assert record["gate_lr"]["heads"] == 0.02 and record["gate_lr"]["ffn"] == GATE_LR
+
+
+# --- the variants of issue 16: dims-only and a minimum number of heads -------------------------
+
+def test_dims_only_has_no_head_gate_and_a_head_goes_with_its_value_dims() -> None:
+    """Without head gates a head is removed exactly when all its value dims are (its q/k dims
+    go with it): counted by hand and against the physically pruned model."""
+    model = tiny_model(blocks=1)
+    gates = hc.L0Gates.for_model(model, head_gates=False)
+    block = gates.blocks[0]
+    assert block.heads is None and "heads" not in l0.gate_parameters_by_type(gates)
+    d, width = block.hidden_size, block.qk_head_dims[0]
+    with torch.no_grad():
+        for name in ("qk_dims", "v_dims", "ffn"):
+            getattr(block, name).log_alpha.fill_(30.0)
+        block.v_dims.log_alpha[:width] = -30.0              # head 0: no value dim left
+        block.qk_dims.log_alpha[width:width + 3] = -30.0     # head 1: 3 q/k dims fewer
+    removed = width * 2 * (d + 1) + width * (2 * d + 1) + 3 * 2 * (d + 1)
+    assert gates.deployed_num_parameters() == gates.full_num_parameters() - removed
+    assert round(gates.expected_num_parameters().item()) == gates.full_num_parameters() - removed
+    hooks = hc.apply_gates(model, gates)
+    masked = logits(model.eval())
+    hooks.remove()
+    pruned = l0.finalize(model, gates)
+    assert pruned.config.layer_num_heads == [3] and prunable_count(pruned) == gates.deployed_num_parameters()
+    torch.testing.assert_close(logits(pruned), masked, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="min_heads needs head gates"):
+        L0Method(0.5, head_gates=False, min_heads=1)
+
+
+def test_min_heads_keeps_the_heads_with_the_largest_log_alpha() -> None:
+    """min_heads=2 with every head gate shut: the two heads with the largest log_alpha stay,
+    in the deterministic masks, in training samples and in the expected count (P = 1)."""
+    model = tiny_model(blocks=1)
+    gates = hc.L0Gates.for_model(model, min_heads=2)
+    block = gates.blocks[0]
+    with torch.no_grad():
+        for name in ("qk_dims", "v_dims", "ffn"):
+            getattr(block, name).log_alpha.fill_(30.0)
+        block.heads.log_alpha.copy_(torch.tensor([-30.0, -20.0, -40.0, -25.0]))   # heads 1 and 3 largest
+    width = block.v_head_dims[0]
+    head_params = width * 2 * (d := block.hidden_size) + 2 * width + width * (2 * d + 1)
+    full = gates.full_num_parameters()
+    assert gates.deployed_num_parameters() == full - 2 * head_params
+    assert abs(gates.expected_num_parameters().item() - (full - 2 * head_params)) < 1
+    value = block.deterministic_masks(binary=True).value.view(4, width)
+    assert value.amax(dim=1).tolist() == [0.0, 1.0, 0.0, 1.0]
+    block.train()
+    sample = block.masks().value.view(4, width)
+    assert torch.equal(sample[[1, 3]], torch.ones(2, width)) and sample[[0, 2]].abs().max() == 0
+    pruned = l0.finalize(model, gates)
+    assert pruned.config.layer_num_heads == [2] and prunable_count(pruned) == gates.deployed_num_parameters()
+    # a module with fewer heads than min_heads keeps them all
+    assert hc.L0Gates.for_model(model, min_heads=9).blocks[0].min_heads == 4
+
+
+@pytest.mark.parametrize("options", [{"head_gates": False}, {"min_heads": 1}])
+def test_l0_variants_reach_the_target(tmp_path, options) -> None:
+    utterances = tiny_corpus(tmp_path)
+    model = tiny_model(dropout=0.1).train()
+    method = L0Method(0.5, **options)
+    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=0), method=method,
+          progress=False)
+    pruned, record = method.pruned_model, method.pruned_model.compression
+    assert 0.5 <= record["sparsity"] < 0.56 and record["calibration_shift"] != 0.0
+    assert record["head_gates"] == options.get("head_gates", True)
+    if "min_heads" in options:
+        assert min(pruned.config.layer_num_heads) >= 1

@@ -258,11 +258,19 @@ class BlockGates(nn.Module):
 
     intermediate_size: None when the group has no FFN. head_dims: False for whole heads only
     (no dim gates; `qk_dims` and `v_dims` are then None). key_bias: whether k_proj has a bias
-    (it counts in the parameters)."""
+    (it counts in the parameters).
+
+    Ours, not in the papers (issue 16: on the tiny model the head gates close first):
+    head_gates=False is the dims-only variant: no head gate (`heads` is None, z_h = 1), so a
+        head disappears only when all its value dims do (then its q/k dims go with it).
+    min_heads=k keeps the k heads with the largest log_alpha always on (z_h = 1 in training
+        and evaluation, P(z_h ≠ 0) = 1 in the expected count); which k can change from step
+        to step. A protected head can still lose all its value dims."""
 
     def __init__(self, hidden_size: int, qk_head_dims: Sequence[int], v_head_dims: Sequence[int],
                  intermediate_size: Optional[int], init: InitDropRates = InitDropRates(), *,
-                 generator: Optional[torch.Generator] = None, head_dims: bool = True, key_bias: bool = True):
+                 generator: Optional[torch.Generator] = None, head_dims: bool = True, key_bias: bool = True,
+                 head_gates: bool = True, min_heads: int = 0):
         super().__init__()
         if len(qk_head_dims) != len(v_head_dims):
             raise ValueError(f"{len(qk_head_dims)} query/key head widths but {len(v_head_dims)} value widths")
@@ -272,7 +280,12 @@ class BlockGates(nn.Module):
         self.num_heads = len(self.qk_head_dims)
         self.key_bias = bool(key_bias)
         self.has_ffn = intermediate_size is not None
-        self.heads = HardConcrete([self.num_heads], init.heads, generator=generator)
+        if min_heads and not head_gates:
+            raise ValueError("min_heads needs head gates (head_gates=True)")
+        if int(min_heads) < 0:
+            raise ValueError(f"min_heads must be >= 0, got {min_heads}")
+        self.min_heads = min(int(min_heads), self.num_heads)    # a module with fewer heads keeps them all
+        self.heads = HardConcrete([self.num_heads], init.heads, generator=generator) if head_gates else None
         self.qk_dims = HardConcrete(self.qk_head_dims, init.qk_dims, generator=generator) if head_dims else None
         self.v_dims = HardConcrete(self.v_head_dims, init.v_dims, generator=generator) if head_dims else None
         self.ffn = HardConcrete([int(intermediate_size or 0)], init.ffn, generator=generator)
@@ -281,13 +294,40 @@ class BlockGates(nn.Module):
 
     @classmethod
     def for_units(cls, attention: AttentionUnits, ffn: Optional[FeedForwardUnits],
-                  init: InitDropRates = InitDropRates(), *, generator: Optional[torch.Generator] = None) -> "BlockGates":
+                  init: InitDropRates = InitDropRates(), *, generator: Optional[torch.Generator] = None,
+                  head_gates: bool = True, min_heads: int = 0) -> "BlockGates":
         return cls(attention.hidden_size, attention.qk_head_dims, attention.v_head_dims,
                    None if ffn is None else ffn.num_units, init, generator=generator,
-                   head_dims=attention.head_dims_prunable, key_bias=attention.k_proj.bias is not None)
+                   head_dims=attention.head_dims_prunable, key_bias=attention.k_proj.bias is not None,
+                   head_gates=head_gates, min_heads=min_heads)
 
     def _ones(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.ones(index.shape, dtype=self.heads.log_alpha.dtype, device=self.heads.log_alpha.device)
+        like = self.ffn.log_alpha          # always present (empty without an FFN): dtype and device
+        return torch.ones(index.shape, dtype=like.dtype, device=like.device)
+
+    # --- the head gate, with the dims-only and min_heads variants ------------------------
+    @torch.no_grad()
+    def _protected_heads(self) -> torch.Tensor:
+        """(num_heads,) bool: the min_heads heads with the largest log_alpha."""
+        protected = torch.zeros(self.num_heads, dtype=torch.bool, device=self.ffn.log_alpha.device)
+        if self.heads is not None and self.min_heads:
+            protected[torch.topk(self.heads.log_alpha, self.min_heads).indices] = True
+        return protected
+
+    def _head_values(self, values: Optional[torch.Tensor]) -> torch.Tensor:
+        """Head-gate values (a sample, a mask or keep probabilities) with protected heads at 1."""
+        if values is None:
+            return torch.ones(self.num_heads, dtype=self.ffn.log_alpha.dtype, device=self.ffn.log_alpha.device)
+        if not self.min_heads:
+            return values
+        return torch.where(self._protected_heads(), torch.ones_like(values), values)
+
+    def head_keep_probability(self) -> torch.Tensor:
+        return self._head_values(None if self.heads is None else self.heads.keep_probability())
+
+    @torch.no_grad()
+    def head_deterministic(self, binary: bool = False) -> torch.Tensor:
+        return self._head_values(None if self.heads is None else self.heads.deterministic(binary))
 
     # --- masks ---------------------------------------------------------------------
     def _combine(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, ffn: torch.Tensor) -> BlockMasks:
@@ -295,7 +335,7 @@ class BlockGates(nn.Module):
 
     def masks(self, ste: bool = False) -> BlockMasks:
         """Sampled masks in training mode, deterministic ones in eval mode."""
-        heads = self.heads(ste)
+        heads = self._head_values(None if self.heads is None else self.heads(ste))
         if self.qk_dims is None:
             return self._combine(heads, self._ones(self.qk_head_index), self._ones(self.v_head_index), self.ffn(ste))
         return self._combine(heads, self.qk_dims(ste), self.v_dims(ste), self.ffn(ste))
@@ -307,7 +347,7 @@ class BlockGates(nn.Module):
 
     @torch.no_grad()
     def deterministic_masks(self, binary: bool = False) -> BlockMasks:
-        return self._combine(self.heads.deterministic(binary), *self._deterministic_dims(binary),
+        return self._combine(self.head_deterministic(binary), *self._deterministic_dims(binary),
                              self.ffn.deterministic(binary))
 
     # --- parameter counts ------------------------------------------------------------
@@ -333,25 +373,25 @@ class BlockGates(nn.Module):
         """E[parameters of the group's prunable layers after pruning]; differentiable."""
         if self.v_dims is None:
             v_head_empty = torch.tensor([float(w == 0) for w in self.v_head_dims],
-                                        dtype=self.heads.log_alpha.dtype, device=self.heads.log_alpha.device)
-            return self.count(self.heads.keep_probability(), self._ones(self.qk_head_index),
+                                        dtype=self.ffn.log_alpha.dtype, device=self.ffn.log_alpha.device)
+            return self.count(self.head_keep_probability(), self._ones(self.qk_head_index),
                               self._ones(self.v_head_index), v_head_empty, self.ffn.keep_probability())
         v_head_empty = torch.exp(_segment_sum(self.v_dims.log_drop_probability(), self.v_head_index,
                                               self.num_heads))      # Π_e P(z_{h,e} = 0)
-        return self.count(self.heads.keep_probability(), self.qk_dims.keep_probability(),
+        return self.count(self.head_keep_probability(), self.qk_dims.keep_probability(),
                           self.v_dims.keep_probability(), v_head_empty, self.ffn.keep_probability())
 
     @torch.no_grad()
     def num_parameters_of(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, ffn: torch.Tensor) -> int:
         """Exact count for fixed masks (non-zero = kept), e.g. the deterministic ones."""
-        heads, qk, v, ffn = [(x != 0).to(self.heads.log_alpha.dtype) for x in (heads, qk, v, ffn)]
+        heads, qk, v, ffn = [(x != 0).to(self.ffn.log_alpha.dtype) for x in (heads, qk, v, ffn)]
         v_head_empty = (_segment_sum(v, self.v_head_index, self.num_heads) == 0).to(v.dtype)
         return int(round(self.count(heads, qk, v, v_head_empty, ffn).item()))
 
     @torch.no_grad()
     def deployed_num_parameters(self, binary: bool = False) -> int:
         """Parameters of the group's layers in the model `spg.compress.l0.finalize` builds from these gates."""
-        return self.num_parameters_of(self.heads.deterministic(binary), *self._deterministic_dims(binary),
+        return self.num_parameters_of(self.head_deterministic(binary), *self._deterministic_dims(binary),
                                       self.ffn.deterministic(binary))
 
     def full_num_parameters(self) -> int:
@@ -377,12 +417,13 @@ class L0Gates(nn.Module):
 
     @classmethod
     def for_model(cls, model: nn.Module, init: InitDropRates = InitDropRates(), *, ste: bool = False,
-                  seed: int = 0) -> "L0Gates":
+                  seed: int = 0, head_gates: bool = True, min_heads: int = 0) -> "L0Gates":
         """Gates shaped like `model`'s attention modules and FFNs (`model.structured_units()`:
         any per-module head count, head widths and FFN width), on the model's device.
-        `seed` fixes the N(·, 0.01²) init noise."""
+        `seed` fixes the N(·, 0.01²) init noise; `head_gates`, `min_heads`: see `BlockGates`."""
         generator = torch.Generator().manual_seed(seed)
-        blocks = [BlockGates.for_units(attention, ffn, init, generator=generator)
+        blocks = [BlockGates.for_units(attention, ffn, init, generator=generator, head_gates=head_gates,
+                                       min_heads=min_heads)
                   for attention, ffn in gate_groups(model.structured_units())]
         return cls(blocks, ste=ste).to(next(model.parameters()).device)
 

@@ -156,6 +156,9 @@ class L0Method(Method):
         CTC gradient is only ~30x, so under Adam head gates take near-full steps (issue 16).
     target_warmup_fraction: share of the steps over which t ramps from 0 to the target.
     init: initial drop rate per gate type (`InitDropRates`).
+    head_gates: False for the dims-only variant (no head gate; a head goes when all its value
+        dims do). min_heads: keep at least this many heads per attention module (ours; see
+        `spg.compress.hardconcrete.BlockGates`).
     seed: seed of the log_alpha init noise.
     distill_teacher: optional dense teacher (frozen, eval mode) for layer-wise distillation.
     distill_layers: 1-based blocks to distil (default `default_distill_layers`).
@@ -172,7 +175,7 @@ class L0Method(Method):
 
     def __init__(self, target_sparsity: float, *, ste: bool = False, gate_lr: Union[float, dict] = GATE_LR,
                  lambda_lr: float = LAMBDA_LR, target_warmup_fraction: float = TARGET_WARMUP_FRACTION,
-                 init: InitDropRates = InitDropRates(), seed: int = 0,
+                 init: InitDropRates = InitDropRates(), seed: int = 0, head_gates: bool = True, min_heads: int = 0,
                  distill_teacher: Optional[nn.Module] = None, distill_layers: Optional[Sequence[int]] = None,
                  distill_weight: float = 1.0, calibrate: bool = True, history_every: int = 10):
         if not 0.0 <= target_sparsity < 1.0:
@@ -190,6 +193,10 @@ class L0Method(Method):
         self.target_warmup_fraction = float(target_warmup_fraction)
         self.init = init
         self.seed = int(seed)
+        self.head_gates = bool(head_gates)
+        if min_heads and not head_gates:
+            raise ValueError("min_heads needs head gates: the dims-only variant (head_gates=False) has none")
+        self.min_heads = int(min_heads)
         self.teacher = distill_teacher
         self.distill_layers = list(distill_layers) if distill_layers is not None else None
         self.distill_weight = float(distill_weight)
@@ -211,7 +218,8 @@ class L0Method(Method):
     # --- the Method interface ------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         device = next(model.parameters()).device
-        self.gates = L0Gates.for_model(model, self.init, ste=self.ste, seed=self.seed)
+        self.gates = L0Gates.for_model(model, self.init, ste=self.ste, seed=self.seed, head_gates=self.head_gates,
+                                       min_heads=self.min_heads)
         self.hooks = apply_gates(model, self.gates)
         with torch.no_grad():
             self.lambda1.data = self.lambda1.data.to(device)
@@ -335,6 +343,7 @@ class L0Method(Method):
             "prunable_params": gates.full_num_parameters(), "prunable_params_kept": gates.deployed_num_parameters(),
             "lambda1": self.lambda1.item(), "lambda2": self.lambda2.item(),
             "gate_lr": self.gate_lr, "lambda_lr": self.lambda_lr, "calibrate": self.calibrate,
+            "head_gates": self.head_gates, "min_heads": self.min_heads,
             "target_warmup_fraction": self.target_warmup_fraction,
             "distill_layers": self.distill_layers if self.teacher is not None else None,
         }
