@@ -203,6 +203,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "the others keep 0.1)")
     group.add_argument("--init-drop", type=per_gate_type("a number in (0, 1)", lambda v: 0 < v < 1), default=None,
                        help="initial drop rate per gate type, e.g. heads=0.001,ffn=0.5 (the others keep 0.01)")
+    group.add_argument("--target-ramp", type=FRACTION, default=None,
+                       help="share of the steps over which the target sparsity ramps up from 0 (default 0.5; "
+                            "DPHuBERT 0.1)")
     group.add_argument("--min-heads", type=COUNT, default=0,
                        help="keep at least this many heads in every attention module (ours; default 0)")
     group.add_argument("--dims-only", action="store_true",
@@ -222,8 +225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--method {args.method} needs --sparsity > 0")
     if args.min_heads and args.dims_only:
         parser.error("--min-heads needs head gates; --dims-only has none")
-    if (args.min_heads or args.dims_only) and args.method != "l0":
-        parser.error("--min-heads and --dims-only are options of --method l0")
+    if (args.min_heads or args.dims_only or args.target_ramp is not None) and args.method != "l0":
+        parser.error("--min-heads, --dims-only and --target-ramp are options of --method l0")
     if args.model and args.init:
         parser.error("give either --model or --init, not both")
     try:

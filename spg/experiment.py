@@ -87,10 +87,11 @@ def build_method(args, model) -> Method:
         if args.distill:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
         from spg.compress.hardconcrete import InitDropRates
-        from spg.compress.l0 import GATE_LR
+        from spg.compress.l0 import GATE_LR, TARGET_WARMUP_FRACTION
         return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed,
                         gate_lr=args.gate_lr if args.gate_lr else GATE_LR, init=InitDropRates(**(args.init_drop or {})),
-                        head_gates=not args.dims_only, min_heads=args.min_heads)
+                        head_gates=not args.dims_only, min_heads=args.min_heads,
+                        target_warmup_fraction=TARGET_WARMUP_FRACTION if args.target_ramp is None else args.target_ramp)
     if args.method == "spg":
         return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
                                  normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
@@ -290,7 +291,8 @@ def run_settings(args) -> dict:
         del settings["--steps"]                      # derived from --epochs
     elif args.method == "l0":
         settings.update({"--ste": args.ste, "--distill": args.distill, "--gate-lr": args.gate_lr,
-                         "--init-drop": args.init_drop, "--min-heads": args.min_heads, "--dims-only": args.dims_only})
+                         "--init-drop": args.init_drop, "--min-heads": args.min_heads, "--dims-only": args.dims_only,
+                         "--target-ramp": args.target_ramp})
     elif args.method == "structured":
         settings.update({"--structure-from": _where(args.structure_from), "--fold-bias": args.fold_bias})
     return settings

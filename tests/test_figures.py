@@ -29,5 +29,7 @@ def test_every_figure_under_results_is_shown_with_its_data():
     for path in sorted((REPO / "results").glob("*.png")):
         name = str(path.relative_to(REPO))
         assert name in shown, f"{name} is not shown in the README"
-        data = path.with_name(path.stem.removesuffix("_allocation") + ".json")
-        assert data.is_file(), f"{name} has no results JSON ({data.name}) it was drawn from"
+        # <stem>.png or <stem>_<what>.png beside <stem>.json
+        candidates = [path.with_suffix(".json"), path.with_name(path.stem.rsplit("_", 1)[0] + ".json")]
+        assert any(c.is_file() for c in candidates), \
+            f"{name} has no results JSON ({' or '.join(c.name for c in candidates)}) it was drawn from"

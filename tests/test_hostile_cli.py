@@ -48,6 +48,19 @@ def test_senseless_train_values_are_usage_errors(flag, value, capsys):
     assert f"argument {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--method", "l0", "--sparsity", "0.7", "--min-heads", "1", "--dims-only"], "--min-heads needs head gates"),
+    (["--method", "ump", "--sparsity", "0.7", "--min-heads", "1"], "options of --method l0"),
+    (["--method", "spg", "--sparsity", "0.7", "--dims-only"], "options of --method l0"),
+    (["--method", "l0", "--sparsity", "0.7", "--min-heads", "-1"], "argument --min-heads"),
+])
+def test_l0_variant_options_that_cannot_apply_are_usage_errors(options, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*options, "--data", "/no/such/corpus"])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value", [("--max-seconds", "0"), ("--max-seconds", "nan"), ("--device", "gpu7")])
 def test_senseless_evaluate_values_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -63,6 +63,10 @@ Not specified by the papers, ours (defaults):
     CoFi also clamps log_alpha to [log 0.01, log 100] after every step; we do not (as
     DPHuBERT): it did not remove the miss in our runs, and clamped gates tie at the floor,
     where the eval mask still keeps ~5 % of them with values ~0.004.
+  * two variants for models whose head gates close first (issue 16; `head_gates=False`, the
+    dims-only variant, and `min_heads`; see `spg.compress.hardconcrete.BlockGates`), and per
+    gate type learning rates (`gate_lr` as a dict) and initial drop rates (`init`); what they
+    change on the shipped model is measured in the README (tests/bench/structured_experiment.py).
 """
 
 from __future__ import annotations

@@ -127,12 +127,13 @@ def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset:
     def label_of(run: dict) -> str:
         label = "structured magnitude" if run["method"] == "magnitude" else f"clustering, merge {run['merge']}"
         return label + (", mixed K" if run["mixed"] else "")
-    labels = sorted({label_of(run) for run in whisper["runs"]})
+    runs = [run for run in whisper["runs"] if not run.get("fold", False)]    # the fold rows: the table only
+    labels = sorted({label_of(run) for run in runs})
     colours = dict(zip(labels, plt.cm.tab10.colors))           # one colour per method in both panels
     figure, all_axes = plt.subplots(1, 2, figsize=(11, 4.0), dpi=100, sharey=True)
     for axes, (scope, title) in zip(all_axes, scopes.items()):
         groups: dict[str, list] = {}
-        for run in whisper["runs"]:
+        for run in runs:
             if run.get("units", "heads+ffn") == scope:
                 groups.setdefault(label_of(run), []).append((run["sparsity"], 100 * run["wer"][dataset]))
         for label, points in sorted(groups.items()):
@@ -144,7 +145,7 @@ def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset:
         axes.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"uncompressed ({dense:.1f}%)")
         axes.set_title(f"{title}: WER on {whisper['datasets'][dataset]} LibriVox sentences", fontsize=9)
         axes.set_xlabel("sparsity of the compressed modules (%)")
-        axes.set_xticks(sorted({100 * run["sparsity"] for run in whisper["runs"]}))
+        axes.set_xticks(sorted({100 * run["sparsity"] for run in runs}))
         axes.set_ylim(0, 108)
         axes.grid(alpha=0.3)
     all_axes[0].set_ylabel("word error rate (%); ▲ = above 100")
@@ -152,6 +153,92 @@ def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset:
     figure.legend(list(handles.values()), list(handles), fontsize=8, loc="lower center", ncol=3)
     figure.suptitle("Whisper tiny.en, data-free structured compression (no fine-tuning)", fontsize=10)
     figure.tight_layout(rect=(0, 0.14, 1, 1))
+    if path is not None:
+        figure.savefig(path)
+    return figure
+
+
+# --- the structured methods (tests/bench/structured_experiment.py) -------------------------------
+
+RULE_LABELS = {"mean": "clustering, mean merge (paper)", "sum_out": "clustering, sum_out merge (ours)",
+               "representative": "clustering, representative (ours)", "magnitude": "structured magnitude (baseline)"}
+L0_LABELS = {"l0": "L0, defaults", "l0-heads-lr": "L0, head gates at lr 0.02", "l0-min-heads": "L0, min. 1 head per block",
+             "l0-dims-only": "L0, dims only (no head gates)", "l0-short-ramp": "L0, target ramp over 10% of the steps"}
+
+
+def plot_clustering_against_parameters(results: dict, path: Optional[Path] = None):
+    """WER (dev + test) against the parameter count: data-free clustering with each merge rule
+    and structured magnitude pruning at the same sizes (uniform K: circles joined by a line;
+    variance-based mixed K: triangles), and after --epochs 1 recovery (squares, mean ± s.d.
+    over seeds), with the dense model."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    runs = [r for r in results["cluster"]["runs"] if not r["fold"]]
+    colours = dict(zip(RULE_LABELS, ("tab:blue", "tab:orange", "tab:green", "black")))
+    for rule, label in RULE_LABELS.items():
+        for mix, marker, line in (("uniform", "o", "-"), ("mixed", "^", ":")):
+            chosen = sorted((r for r in runs if r["mix"] == mix and (rule == "magnitude" or r["rule"] == rule)),
+                            key=lambda r: r["params_total"])
+            if rule == "magnitude":      # the same sizes in every rule's run: one point per sparsity
+                chosen = list({r["sparsity"]: r for r in chosen}.values())
+            key = "magnitude" if rule == "magnitude" else "clustered"
+            if chosen:
+                axes.plot([r["params_total"] / 1e6 for r in chosen], [100 * r[key]["pooled"] for r in chosen],
+                          marker=marker, linestyle=line, color=colours[rule],
+                          label=f"{label}, {'uniform' if mix == 'uniform' else 'mixed'} K, no training")
+    recovery = results.get("recovery_summary") or []
+    params = {r["sparsity"]: r["params_total"] for r in results["recovery"]["runs"]}
+    for arm, rule in (("mean", "mean"), ("representative", "representative"), ("structured", "magnitude")):
+        points = sorted((params[r["sparsity"]], r["wer_pooled"]) for r in recovery if r["arm"] == arm)
+        if points:
+            axes.errorbar([p / 1e6 for p, _ in points], [100 * m for _, (m, _) in points],
+                          yerr=[100 * sd for _, (_, sd) in points], marker="s", linestyle="--", capsize=3,
+                          color=colours[rule], label=f"{RULE_LABELS[rule].split(' (')[0]}, after 375 steps of recovery")
+    if runs:
+        axes.scatter([runs[0]["params_dense"] / 1e6], [100 * results["dense"]["pooled"]], marker="*", s=150,
+                     color="crimson", zorder=5, label=f"dense ({100 * results['dense']['pooled']:.2f}%)")
+    axes.set_title("Structured compression of the shipped model: WER on dev + test against size\n"
+                   "clustering (each merge rule) vs structured magnitude pruning at the same per-module sizes",
+                   fontsize=10)
+    axes.set_xlabel("parameters (millions)")
+    axes.set_ylabel("word error rate (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path)
+    return figure
+
+
+def plot_l0_shapes(results: dict, path: Optional[Path] = None):
+    """What L0 keeps, per block: heads, query/key and value dims (summed over heads) and FFN units, one line
+    per gate setting (mean ± s.d. over seeds), at the experiment's sparsity."""
+    import statistics
+    plt = _pyplot()
+    runs = [r for r in results["l0"]["runs"] if not r["arm"].startswith("structured-")]
+    figure, panels = plt.subplots(1, 4, figsize=(12, 3.8), dpi=100)
+    for index, (key, title) in enumerate((("heads", "heads kept (of 4)"), ("qk_dims", "query/key dims kept (of 256)"),
+                                          ("v_dims", "value dims kept (of 256)"),
+                                          ("ffn_units", "FFN units kept (of 1,024)"))):
+        axes = panels[index]
+        for setting, label in L0_LABELS.items():
+            chosen = [r["kept"][key] for r in runs if r["setting"] == setting and key in r["kept"]]
+            if not chosen:
+                continue
+            blocks = range(1, len(chosen[0]) + 1)
+            means = [statistics.mean(values) for values in zip(*chosen)]
+            sds = [statistics.stdev(values) if len(chosen) > 1 else 0.0 for values in zip(*chosen)]
+            axes.errorbar(list(blocks), means, yerr=sds, marker="o", capsize=3, label=f"{label} ({len(chosen)} seeds)")
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("block")
+        axes.set_xticks(list(range(1, 7)))
+        axes.set_ylim(bottom=0)
+        axes.grid(alpha=0.3)
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    figure.suptitle(f"L0 at {100 * results['l0_sparsity']:.0f}% ({results['l0_steps']} steps): what survives in each "
+                    "block, per gate setting (mean ± s.d. over seeds)", fontsize=10)
+    figure.tight_layout(rect=(0, 0.12, 1, 0.95))
     if path is not None:
         figure.savefig(path)
     return figure

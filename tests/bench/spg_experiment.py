@@ -32,17 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reporting import mean_sd, rounded  # noqa: E402
+from runner import Job, run_jobs  # noqa: E402
 
 from spg.compress import self_pinching  # noqa: E402
 from spg.wer import error_counts, mapsswe  # noqa: E402
@@ -79,52 +78,21 @@ def stem(out: Path, arm: str, sparsity: float, seed: int, suffix: str = "") -> P
 def run_all(args, out: Path, passthrough: list[str]) -> None:
     """Run every (sparsity, seed, arm) not finished yet, `args.workers` at a time; `mixed`
     waits for the spg run of its sparsity and seed."""
-    jobs = [(arm, sparsity, seed) for sparsity in args.sparsities for seed in args.seeds for arm in args.arms]
+    runs = [(arm, sparsity, seed) for sparsity in args.sparsities for seed in args.seeds for arm in args.arms]
     if args.ablations:
-        jobs += [(arm, args.ablation_sparsity, seed) for seed in args.seeds for arm in ABLATIONS]
-    pending = [job for job in jobs if not stem(out, *job, ".json").exists()]
-    running: dict[tuple, tuple[subprocess.Popen, object]] = {}
-    failed = []
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="runs", unit="run")
-    environment = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    while pending or running:
-        for job in list(running):
-            process, log = running[job]
-            if process.poll() is not None:
-                log.close()
-                del running[job]
-                if process.returncode != 0:
-                    failed.append(job)
-                    bar.write(f"FAILED ({process.returncode}): {stem(out, *job)}.log")
-                bar.update(1)
-        for job in list(pending):
-            if len(running) >= args.workers:
-                break
-            arm, sparsity, seed = job
-            if arm == "mixed" and not stem(out, "spg", sparsity, seed, ".json").exists():
-                if ("spg", sparsity, seed) in failed:
-                    pending.remove(job)
-                    failed.append(job)
-                continue
-            path = stem(out, *job)
-            command = [sys.executable, str(REPO / "train.py"), "--sparsity", str(sparsity), "--seed", str(seed),
-                       "--steps", str(args.steps), "--out", f"{path}.pt", "--json", f"{path}.json",
-                       "--dense-eval", str(out / "dense-decoding.json"), "--save-every", "100"]
-            command += arm_options(arm, sparsity, args.lr) + ["--lr", f"{args.lr:g}"] + passthrough
-            if arm == "mixed":
-                command += ["--mixed-from", str(stem(out, "spg", sparsity, seed, ".pt"))]
-            if Path(f"{path}.pt.state").exists():
-                command.append("--resume")
-            log = open(f"{path}.log", "a")
-            log.write("\n$ " + " ".join(command) + "\n")
-            log.flush()
-            running[job] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log)
-            pending.remove(job)
-            bar.set_postfix_str(f"started {path.name}")
-        time.sleep(2)
-    bar.close()
-    if failed:
-        print(f"{len(failed)} run(s) failed: " + ", ".join(stem(out, *job).name for job in failed))
+        runs += [(arm, args.ablation_sparsity, seed) for seed in args.seeds for arm in ABLATIONS]
+    jobs = []
+    for arm, sparsity, seed in runs:
+        options = ["--sparsity", str(sparsity), "--seed", str(seed), "--steps", str(args.steps),
+                   "--dense-eval", str(out / "dense-decoding.json"), "--save-every", "100",
+                   *arm_options(arm, sparsity, args.lr), "--lr", f"{args.lr:g}", *passthrough]
+        job = Job(stem(out, arm, sparsity, seed), options)
+        if arm == "mixed":
+            source = stem(out, "spg", sparsity, seed)
+            job.options += ["--mixed-from", f"{source}.pt"]
+            job.waits_for, job.after = Path(f"{source}.json"), source
+        jobs.append(job)
+    run_jobs(REPO, jobs, args.workers)
 
 
 def pooled_decoding(run: dict) -> tuple[list[str], list[str]]:
@@ -133,24 +101,6 @@ def pooled_decoding(run: dict) -> tuple[list[str], list[str]]:
         references += run["decoding"][split]["references"]
         hypotheses += run["decoding"][split]["hypotheses"]
     return references, hypotheses
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def rounded(value, digits: int = 5):
-    """Floats to `digits` significant digits, recursively (keeps the results file small)."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    return value
 
 
 def report(args, out: Path, passthrough: list[str]) -> dict:
@@ -278,7 +228,6 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(rounded(results), separators=(",", ":")) + "\n")   # compact: ~1 MB
     print(f"results written to {results_path}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from figures import plot_allocation, plot_wer_against_sparsity
     figures = [results_path.with_name(results_path.stem + ".png")]
     plot_wer_against_sparsity(results, figures[0])

@@ -1,0 +1,25 @@
+"""Small helpers the experiments' reports share: mean ± s.d. over seeds, compact JSON numbers."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """(mean, sample s.d.) of the values that are not None or nan; (nan, nan) when none are."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rounded(value, digits: int = 5):
+    """Floats to `digits` significant digits, recursively (keeps the results files small)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return value
