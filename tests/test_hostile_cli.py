@@ -52,6 +52,8 @@ def test_senseless_train_values_are_usage_errors(flag, value, capsys):
     (["--method", "l0", "--sparsity", "0.7", "--min-heads", "1", "--dims-only"], "--min-heads needs head gates"),
     (["--method", "ump", "--sparsity", "0.7", "--min-heads", "1"], "options of --method l0"),
     (["--method", "spg", "--sparsity", "0.7", "--dims-only"], "options of --method l0"),
+    (["--method", "gmp", "--sparsity", "0.7", "--target-ramp", "0.1"], "options of --method l0"),
+    (["--method", "l0", "--sparsity", "0.7", "--target-ramp", "1"], "argument --target-ramp"),
     (["--method", "l0", "--sparsity", "0.7", "--min-heads", "-1"], "argument --min-heads"),
 ])
 def test_l0_variant_options_that_cannot_apply_are_usage_errors(options, message, capsys):

@@ -221,14 +221,15 @@ def plot_l0_shapes(results: dict, path: Optional[Path] = None):
                                           ("v_dims", "value dims kept (of 256)"),
                                           ("ffn_units", "FFN units kept (of 1,024)"))):
         axes = panels[index]
-        for setting, label in L0_LABELS.items():
+        for position, (setting, label) in enumerate(L0_LABELS.items()):
             chosen = [r["kept"][key] for r in runs if r["setting"] == setting and key in r["kept"]]
             if not chosen:
                 continue
-            blocks = range(1, len(chosen[0]) + 1)
+            offset = 0.07 * (position - 2)         # lines that coincide (e.g. at 0 heads) stay visible
+            blocks = [b + offset for b in range(1, len(chosen[0]) + 1)]
             means = [statistics.mean(values) for values in zip(*chosen)]
             sds = [statistics.stdev(values) if len(chosen) > 1 else 0.0 for values in zip(*chosen)]
-            axes.errorbar(list(blocks), means, yerr=sds, marker="o", capsize=3, label=f"{label} ({len(chosen)} seeds)")
+            axes.errorbar(blocks, means, yerr=sds, marker="o", capsize=3, label=f"{label} ({len(chosen)} seeds)")
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("block")
         axes.set_xticks(list(range(1, 7)))
