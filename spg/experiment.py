@@ -451,8 +451,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
                        forward_time_ratio=forward["compressed"] / forward["dense"])
     summary["history"] = result.history
     # the decodings, so that runs can be compared with each other (MAPSSWE) without re-decoding
-    summary["decoding"] = {name: {"references": list(figures["references"]), "hypotheses": list(figures["hypotheses"])}
-                           for name, figures in after.items()}
+    summary["decoding"] = decodings(after)
     if isinstance(method, self_pinching.SPG):
         summary["spg_history"] = method.history
         summary["allocation"] = allocation_summary(model.compression, reference, args.steps)
@@ -460,6 +459,13 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     if args.json:
         write_json(args.json, summary)
     return 0
+
+
+def decodings(results: dict) -> dict:
+    """{split: {"references", "hypotheses"}} of `evaluate_corpus` results per split: what a run
+    JSON keeps so that runs can be compared with each other (MAPSSWE) without decoding again."""
+    return {name: {"references": list(figures["references"]), "hypotheses": list(figures["hypotheses"])}
+            for name, figures in results.items()}
 
 
 def global_magnitude_allocation(model, sparsity: float) -> dict[str, float]:
@@ -552,8 +558,7 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
         "settings": {"mixed_per_kind": args.mixed_per_kind, "min_similarity": args.min_similarity,
                      "fold_bias": args.fold_bias, "seed": args.seed},
         # the decodings, so that the variants can be compared with each other (MAPSSWE)
-        "decoding": {label: {name: {"references": list(r["references"]), "hypotheses": list(r["hypotheses"])}
-                             for name, r in split_results.items()} for label, split_results in results.items()},
+        "decoding": {label: decodings(split_results) for label, split_results in results.items()},
     }
     if args.epochs:
         summary["history"] = history

@@ -1,9 +1,21 @@
-"""Small helpers the experiments' reports share: mean ± s.d. over seeds, compact JSON numbers."""
+"""Small helpers the experiments' reports share: dev + test pooled, mean ± s.d. over seeds,
+compact JSON numbers."""
 
 from __future__ import annotations
 
 import math
 import statistics
+
+POOLED = ("dev", "test")        # the built-in corpus's seen voices, pooled in every report
+
+
+def pooled_decoding(decoding: dict) -> tuple[list[str], list[str]]:
+    """(references, hypotheses) of the POOLED splits of one run's {split: decoding}."""
+    references, hypotheses = [], []
+    for split in POOLED:
+        references += decoding[split]["references"]
+        hypotheses += decoding[split]["hypotheses"]
+    return references, hypotheses
 
 
 def mean_sd(values) -> tuple[float, float]:

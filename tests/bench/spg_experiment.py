@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reporting import mean_sd, rounded  # noqa: E402
+from reporting import POOLED, mean_sd, pooled_decoding, rounded  # noqa: E402
 from runner import Job, run_jobs  # noqa: E402
 
 from spg.compress import self_pinching  # noqa: E402
@@ -50,7 +50,6 @@ ARMS = ("spg", "spg-mean", "ump", "gmp", "mixed")
 # One ingredient of the default changed at a time, at --ablation-sparsity only (--ablations)
 ABLATIONS = ("spg-slow", "spg-mean-fast", "spg-on-off")
 BASELINES = ("spg-mean", "ump", "gmp", "mixed") + ABLATIONS
-POOLED = ("dev", "test")
 
 
 def arm_options(arm: str, sparsity: float, lr: float) -> list[str]:
@@ -95,14 +94,6 @@ def run_all(args, out: Path, passthrough: list[str]) -> None:
     run_jobs(REPO, jobs, args.workers)
 
 
-def pooled_decoding(run: dict) -> tuple[list[str], list[str]]:
-    references, hypotheses = [], []
-    for split in POOLED:
-        references += run["decoding"][split]["references"]
-        hypotheses += run["decoding"][split]["hypotheses"]
-    return references, hypotheses
-
-
 def report(args, out: Path, passthrough: list[str]) -> dict:
     runs = {}
     for sparsity in args.sparsities:
@@ -119,7 +110,7 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
 
     rows, comparisons = [], []
     for (arm, sparsity, seed), run in runs.items():
-        references, hypotheses = pooled_decoding(run)
+        references, hypotheses = pooled_decoding(run["decoding"])
         counts = error_counts(references, hypotheses)
         pooled = counts.rate
         unseen = run["compressed_wer"]["test-unseen"]
@@ -140,11 +131,11 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
         for seed in args.seeds:
             if ("spg", sparsity, seed) not in runs:
                 continue
-            spg_refs, spg_hyp = pooled_decoding(runs["spg", sparsity, seed])
+            spg_refs, spg_hyp = pooled_decoding(runs["spg", sparsity, seed]["decoding"])
             for baseline in BASELINES:
                 if (baseline, sparsity, seed) not in runs:
                     continue
-                _, base_hyp = pooled_decoding(runs[baseline, sparsity, seed])
+                _, base_hyp = pooled_decoding(runs[baseline, sparsity, seed]["decoding"])
                 test = mapsswe(spg_refs, spg_hyp, base_hyp, alpha=0.05)
                 unseen = runs["spg", sparsity, seed]["decoding"]["test-unseen"]
                 test_unseen = mapsswe(unseen["references"], unseen["hypotheses"],
@@ -277,7 +268,7 @@ def step_time_ratio(*, steps: int, rounds: int, passthrough: list[str]) -> tuple
 
 def pooled_against_dense(run: dict, dense_hyp: dict) -> dict:
     """MAPSSWE (alpha 0.05) of the run against dense on dev+test pooled."""
-    references, hypotheses = pooled_decoding(run)
+    references, hypotheses = pooled_decoding(run["decoding"])
     test = mapsswe(references, hypotheses, dense_hyp["dev"] + dense_hyp["test"], alpha=0.05)
     return {"p": test.p_value, "z": test.z, "significant": test.significant,
             "worse": test.significant and test.mean_difference > 0}

@@ -14,25 +14,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from reporting import mean_sd, rounded
+from reporting import POOLED, mean_sd, pooled_decoding, rounded
 
 from spg.wer import error_counts, mapsswe
-
-POOLED = ("dev", "test")
-
-
-def pooled(decoding: dict) -> tuple[list[str], list[str]]:
-    references, hypotheses = [], []
-    for split in POOLED:
-        references += decoding[split]["references"]
-        hypotheses += decoding[split]["hypotheses"]
-    return references, hypotheses
-
 
 def wers(decoding: dict) -> dict:
     """{"pooled": dev+test WER, "test-unseen": WER} of one decoding."""
     unseen = decoding["test-unseen"]
-    return {"pooled": error_counts(*pooled(decoding)).rate,
+    return {"pooled": error_counts(*pooled_decoding(decoding)).rate,
             "test-unseen": error_counts(unseen["references"], unseen["hypotheses"]).rate}
 
 
@@ -40,7 +29,8 @@ def compare(first: dict, second: dict) -> dict:
     """MAPSSWE of `first` against `second` (two decodings of the same utterances), pooled and
     on test-unseen: p, significant, whether `first` has fewer errors."""
     figures = {}
-    for name, (refs, a, b) in {"pooled": (pooled(first)[0], pooled(first)[1], pooled(second)[1]),
+    references, hypotheses = pooled_decoding(first)
+    for name, (refs, a, b) in {"pooled": (references, hypotheses, pooled_decoding(second)[1]),
                                "test-unseen": (first["test-unseen"]["references"], first["test-unseen"]["hypotheses"],
                                                second["test-unseen"]["hypotheses"])}.items():
         test = mapsswe(refs, a, b, alpha=0.05)
