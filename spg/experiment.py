@@ -443,9 +443,10 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
         summary["kept"] = kept_units(model)
         # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
         dense_prunable = sparsity_report(dense_copy)["prunable_params"]
+        # both count the prunable weights; L0's own target counts the gated layers' biases too
         summary.update(prunable_params=dense_prunable, prunable_params_kept=report["prunable_params"],
-                       sparsity=model.compression["sparsity"] if args.method == "l0"
-                       else 1.0 - report["prunable_params"] / dense_prunable,
+                       sparsity=1.0 - report["prunable_params"] / dense_prunable,
+                       gate_sparsity=model.compression["sparsity"] if args.method == "l0" else None,
                        params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
                        forward_time_ratio=forward["compressed"] / forward["dense"])
@@ -744,6 +745,8 @@ def print_summary(summary: dict) -> None:
     line = f"global sparsity {pct(summary['sparsity'])} of {summary['prunable_params']:,} prunable weights"
     if "prunable_params_kept" in summary:
         line += f" removed ({summary['prunable_params_kept']:,} kept in the smaller model)"
+    if summary.get("gate_sparsity") is not None:      # l0: the target is of weights and biases
+        line += f"; {pct(summary['gate_sparsity'])} of the gated layers' weights and biases"
     if summary["sparsity_before_calibration"] is not None:
         line += f" (target {pct(target)}; {pct(summary['sparsity_before_calibration'])} before calibration"
         shift = summary.get("compression", {}).get("calibration_shift")

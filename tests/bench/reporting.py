@@ -9,10 +9,10 @@ import statistics
 POOLED = ("dev", "test")        # the built-in corpus's seen voices, pooled in every report
 
 
-def pooled_decoding(decoding: dict) -> tuple[list[str], list[str]]:
-    """(references, hypotheses) of the POOLED splits of one run's {split: decoding}."""
+def pooled_decoding(decoding: dict, splits=POOLED) -> tuple[list[str], list[str]]:
+    """(references, hypotheses) of the `splits` (default POOLED) of one run's {split: decoding}."""
     references, hypotheses = [], []
-    for split in POOLED:
+    for split in splits:
         references += decoding[split]["references"]
         hypotheses += decoding[split]["hypotheses"]
     return references, hypotheses

@@ -36,14 +36,15 @@ def train_command(repo: Path, job: Job) -> list[str]:
     return command
 
 
-def run_jobs(repo: Path, jobs: list[Job], workers: int, desc: str = "runs") -> list[Job]:
-    """Run every job whose JSON does not exist yet, `workers` at a time, each after the file
-    it waits for exists. Returns the jobs that failed (or whose prerequisite failed)."""
+def run_jobs(repo: Path, jobs: list[Job], workers: int, desc: str = "runs", threads: int = 1) -> list[Job]:
+    """Run every job whose JSON does not exist yet, `workers` at a time with `threads` OpenMP
+    threads each, each after the file it waits for exists. Returns the jobs that failed (or
+    whose prerequisite failed)."""
     pending = [job for job in jobs if not Path(f"{job.stem}.json").exists()]
     running: dict[int, tuple[Job, subprocess.Popen, object]] = {}
     failed: list[Job] = []
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc=desc, unit="run")
-    environment = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
     failed_stems: set[Path] = set()
     while pending or running:
         for key in list(running):
