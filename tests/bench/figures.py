@@ -117,13 +117,11 @@ def plot_allocation(experiment: dict, sparsity: float = 0.7, path: Optional[Path
 
 def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset: str = "real"):
     """Whisper tiny.en without data or training: WER on real speech (`dataset`: "real" pools
-    the 11 recordings; older files have only "librivox") against sparsity for clustering (each
+    the 11 recordings, or one of them) against sparsity for clustering (each
     merge rule, uniform or mixed K) and structured magnitude pruning. Left: heads and FFN
     units compressed; right: FFN units only. WER above 100 % (the decoder loops or emits junk)
     is drawn as a triangle at the 100 % edge. The bias-fold and per-kind rows are in the table only."""
     plt = _pyplot()
-    if dataset not in whisper["dense"]["wer"]:
-        dataset = "librivox"
     dense = 100 * whisper["dense"]["wer"][dataset]
     count = (sum(whisper["datasets"].get(name, 0) for name in ("librivox", "cards", "beckett"))
              if dataset == "real" else whisper["datasets"][dataset])

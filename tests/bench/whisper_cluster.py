@@ -182,7 +182,7 @@ def label_of(row: dict) -> str:
 
 
 def print_table(result: dict) -> None:
-    names = [*result["datasets"], "real"] if "real" not in result["datasets"] else list(result["datasets"])
+    names = [*result["datasets"], "real"]
     print(f"\nWER (%) of {result['model']}, no data and no training; datasets: "
           + ", ".join(f"{n} ({c} utterances)" for n, c in result["datasets"].items())
           + "; MAPSSWE against magnitude at the same sizes: + better, - worse, = no significant difference")

@@ -88,30 +88,32 @@ def report(out: Path, levels: dict, results: Path) -> dict:
                 path = out / f"{method}-{sparsity:g}-s{seed}.json"
                 if path.is_file():
                     runs[f"{method}-s{seed}"] = json.loads(path.read_text())
+        wers = {name: {split: wer(run, split) for split in SETS} for name, run in runs.items()}
         comparisons = []
         for seed in seeds:
             l0, structured = runs.get(f"l0-s{seed}"), runs.get(f"structured-s{seed}")
             if l0 is None or structured is None:
                 continue
-            for name in SETS:
-                (references, ours), (_, baseline) = decoding(l0, name), decoding(structured, name)
+            for split in SETS:
+                (references, ours), (_, baseline) = decoding(l0, split), decoding(structured, split)
                 test = mapsswe(references, ours, baseline, alpha=0.05)
-                comparisons.append({"seed": seed, "set": name, "l0_wer": wer(l0, name),
-                                    "structured_wer": wer(structured, name), "p_value": test.p_value,
-                                    "significant": test.significant,
-                                    "better": "l0" if wer(l0, name) < wer(structured, name) else "structured"})
+                l0_wer, structured_wer = wers[f"l0-s{seed}"][split], wers[f"structured-s{seed}"][split]
+                comparisons.append({"seed": seed, "set": split, "l0_wer": l0_wer, "structured_wer": structured_wer,
+                                    "p_value": test.p_value, "significant": test.significant,
+                                    "better": "l0" if l0_wer < structured_wer else "structured"})
         summary = {}
         for method in METHODS:
-            chosen = [runs[f"{method}-s{seed}"] for seed in seeds if f"{method}-s{seed}" in runs]
+            names = [f"{method}-s{seed}" for seed in seeds if f"{method}-s{seed}" in runs]
+            chosen = [runs[name] for name in names]
             if chosen:
-                summary[method] = {**{name: mean_sd([wer(run, name) for run in chosen]) for name in SETS},
+                summary[method] = {**{split: mean_sd([wers[name][split] for name in names]) for split in SETS},
                                    "seeds": len(chosen),
                                    "params_total": round(mean_sd([run["params_total"] for run in chosen])[0]),
                                    "forward_time_ratio": mean_sd([run["forward_time_ratio"] for run in chosen])}
         level = {"sparsity": sparsity, "seeds": list(seeds), "summary": summary, "comparisons": comparisons,
                  "runs": {name: {**{key: run.get(key) for key in ("kept", "params_total", "sparsity_before_calibration",
                                                                    "forward_time_ratio", "train_seconds", "history")},
-                                 "wer": {name: wer(run, name) for name in SETS},
+                                 "wer": wers[name],
                                  "sparsity": 1.0 - run["prunable_params_kept"] / run["prunable_params"],
                                  **({"first_step_at_target": first_step_at(run, 0.95 * sparsity)}
                                     if name.startswith("l0") else {})}
