@@ -90,8 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help=f"checkpoint to start from (default: {DEFAULT_MODEL.relative_to(REPO)})")
-    parser.add_argument("--init", choices=["tiny"], default=None,
-                        help="start from a randomly initialised preset instead of a checkpoint")
+    parser.add_argument("--init", choices=["tiny", "whisper-tiny.en", "whisper-base"], default=None,
+                        help="start from a new model instead of a checkpoint: tiny = a randomly initialised "
+                             "wav2vec2 preset; whisper-tiny.en / whisper-base = that pretrained Whisper encoder "
+                             "with a new CTC head (drawn with --seed) over the character vocabulary")
     parser.add_argument("--data", default=None, help="LibriSpeech-layout corpus root (default: built-in corpus)")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--dev-split", default="dev")

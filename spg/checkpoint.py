@@ -170,7 +170,7 @@ def _decode_sparse(entry: Any, where: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Our file, for every model family: torch.save of a plain dict (readable with
 # torch.load(weights_only=True); nothing executable), written atomically:
-#     {"format": "spg", "version": 1 | 2 | 3, "family": "wav2vec2" | "whisper",
+#     {"format": "spg", "version": 1 | 2 | 3, "family": "wav2vec2" | "whisper" | "whisper-ctc",
 #      "config": the model config's to_dict(), "state_dict" (+ "sparse"): see encode_state_dict,
 #      "compression": model.compression, and the family's own entries:
 #      "vocab": [token, ...] (wav2vec2) or "tokenizer": {...} (Whisper, when it has one)}
@@ -183,7 +183,7 @@ def _decode_sparse(entry: Any, where: str) -> torch.Tensor:
 
 FORMAT_NAME = "spg"
 FORMAT_VERSION = 3                              # the newest version this spg reads and writes
-FAMILIES = ("wav2vec2", "whisper")
+FAMILIES = ("wav2vec2", "whisper", "whisper-ctc")
 OLD_FORMATS = {"spg-whisper": ("whisper", 1)}   # older format names: (family, newest version)
 FORMAT_NAMES = (FORMAT_NAME, *OLD_FORMATS)
 

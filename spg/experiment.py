@@ -38,12 +38,14 @@ from spg.compress.clustering import (cluster_compress, module_shapes, plan_kept_
                                     structured_magnitude_to_shapes)
 from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
+from spg.loading import whisper_ctc_from_pretrained
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
 from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
                           load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
+from spg.whisper.ctc import WhisperCTC
 from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,6 +184,9 @@ def structured_start(args, model):
 
 def build_model(args):
     """--init's random preset, or the --model checkpoint (default: the shipped dense model)."""
+    if args.init and args.init.startswith("whisper"):
+        model = whisper_ctc_from_pretrained(args.init, seed=args.seed)
+        return model if args.dropout is None else _with_ctc_dropout(model, args.dropout)
     if args.init:
         torch.manual_seed(args.seed)
         config = preset(args.init)
@@ -205,6 +210,18 @@ def _with_dropout(model: Wav2Vec2CTC, probability: float) -> Wav2Vec2CTC:
     """A copy of `model` built with every dropout probability set to `probability`."""
     _set_dropout(model.config, probability)
     fresh = Wav2Vec2CTC(model.config, model.vocab)
+    fresh.load_state_dict(model.state_dict())
+    fresh.compression = model.compression
+    return fresh
+
+
+def _with_ctc_dropout(model: WhisperCTC, probability: float) -> WhisperCTC:
+    """A copy of the Whisper-CTC `model` with every dropout probability (residual, attention,
+    activation, before the head) set to `probability`."""
+    config = copy.deepcopy(model.config)
+    for name in ("dropout", "attention_dropout", "activation_dropout", "final_dropout"):
+        setattr(config, name, probability)
+    fresh = WhisperCTC(config, model.vocab)
     fresh.load_state_dict(model.state_dict())
     fresh.compression = model.compression
     return fresh
@@ -809,6 +826,12 @@ FAMILIES: dict[type, Family] = {
         min_input_samples=lambda model: model.config.min_input_samples, max_seconds=math.inf,
         forward_inputs=lambda model: (torch.randn(1, 16000 * 10),), forward_input="10 s of audio",
         runs_prefix="", set_dropout=_with_dropout),
+    WhisperCTC: Family(          # no 30 s padding: the first T positions (spg.whisper.ctc)
+        name="Whisper encoder + CTC", run=run_ctc,
+        score=lambda model, data, device, desc: evaluate_corpus(model, data, device=device, desc=desc),
+        min_input_samples=lambda model: model.config.min_input_samples, max_seconds=30.0,
+        forward_inputs=lambda model: (torch.randn(1, 16000 * 10),), forward_input="10 s of audio",
+        runs_prefix="whisper-ctc-", set_dropout=_with_ctc_dropout),
     Whisper: Family(             # pads or cuts every input to one 30 s window
         name="Whisper", run=run_whisper,
         score=lambda model, data, device, desc: evaluate_whisper(model, data, device=device),

@@ -27,9 +27,10 @@ from spg.wav2vec2.io import export_hf
 from spg.wav2vec2.model import Wav2Vec2CTC
 from spg.whisper import io as whisper_io
 from spg.whisper.ct2 import load_ct2_whisper
+from spg.whisper.ctc import WhisperCTC
 from spg.whisper.model import Whisper
 
-__all__ = ["CheckpointError", "load", "save", "export_hf", "load_whisper"]
+__all__ = ["CheckpointError", "load", "save", "export_hf", "load_whisper", "whisper_ctc_from_pretrained"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,7 +74,12 @@ def load(path: PathLike, *, strict: bool = True, map_location: Union[str, torch.
             if not weights_only:
                 raise CheckpointError(f"{path}: claims format {payload['format']!r} but holds objects other than "
                                       "tensors and plain data (spg.save never writes those)")
-            if checkpoint_family(payload, path) == "whisper":
+            family = checkpoint_family(payload, path)
+            if family == "whisper-ctc":
+                if vocab is not None:
+                    raise CheckpointError(f"{path}: vocab= does not apply to a Whisper-CTC file (it stores its own)")
+                model = whisper_io.whisper_ctc_from_checkpoint(payload, path, strict=strict)
+            elif family == "whisper":
                 if vocab is not None:
                     raise CheckpointError(f"{path}: a Whisper model has its own tokenizer; vocab= does not apply")
                 model = whisper_io.whisper_from_checkpoint(payload, path, strict=strict)
@@ -102,10 +108,12 @@ def save(model: nn.Module, path: PathLike, *, half: bool = False) -> None:
     floating-point weights as fp16 (half the size; `spg.load` gives them back as fp32)."""
     if isinstance(model, Whisper):
         whisper_io.save_whisper(model, path, half=half)
+    elif isinstance(model, WhisperCTC):
+        whisper_io.save_whisper_ctc(model, path, half=half)
     elif isinstance(model, Wav2Vec2CTC):
         wav2vec2_io.save(model, path, half=half)
     else:
-        raise TypeError(f"spg.save writes Wav2Vec2CTC and Whisper models, not {type(model).__name__}")
+        raise TypeError(f"spg.save writes Wav2Vec2CTC, Whisper and WhisperCTC models, not {type(model).__name__}")
 
 
 def load_whisper(path: PathLike, *, strict: bool = True) -> Whisper:
@@ -129,3 +137,10 @@ def load_whisper(path: PathLike, *, strict: bool = True) -> Whisper:
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     return model.eval()
+
+
+def whisper_ctc_from_pretrained(name: PathLike, *, seed: int = 0) -> WhisperCTC:
+    """A new CTC model (`spg.whisper.ctc.WhisperCTC`) on the pretrained encoder of the Whisper
+    that `load_whisper` reads from `name` ("whisper-tiny.en", "whisper-base", a folder or a
+    file), with a CTC head over the character vocabulary drawn with `seed`."""
+    return WhisperCTC.from_whisper(load_whisper(name), pretrained=os.fspath(name), seed=seed)

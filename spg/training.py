@@ -236,7 +236,7 @@ def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int 
     utterance at a time. Layer-norm models are exact under padding and are batched."""
     was_training = model.training
     model.eval()
-    if model.config.feat_extract_norm == "group":
+    if getattr(model.config, "feat_extract_norm", None) == "group":
         batch_size = 1
     batches = length_sorted_batches(audio.utterances, batch_size=batch_size)
     hypotheses: list[str] = [""] * len(audio.utterances)

