@@ -1,4 +1,16 @@
-"""Audio helpers: band-limited resampling in pure numpy and atomic 16-bit FLAC writing.
+"""Audio helpers: reading files safely, band-limited resampling in pure numpy and atomic
+16-bit FLAC writing.
+
+Reading
+-------
+`open_regular_file` refuses anything but a regular file (a FIFO would block the reader for
+ever, `/dev/zero` never ends). `audio_info` and `read_audio_file` are ``soundfile.info`` and
+``soundfile.read`` without trusting a FLAC's STREAMINFO sample count, which libsndfile uses as
+the length of the file: a header that says 1 s over 20 s of audio would silently cut it to
+1 s, and the legal count 0 ("unknown", FLAC format specification) would make the file
+2^63 - 1 samples long. So a FLAC is decoded to its real end: a count of 0 is replaced by the
+decoded count, and a file that holds a different number of samples than a non-zero count says
+is refused (see `read_audio_file` for why it is refused rather than read).
 
 Resampling
 ----------
@@ -40,10 +52,14 @@ Resampling three hours of 22.05 kHz audio to 16 kHz takes 2-7 seconds on one cor
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import soundfile
@@ -66,6 +82,13 @@ PHASES_PER_GROUP = 64
 # far more than it saves for these skinny products when the machine is busy or when the
 # process forks (as corpus generation does), e.g. 40 ms instead of 0.5 ms per 2.5 s clip.
 MAX_PRODUCT_SIZE = 2**17
+# Our choice: the largest polyphase kernel `resample` builds, in weights (float32; 2^22 =
+# 16 MB, about a second to compute, and up to 16 are kept by `_kernel_blocks`' cache). Every
+# common rate (8 to 384 kHz) to 16 kHz needs at most 0.22 M weights; the kernel grows with the
+# reduced ratio's numerator, so an odd rate whose gcd with the target is small needs millions
+# (44 099 Hz -> 16 kHz: 16 000 phases, 5.8 M weights, 2 s to compute; 9 999 991 Hz: 1.3 G
+# weights, 5 GB). Such pairs are refused, not computed.
+MAX_KERNEL_WEIGHTS = 2**22
 
 
 def resampled_length(num_samples: int, orig_sr: int, new_sr: int) -> int:
@@ -75,6 +98,45 @@ def resampled_length(num_samples: int, orig_sr: int, new_sr: int) -> int:
     that fall inside ``[0, num_samples)``: the output covers the same duration as the input.
     """
     return -(-num_samples * new_sr // orig_sr)  # integer ceil division, exact for any size
+
+
+def _frames_per_kernel(orig_sr: int, new_sr: int) -> tuple[int, int]:
+    """(frame_outputs, frame_inputs) of `resample`'s kernel for this rate pair: ``up`` outputs
+    spanning ``down`` inputs, several periods per frame when ``up`` is small (8 kHz -> 16 kHz has
+    up = 2) so that the matrix products stay wide."""
+    divisor = math.gcd(orig_sr, new_sr)
+    up, down = new_sr // divisor, orig_sr // divisor
+    periods_per_frame = -(-PHASES_PER_GROUP // up)
+    return up * periods_per_frame, down * periods_per_frame
+
+
+def kernel_weights(orig_sr: int, new_sr: int) -> int:
+    """An upper bound on the number of weights `resample` would compute for this rate pair,
+    from the rates alone (nothing is allocated): each group of PHASES_PER_GROUP phases gets
+    the window rows its phases touch, which span at most ``(PHASES_PER_GROUP - 1) * down / up``
+    inputs plus the kernel's width and one row of rounding on each side."""
+    frame_outputs, frame_inputs = _frames_per_kernel(orig_sr, new_sr)
+    cutoff = ROLLOFF * 0.5 * min(1.0, frame_outputs / frame_inputs)
+    half_width = ZERO_CROSSINGS / (2.0 * cutoff)
+    rows = (PHASES_PER_GROUP - 1) * frame_inputs / frame_outputs + 2 * half_width + 2
+    groups = -(-frame_outputs // PHASES_PER_GROUP)
+    return int(math.ceil(groups * PHASES_PER_GROUP * rows))
+
+
+def check_resample(orig_sr: int, new_sr: int) -> None:
+    """ValueError unless `resample` takes this rate pair: both positive integers, and a kernel
+    of at most MAX_KERNEL_WEIGHTS weights (see there for why)."""
+    if int(orig_sr) != orig_sr or int(new_sr) != new_sr or orig_sr <= 0 or new_sr <= 0:
+        raise ValueError(f"sample rates must be positive integers, got {orig_sr} and {new_sr}")
+    if orig_sr == new_sr:
+        return
+    weights = kernel_weights(int(orig_sr), int(new_sr))
+    if weights > MAX_KERNEL_WEIGHTS:
+        divisor = math.gcd(int(orig_sr), int(new_sr))
+        raise ValueError(f"resampling {orig_sr} Hz to {new_sr} Hz would need a {weights / 1e6:.3g} M-weight filter "
+                         f"(ratio {int(new_sr) // divisor}/{int(orig_sr) // divisor}; the limit is "
+                         f"{MAX_KERNEL_WEIGHTS / 1e6:.3g} M); convert the file to a common rate such as "
+                         f"16000, 22050, 44100 or 48000 Hz first")
 
 
 def _kaiser_window(u: np.ndarray, beta: float) -> np.ndarray:
@@ -133,26 +195,24 @@ def resample(waveform: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
         float32 array of length ``resampled_length(len(waveform), orig_sr, new_sr)``; output
         sample ``n`` is the band-limited input evaluated at time ``n / new_sr`` seconds.
         When the rates are equal the input is returned unchanged (as a float32 copy).
+
+    Raises ValueError for a rate pair `check_resample` refuses (a kernel over
+    MAX_KERNEL_WEIGHTS), before allocating anything.
     """
     samples = np.asarray(waveform, dtype=np.float32)
     if samples.ndim != 1:
         raise ValueError(f"resample expects a 1-D waveform, got shape {samples.shape}")
-    if int(orig_sr) != orig_sr or int(new_sr) != new_sr or orig_sr <= 0 or new_sr <= 0:
-        raise ValueError(f"sample rates must be positive integers, got {orig_sr} and {new_sr}")
+    check_resample(orig_sr, new_sr)         # before any allocation
     orig_sr, new_sr = int(orig_sr), int(new_sr)
     if orig_sr == new_sr:
         return samples.copy()
 
-    divisor = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // divisor, orig_sr // divisor
     num_outputs = resampled_length(len(samples), orig_sr, new_sr)
     if num_outputs == 0:
         return np.zeros(0, dtype=np.float32)
 
-    # One frame = `up` outputs spanning exactly `down` inputs; for small `up` (e.g. 8 kHz ->
-    # 16 kHz has up = 2) we put several such periods in a frame so the matrix products stay wide.
-    periods_per_frame = -(-PHASES_PER_GROUP // up)
-    frame_outputs, frame_inputs = up * periods_per_frame, down * periods_per_frame
+    # One frame = `up` outputs spanning exactly `down` inputs (several periods when `up` is small).
+    frame_outputs, frame_inputs = _frames_per_kernel(orig_sr, new_sr)
     pad, blocks = _kernel_blocks(frame_outputs, frame_inputs)
     num_frames = -(-num_outputs // frame_outputs)
     window_length = frame_inputs + 2 * pad
@@ -204,3 +264,178 @@ def write_flac(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) 
         if os.path.exists(temporary_name):
             os.unlink(temporary_name)
         raise
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
+
+# The FLAC format's largest total-samples value (a 36-bit field).
+_MAX_FLAC_SAMPLES = 2**36 - 1
+# Implementation detail (memory only): frames per read when decoding a FLAC to its end.
+_READ_BLOCK = 2**16
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Open `path` for binary reading, refusing (ValueError, not naming the path; callers add
+    it) anything but a regular file: a directory, a FIFO (reading would wait for a writer for
+    ever), a device such as /dev/zero (it never ends), a socket. Symlinks are followed. The
+    file is opened without blocking and checked on the open descriptor (fstat), so what is
+    checked is what is read. Raises OSError if it cannot be opened."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise ValueError(f"it is {_file_kind(mode)}, expected a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def _streaminfo_samples(stream: BinaryIO) -> tuple[int, int]:
+    """(offset of the 5 bytes that hold STREAMINFO's total samples, total samples) of a FLAC.
+
+    FLAC format specification: the stream starts "fLaC", then the mandatory STREAMINFO block
+    (a 4-byte block header, type 0, 34 bytes of data); total samples is the low 36 bits of
+    data bytes 13..17 (0 = unknown). An ID3v2 tag before "fLaC" (some taggers write one;
+    libsndfile skips it) is skipped: 10 bytes of header, a 28-bit "syncsafe" size, and a
+    10-byte footer if flag 0x10 is set. ValueError if the layout is not there."""
+    stream.seek(0)
+    start = 0
+    head = stream.read(10)
+    if head[:3] == b"ID3" and len(head) == 10:
+        size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+        start = 10 + size + (10 if head[5] & 0x10 else 0)
+    stream.seek(start)
+    header = stream.read(4 + 4 + 34)
+    if len(header) < 42 or header[:4] != b"fLaC" or header[4] & 0x7F != 0 \
+            or int.from_bytes(header[5:8], "big") != 34:
+        raise ValueError("not a FLAC stream starting with its 34-byte STREAMINFO block")
+    return start + 8 + 13, int.from_bytes(header[8 + 13 : 8 + 18], "big") & _MAX_FLAC_SAMPLES
+
+
+class _PatchedStream(io.RawIOBase):
+    """A read-only view of an open binary file in which the bytes at `offset` read as `patch`."""
+
+    def __init__(self, stream: BinaryIO, offset: int, patch: bytes):
+        super().__init__()
+        self._stream, self._offset, self._patch = stream, offset, patch
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def readinto(self, buffer) -> int:
+        start = self._stream.tell()
+        data = self._stream.read(len(buffer))
+        view = memoryview(buffer).cast("B")
+        view[: len(data)] = data
+        first, last = max(start, self._offset), min(start + len(data), self._offset + len(self._patch))
+        if first < last:
+            view[first - start : last - start] = self._patch[first - self._offset : last - self._offset]
+        return len(data)
+
+
+def _read_at(stream: BinaryIO, offset: int, size: int) -> bytes:
+    stream.seek(offset)
+    return stream.read(size)
+
+
+class _ForwardSoundFile(soundfile.SoundFile):
+    """A SoundFile read front to back only. soundfile re-seeks to its own position after every
+    read of a seekable file; past the real end of a FLAC whose header we replaced that seek
+    fails, so we say the file is not seekable (then soundfile only reads)."""
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _flac_blocks(stream: BinaryIO, offset: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Decode a FLAC to its real end, in blocks of (frames, channels) float32, ignoring the
+    total-samples count at `offset` (it is read as the largest value the field holds, so that
+    libsndfile stops only when the data ends). With `limit`, stops after `limit` frames."""
+    patch = (int.from_bytes(_read_at(stream, offset, 5), "big") | _MAX_FLAC_SAMPLES).to_bytes(5, "big")
+    stream.seek(0)
+    decoded = 0
+    with _ForwardSoundFile(_PatchedStream(stream, offset, patch)) as sound:
+        while limit is None or decoded < limit:
+            wanted = _READ_BLOCK if limit is None else min(_READ_BLOCK, limit - decoded)
+            block = sound.read(wanted, dtype="float32", always_2d=True)
+            decoded += len(block)
+            if len(block):
+                yield block
+            if len(block) < wanted:
+                return
+
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What `audio_info` found: frames per channel, rate in Hz, channels, libsndfile's format
+    name ("FLAC", "WAV", ...)."""
+    frames: int
+    sample_rate: int
+    channels: int
+    format: str
+
+
+def audio_info(path: str | os.PathLike) -> AudioInfo:
+    """``soundfile.info`` of a regular file (see `open_regular_file`), except for a FLAC whose
+    STREAMINFO gives 0 samples, which the FLAC format allows ("unknown"): libsndfile takes that
+    as 2^63 - 1, so it is counted by decoding the file instead (constant memory, time in
+    proportion to its length). Other FLAC counts are taken from the header (reading only
+    headers keeps indexing a corpus fast); `read_audio_file` checks them against the data.
+    ValueError or soundfile's errors for a file that is not readable audio."""
+    with open_regular_file(path) as stream:
+        with soundfile.SoundFile(stream.fileno(), closefd=False) as sound:
+            info = AudioInfo(sound.frames, sound.samplerate, sound.channels, sound.format)
+        if info.format == "FLAC":
+            offset, total = _streaminfo_samples(stream)
+            if total == 0:
+                frames = sum(len(block) for block in _flac_blocks(stream, offset))
+                info = AudioInfo(frames, info.sample_rate, info.channels, info.format)
+        return info
+
+
+def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """All samples of a regular audio file as (frames, channels) float32, and its rate in Hz.
+
+    Other formats are read by ``soundfile.read``. A FLAC is decoded to its real end rather than
+    to the count in its STREAMINFO block (see the module docstring). When that count is 0
+    ("unknown") the file is read whole. When it is not 0 and the data holds a different number
+    of samples, the file is refused with a ValueError giving both. Our choice, refusing rather
+    than reading all of it: `audio_info` reports the header's count (the corpus index takes
+    lengths from headers), so the checks made on that length (--max-seconds, Whisper's 30 s
+    window, the model's receptive field, length-sorted batching) would not have seen the real
+    audio, and a header that contradicts the data marks a damaged or doctored file. At most
+    one frame more than the header says is decoded, so a small header over hours of audio
+    costs no memory."""
+    with open_regular_file(path) as stream:
+        with soundfile.SoundFile(stream.fileno(), closefd=False) as sound:
+            sample_rate, channels, format_name = sound.samplerate, sound.channels, sound.format
+            if format_name != "FLAC":
+                return sound.read(dtype="float32", always_2d=True), sample_rate
+        offset, total = _streaminfo_samples(stream)
+        blocks = list(_flac_blocks(stream, offset, limit=None if total == 0 else total + 1))
+    samples = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+    if total and len(samples) != total:
+        found = "more" if len(samples) > total else f"only {len(samples)}"
+        raise ValueError(f"its FLAC STREAMINFO header says {total} samples ({total / sample_rate:.3f} s at "
+                         f"{sample_rate} Hz) but the file holds {found}; the header is wrong or the file damaged "
+                         f"(refused, not cut to the header's length; re-encode the file)")
+    return samples, sample_rate

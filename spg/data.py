@@ -12,21 +12,32 @@ file (unreadable audio, a transcript line without audio, a transcript line with 
 no words, characters outside the vocabulary, a split with no utterances).  Audio files that
 no transcript lists are not used, and a warning gives their count and first names.
 `check_durations` refuses audio too short for the model or too long for memory, by name.
+
+The corpus may be hostile, so the readers (this one and the Sphinx-style
+`spg.whisper.evaluation.read_transcription_folder`, which share the helpers below) also
+refuse, naming the file (and line and id): transcript files that are not regular files, are
+larger than MAX_TRANSCRIPT_BYTES or are not UTF-8 (`read_transcript_lines`); utterance ids
+that are not plain file name stems (`check_utterance_id`: `../../x` would read audio from
+outside the corpus) or that a split lists twice (it would be scored twice); audio files that
+resolve outside the corpus folder (a symlink out of it) or are not regular files; sample
+rates outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE, or that the resampler refuses
+(`spg.audio.check_resample`); FLACs whose STREAMINFO sample count the data contradicts
+(`spg.audio.read_audio_file`).
 """
 
 from __future__ import annotations
 
-import math
+import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional, Sequence
 
 import numpy as np
-import soundfile
 import torch
 
-from spg.audio import resample
+from spg.audio import audio_info, check_resample, open_regular_file, read_audio_file, resample, resampled_length
 
 SAMPLE_RATE = 16_000
 # The 32-token character vocabulary of facebook/wav2vec2-base-960h (id 0 = CTC blank).
@@ -40,6 +51,20 @@ DEFAULT_VOCAB: list[str] = [
 
 class DataError(ValueError):
     """Bad corpus input; the message names the file and what was expected."""
+
+
+# Our choice: sample rates a corpus may have. 8 kHz (telephony) is the lowest in common speech
+# use; below it the speech band up to 4 kHz is cut and a header that says so is more likely
+# broken than real. 384 kHz is the highest that common audio interfaces record (352.8 kHz DXD
+# included); above it nothing is speech audio, and the work grows with the rate (a header of
+# 9 999 991 Hz asked for a 5 GB resampling filter and 158 s).
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 384_000
+# Our choice: the largest transcript file read, checked before reading. A LibriSpeech
+# chapter's trans.txt is a few KB, and every LibriSpeech transcript together (281 k lines,
+# 960 h) is about 50 MB, so 64 MB refuses no real corpus and keeps a hostile file from
+# filling memory.
+MAX_TRANSCRIPT_BYTES = 64 * 2**20
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,7 +95,7 @@ def decode_ids(ids: Sequence[int], vocab: Sequence[str] = DEFAULT_VOCAB) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Reading a corpus
+# Utterances, and the checks shared by the corpus readers
 # ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -87,6 +112,99 @@ class Utterance:
         return self.num_samples / SAMPLE_RATE
 
 
+def _split_lines(text: str) -> list[str]:
+    """Lines as an editor numbers them: "\n", "\r\n" or a lone "\r" ends one."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def read_transcript_lines(path: Path) -> list[str]:
+    """The lines of a transcript file (line i is number i + 1), as UTF-8 (a leading byte-order
+    mark is dropped). DataError naming the file for one that cannot be opened, is not a
+    regular file (a FIFO would block for ever, /dev/zero never ends; see
+    `spg.audio.open_regular_file`), is larger than MAX_TRANSCRIPT_BYTES (checked before
+    reading, and no more than that is read if it grows), and naming the line and column for
+    bytes that are not UTF-8."""
+    try:
+        with open_regular_file(path) as stream:
+            size = os.fstat(stream.fileno()).st_size
+            data = stream.read(MAX_TRANSCRIPT_BYTES + 1) if size <= MAX_TRANSCRIPT_BYTES else b""
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise DataError(f"cannot read transcript file {path}: {reason}") from None
+    if size > MAX_TRANSCRIPT_BYTES or len(data) > MAX_TRANSCRIPT_BYTES:
+        raise DataError(f"transcript file {path} is larger than {MAX_TRANSCRIPT_BYTES // 2**20} MB "
+                        f"({max(size, len(data))} bytes); expected a text file of lines '<ID> <TRANSCRIPT>'")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        before = _split_lines(data[:error.start].decode("utf-8-sig"))
+        raise DataError(f"{path}:{len(before)}: not valid UTF-8 (byte 0x{data[error.start]:02x} at column "
+                        f"{len(before[-1]) + 1}); expected a UTF-8 text file") from None
+    return _split_lines(text)
+
+
+def check_utterance_id(utterance_id: str, where: str) -> None:
+    """DataError (starting with `where`, e.g. "file:line") unless `utterance_id` is a plain
+    file name stem, so that `<folder>/<id>.flac` stays in `<folder>`: not empty, no path
+    separator (/ or \\), not absolute and no Windows drive, no "..", no leading dot (., ..,
+    hidden files), no control or other invisible characters (Unicode category C: NUL, tab,
+    a byte-order mark...)."""
+    reasons = []
+    if not utterance_id:
+        reasons.append("it is empty")
+    if "/" in utterance_id or "\\" in utterance_id:
+        reasons.append("it contains a path separator")
+    if PurePosixPath(utterance_id).is_absolute() or PureWindowsPath(utterance_id).drive:
+        reasons.append("it is an absolute path or names a drive")
+    if ".." in utterance_id:
+        reasons.append("it contains '..'")
+    if utterance_id.startswith("."):
+        reasons.append("it starts with a dot")
+    if any(unicodedata.category(c).startswith("C") for c in utterance_id):
+        reasons.append("it contains a control or invisible character")
+    if reasons:
+        raise DataError(f"{where}: utterance id {utterance_id!r} is not a plain file name ({', '.join(reasons)}); "
+                        f"expected the name of an audio file in the transcript's folder, without extension")
+
+
+def check_inside(path: Path, folder: Path, what: str) -> None:
+    """DataError unless `path`, with every symlink resolved, lies inside `folder` (resolved
+    too, so the folder itself may be a symlink): a symlink out of the corpus would read files
+    the corpus does not hold. `what` starts the message (e.g. "file:line: audio file of <id>")."""
+    resolved, boundary = path.resolve(), folder.resolve()
+    if not resolved.is_relative_to(boundary):
+        raise DataError(f"{what}: {path} resolves to {resolved}, outside the corpus folder {boundary}; "
+                        f"expected files (and symlinks) that stay inside it")
+
+
+def check_sample_rate(sample_rate: int) -> None:
+    """ValueError unless the readers take this rate: MIN_SAMPLE_RATE..MAX_SAMPLE_RATE Hz (see
+    there for why) and one that `spg.audio.resample` can convert to 16 kHz."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"sample rate {sample_rate} Hz is outside the {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz "
+                         f"these readers take")
+    check_resample(sample_rate, SAMPLE_RATE)
+
+
+def index_utterance(utterance_id: str, audio_path: Path, transcript: str, folder: Path, where: str) -> Utterance:
+    """An Utterance from the audio file's header (see `spg.audio.audio_info`), after checking
+    that the file resolves inside `folder` and is a readable regular audio file with a rate
+    `check_sample_rate` takes. Errors are DataErrors starting with `where` and naming the file
+    and the utterance."""
+    check_inside(audio_path, folder, f"{where}: audio file of {utterance_id}")
+    try:
+        info = audio_info(audio_path)
+        check_sample_rate(info.sample_rate)
+    except Exception as error:  # soundfile raises several types for bad files
+        raise DataError(f"{where}: cannot read audio file {audio_path} of {utterance_id}: {error}") from None
+    return Utterance(utterance_id, audio_path, normalize_text(transcript),
+                     resampled_length(info.frames, info.sample_rate, SAMPLE_RATE), info.sample_rate, info.channels)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a corpus
+# ----------------------------------------------------------------------------------------
+
 def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOCAB) -> list[Utterance]:
     """Index one split of a LibriSpeech-layout corpus (headers only; audio is read later).
 
@@ -95,6 +213,9 @@ def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOC
     line with only an id is a DataError naming file:line, since scoring or training on an empty
     reference would be a wrong number); every transcript must fit the vocabulary; a split with
     no utterances is a DataError naming the split and folder. Entirely empty lines are skipped.
+    Ids must be plain file name stems (`check_utterance_id`) listed once in the split; audio
+    and transcript files must resolve inside the split folder (which may itself be a symlink)
+    and be regular files; see the module docstring for the other refusals.
     `.flac`/`.wav` files in the chapter folders that no transcript lists are not used; a
     warning gives how many and the first few names."""
     split_dir = Path(root) / split
@@ -105,13 +226,20 @@ def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOC
     if not transcript_files:
         raise DataError(f"no <speaker>/<chapter>/<speaker>-<chapter>.trans.txt files under {split_dir}")
     utterances: list[Utterance] = []
+    first_listed: dict[str, str] = {}       # id -> file:line where the split lists it first
     converted: dict[str, list[str]] = {"resampled": [], "mixed down": []}
     for transcript_file in transcript_files:
-        for line_number, line in enumerate(transcript_file.read_text(encoding="utf-8").splitlines(), 1):
+        check_inside(transcript_file, split_dir, "transcript file")
+        for line_number, line in enumerate(read_transcript_lines(transcript_file), 1):
             if not line.strip():
                 continue
             utterance_id, _, transcript = line.strip().partition(" ")
             where = f"{transcript_file}:{line_number}"
+            check_utterance_id(utterance_id, where)
+            if utterance_id in first_listed:
+                raise DataError(f"{where}: utterance {utterance_id} is listed twice in split {split!r} (first at "
+                                f"{first_listed[utterance_id]}); expected each id once, or it is scored twice")
+            first_listed[utterance_id] = where
             if not transcript.strip():
                 raise DataError(f"{where}: utterance {utterance_id} has an empty transcript "
                                 f"(expected '<ID> <TRANSCRIPT>' with at least one word)")
@@ -120,19 +248,14 @@ def read_corpus(root: str | Path, split: str, vocab: Sequence[str] = DEFAULT_VOC
             except ValueError as error:
                 raise DataError(f"{where}: transcript of {utterance_id}: {error}") from None
             audio_path = transcript_file.parent / f"{utterance_id}.flac"
-            if not audio_path.is_file():
+            if not audio_path.exists():
                 raise DataError(f"{where}: transcript line for {utterance_id} but no audio file {audio_path}")
-            try:
-                info = soundfile.info(str(audio_path))
-            except Exception as error:  # soundfile raises several types for bad files
-                raise DataError(f"cannot read audio file {audio_path}: {error}") from None
-            if info.samplerate != SAMPLE_RATE:
-                converted["resampled"].append(f"{audio_path} ({info.samplerate} Hz)")
-            if info.channels != 1:
-                converted["mixed down"].append(f"{audio_path} ({info.channels} channels)")
-            num_samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
-            utterances.append(Utterance(utterance_id, audio_path, normalize_text(transcript),
-                                        num_samples, info.samplerate, info.channels))
+            utterance = index_utterance(utterance_id, audio_path, transcript, split_dir, where)
+            if utterance.sample_rate != SAMPLE_RATE:
+                converted["resampled"].append(f"{audio_path} ({utterance.sample_rate} Hz)")
+            if utterance.channels != 1:
+                converted["mixed down"].append(f"{audio_path} ({utterance.channels} channels)")
+            utterances.append(utterance)
     if not utterances:
         raise DataError(f"split {split!r} has no utterances: the {len(transcript_files)} transcript file(s) "
                         f"under {split_dir} list none (expected lines '<ID> <TRANSCRIPT>')")
@@ -181,10 +304,15 @@ def check_durations(utterances: Sequence[Utterance], *, min_samples: int, max_se
 
 
 def read_audio(utterance: Utterance) -> np.ndarray:
-    """float32 mono 16 kHz samples of one utterance (converted if the file is not)."""
+    """float32 mono 16 kHz samples of one utterance (converted if the file is not).
+
+    Read with `spg.audio.read_audio_file` (a regular file; a FLAC to its real end, refused if
+    that contradicts its STREAMINFO count); the rate is checked again (`check_sample_rate`).
+    Errors are DataErrors naming the file."""
     try:
-        samples, sample_rate = soundfile.read(str(utterance.audio_path), dtype="float32", always_2d=True)
-    except Exception as error:
+        samples, sample_rate = read_audio_file(utterance.audio_path)
+        check_sample_rate(sample_rate)
+    except Exception as error:  # soundfile raises several types for bad files
         raise DataError(f"cannot read audio file {utterance.audio_path}: {error}") from None
     samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]   # (N,)
     if sample_rate != SAMPLE_RATE:

@@ -26,11 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
-import numpy as np
-import soundfile
 import torch
 
-from spg.data import SAMPLE_RATE, DataError, Utterance, normalize_text, read_audio
+from spg.data import (SAMPLE_RATE, DataError, Utterance, check_inside, check_utterance_id, index_utterance,
+                      read_audio, read_transcript_lines)
 from spg.text import normalize_english
 from spg.wer import corpus_scores
 from spg.whisper.audio import N_SAMPLES
@@ -54,44 +53,52 @@ def check_whisper_durations(utterances: Sequence[Utterance], where: str) -> None
 
 
 def is_transcription_folder(path: Union[str, os.PathLike]) -> bool:
-    return (Path(path) / TRANSCRIPTION_FILE).is_file()
+    """Whether `path` holds a `transcription` file (of any kind: `read_transcription_folder`
+    refuses one that is not a regular file by name, rather than the folder being taken for a
+    LibriSpeech root)."""
+    return (Path(path) / TRANSCRIPTION_FILE).exists()
 
 
 def read_transcription_folder(folder: Union[str, os.PathLike]) -> list[Utterance]:
     """Utterances of a Sphinx-style test folder, in file order. Transcripts are upper-cased
     like LibriSpeech's (spg.data.normalize_text), so CTC models can score them too.
 
-    DataError (naming the file, and line where there is one) for: a line not in the layout, a
-    line with no words, a missing or unreadable audio file, audio longer than Whisper's 30 s,
-    no utterances. Audio files in the folder that no line lists are not used; a warning gives
-    how many and the first few names."""
+    DataError (naming the file, and line and id where there are some) for: a transcription
+    file that is not a regular UTF-8 file of at most spg.data.MAX_TRANSCRIPT_BYTES, a line not
+    in the layout, an utterance id that is not a plain file name stem (spg.data.check_utterance_id)
+    or that is listed twice, a line with no words, a missing audio file or one that resolves
+    outside the folder (a symlink out of it), is not a regular file or is unreadable, a sample
+    rate the readers refuse (spg.data.check_sample_rate), audio longer than Whisper's 30 s, no
+    utterances. Audio files in the folder that no line lists are not used; a warning gives how
+    many and the first few names."""
     folder = Path(folder)
     path = folder / TRANSCRIPTION_FILE
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{folder}: no '{TRANSCRIPTION_FILE}' file (expected lines '<s> words </s> (utterance-id)')")
+    check_inside(path, folder, "transcription file")
     utterances = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    first_listed: dict[str, int] = {}       # id -> the line that lists it first
+    for number, line in enumerate(read_transcript_lines(path), 1):
         if not line.strip():
             continue
         words, bracket, rest = line.rpartition("(")
         if not bracket or not rest.strip().endswith(")"):
             raise DataError(f"{path}:{number}: expected '<s> words </s> (utterance-id)', got {line!r}")
         utterance_id = rest.strip()[:-1].strip()
+        check_utterance_id(utterance_id, f"{path}:{number}")
+        if utterance_id in first_listed:
+            raise DataError(f"{path}:{number}: utterance {utterance_id} is listed twice (first on line "
+                            f"{first_listed[utterance_id]}); expected each id once, or it is scored twice")
+        first_listed[utterance_id] = number
         text = words.replace("<s>", " ").replace("</s>", " ")
         if not text.strip():
-            raise DataError(f"{path}:{number}: utterance {utterance_id or '?'} has an empty transcript "
+            raise DataError(f"{path}:{number}: utterance {utterance_id} has an empty transcript "
                             f"(expected '<s> words </s> (utterance-id)')")
         audio = next((folder / f"{utterance_id}{ext}" for ext in (".flac", ".wav")
-                      if (folder / f"{utterance_id}{ext}").is_file()), None)
+                      if (folder / f"{utterance_id}{ext}").exists()), None)
         if audio is None:
             raise DataError(f"{path}:{number}: no audio file {utterance_id}.flac or .wav in {folder}")
-        try:
-            info = soundfile.info(str(audio))
-        except Exception as error:  # soundfile raises several types for bad files
-            raise DataError(f"cannot read audio file {audio}: {error}") from None
-        num_samples = int(np.ceil(info.frames * SAMPLE_RATE / info.samplerate))
-        utterances.append(Utterance(utterance_id, audio, normalize_text(text), num_samples, info.samplerate,
-                                    info.channels))
+        utterances.append(index_utterance(utterance_id, audio, text, folder, f"{path}:{number}"))
     if not utterances:
         raise DataError(f"{folder}: no utterances in {path} (expected lines '<s> words </s> (utterance-id)')")
     check_whisper_durations(utterances, str(folder))
