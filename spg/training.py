@@ -44,7 +44,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spg.data import AudioCache, Batch, DataError, Utterance, length_sorted_batches, make_targets, normalize_waveform
+from spg.data import (AudioCache, Batch, DataError, Utterance, encode_text, length_sorted_batches, make_targets,
+                      normalize_waveform)
 from spg.checkpoint import CheckpointError, atomic_write, format_keys, non_finite_entries
 from spg.compress.interface import Method, PrunableModel
 from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
@@ -121,6 +122,7 @@ class CTCObjective(Objective):
 
     def prepare(self, model: Wav2Vec2CTC, audio: AudioCache, config: TrainConfig, device: torch.device,
                 in_memory: bool, progress: bool) -> None:
+        check_labels_avoid_blank(audio.utterances, model.vocab, model.blank_id)
         if self.frozen and config.cache_features and in_memory:
             self.features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress)
 
@@ -132,7 +134,7 @@ class CTCObjective(Objective):
         else:
             batch = _labels_only(audio, indices, model.vocab)
             logits, frame_lengths = forward_batch(model, batch, device, self.features.batch(indices))
-        return ctc_loss(logits, frame_lengths, batch, self.reduction)
+        return ctc_loss(logits, frame_lengths, batch, self.reduction, blank=model.blank_id)
 
     def train_mode(self, model: Wav2Vec2CTC) -> None:
         model.train()
@@ -211,14 +213,35 @@ def forward_batch(model: Wav2Vec2CTC, batch: Batch, device: torch.device,
     return model(batch.waveforms.to(device), lengths)
 
 
-def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
-    """CTC over a batch: "mean" divides each utterance's loss by its target length and
-    averages over the batch; "sum" adds the utterances' losses (HF `ctc_loss_reduction="sum"`)."""
+def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch, reduction: str = "mean", *,
+             blank: int = 0) -> torch.Tensor:
+    """CTC over a batch with blank id `blank` (pass the model's `blank_id`; 0 is the default
+    vocabulary's): "mean" divides each utterance's loss by its target length and averages over
+    the batch (HF `ctc_loss_reduction="mean"`); "sum" adds the utterances' losses (HF "sum").
+    A target equal to the blank is a ValueError (CTC cannot emit it as a label)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if bool((batch.targets == blank).any()):
+        raise ValueError(f"a target of batch {batch.ids[:3]}... is the CTC blank id {blank}")
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)                   # (T, B, V)
     return F.ctc_loss(log_probs, batch.targets.to(logits.device), frame_lengths,
-                      batch.target_lengths.to(logits.device), blank=0, reduction=reduction, zero_infinity=True)
+                      batch.target_lengths.to(logits.device), blank=blank, reduction=reduction, zero_infinity=True)
+
+
+def check_labels_avoid_blank(utterances: Sequence[Utterance], vocab: Sequence[str], blank_id: int) -> None:
+    """DataError naming the first transcript that contains the vocabulary's CTC blank token as
+    a character (a space, when the blank is the word delimiter `|`): CTC can never emit its
+    blank as a label, so training on it would be silently wrong. A blank such as `<pad>` or
+    `[PAD]` is never a character and passes."""
+    token = vocab[blank_id]
+    if len(token) != 1:                  # encode_text maps single characters only
+        return
+    character = " " if token == "|" else token
+    for utterance in utterances:
+        if blank_id in encode_text(utterance.transcript, vocab):
+            raise DataError(f"{utterance.audio_path}: the transcript of {utterance.id} contains {character!r}, "
+                            f"which is the model's CTC blank ({token!r}, pad_token_id {blank_id}); CTC cannot "
+                            "learn a label equal to its blank: use a vocabulary whose pad token is not a character")
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,7 +266,7 @@ def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int 
     for indices in tqdm(batches, desc=desc, leave=False, disable=not progress):
         batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab)
         logits, frame_lengths = forward_batch(model, batch, device)
-        for index, text in zip(indices, ctc_greedy_decode(logits, frame_lengths, model.vocab)):
+        for index, text in zip(indices, ctc_greedy_decode(logits, frame_lengths, model.vocab, model.blank_id)):
             hypotheses[index] = text
     model.train(was_training)
     return hypotheses
