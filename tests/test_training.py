@@ -318,3 +318,24 @@ def test_a_vocabulary_whose_blank_is_a_character_is_refused_before_training(tmp_
     config.pad_token_id = len(PAD_LAST_VOCAB) - 1                   # [PAD]: never a character
     assert train(Wav2Vec2CTC(config, PAD_LAST_VOCAB), utterances, TrainConfig(steps=1, batch_size=3),
                  progress=False).steps_done == 1
+
+
+def test_feature_cache_is_keyed_on_the_audio_content(tmp_path):
+    """Item 6 of issue 24: audio replaced with the same size and modification time (os.utime)
+    gets new features, not the stored ones."""
+    import os
+    import soundfile
+    utterances = tiny_corpus(tmp_path)
+    cache = tmp_path / "cache"
+    config = TrainConfig(steps=1, batch_size=3, lr=1e-3, save_every=0, feature_cache_dir=str(cache))
+    train(tiny_model(), utterances, config, progress=False)
+    assert len(list(cache.glob("features-*.pt"))) == 1
+    replaced = utterances[0].audio_path
+    before = os.stat(replaced)
+    samples, rate = soundfile.read(replaced, dtype="int16")
+    soundfile.write(replaced, -samples, rate, subtype="PCM_16")          # other samples, same FLAC size
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(replaced)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    train(tiny_model(), utterances, config, progress=False)
+    assert len(list(cache.glob("features-*.pt"))) == 2
