@@ -456,10 +456,49 @@ def load_resume_state(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+# AdamW's settings of a parameter group that decide the weights. A resume compares the stored
+# groups' with this run's fresh optimiser's: these, and "lr", which the schedule sets before
+# every step from "base_lr" (stored: its value at the last step done).
+OPTIMIZER_SETTINGS = ("base_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def _comparable(value):
+    """`value` with tensors as numbers and tuples as lists, so that == compares contents."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_comparable(item) for item in value]
+    return value
+
+
+def optimizer_differences(stored: dict, optimizer: torch.optim.Optimizer, step: int,
+                          config: TrainConfig) -> list[str]:
+    """'optimiser group I KEY: stored X, given Y' for every `OPTIMIZER_SETTINGS` value and
+    scheduled lr of a resume state's optimiser (`stored`, at `step` steps done) that differs
+    from `optimizer`'s, the one this run builds (a key the state lacks keeps torch's default)."""
+    groups = stored.get("param_groups") if isinstance(stored, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        return ["optimiser: no list of parameter groups stored"]
+    if len(groups) != len(optimizer.param_groups):
+        return [f"optimiser: stored {len(groups)} parameter groups, given {len(optimizer.param_groups)}"]
+    factor = learning_rate_factor(step - 1, config.steps, config.warmup_fraction) if step else 1.0
+    differences = []
+    for index, (old, new) in enumerate(zip(groups, optimizer.param_groups)):
+        expected = {key: new[key] for key in OPTIMIZER_SETTINGS if key in new}
+        expected["lr"] = new["base_lr"] * factor
+        for key, value in expected.items():
+            if key in old and _comparable(old[key]) != _comparable(value):
+                differences.append(f"optimiser group {index} ({len(new['params'])} tensors) {key}: "
+                                   f"stored {old[key]!r}, given {value!r}")
+    return differences
+
+
 def resume_differences(state: dict, config: TrainConfig, *, method_name: Optional[str] = None,
-                       settings: Optional[dict] = None) -> list[str]:
+                       settings: Optional[dict] = None,
+                       optimizer: Optional[torch.optim.Optimizer] = None) -> list[str]:
     """'setting: stored X, given Y' for every setting of this run that differs from the ones
-    the resume state was written with (`RESUMABLE_FIELDS` may differ)."""
+    the resume state was written with (`RESUMABLE_FIELDS` may differ); with `optimizer` (this
+    run's, freshly built) also its hyperparameters (`optimizer_differences`)."""
     differences = []
     stored_config, given_config = state["train_config"], asdict(config)
     missing = object()
@@ -485,17 +524,21 @@ def resume_differences(state: dict, config: TrainConfig, *, method_name: Optiona
                 if stored != given:
                     differences.append(f"{key}: stored {'(none)' if stored is missing else repr(stored)}, given "
                                        f"{'(none)' if given is missing else repr(given)}")
+    if optimizer is not None:
+        differences += optimizer_differences(state["optimizer"], optimizer, state["step"], config)
     return differences
 
 
 def check_resume_settings(state: dict, path: str | Path, config: Optional[TrainConfig] = None, *,
-                          method_name: Optional[str] = None, settings: Optional[dict] = None) -> None:
+                          method_name: Optional[str] = None, settings: Optional[dict] = None,
+                          optimizer: Optional[torch.optim.Optimizer] = None) -> None:
     """Raise ResumeMismatchError naming every setting that differs from the stored ones
-    (with `config=None` only `settings` and the method are compared)."""
+    (with `config=None` only `settings` and the method are compared; with `optimizer` also
+    the optimiser's hyperparameters)."""
     if config is None:
         config = TrainConfig(**{k: v for k, v in state["train_config"].items()
                                 if k in TrainConfig.__dataclass_fields__})
-    differences = resume_differences(state, config, method_name=method_name, settings=settings)
+    differences = resume_differences(state, config, method_name=method_name, settings=settings, optimizer=optimizer)
     if differences:
         raise ResumeMismatchError(
             f"{path} was written with other settings than this run's; resume with the same ones or start a new "
@@ -653,15 +696,22 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
         if checkpoint_path is None:
             raise FileNotFoundError("--resume given but there is no checkpoint path")
         state = load_resume_state(checkpoint_path, map_location=device)
-        check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings)
+
+    objective.freeze(model, config)
+    # built before the resume check, which compares its hyperparameters with the stored ones; the
+    # methods restore their state into the parameters it holds
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    if state is not None:
+        check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings,
+                              optimizer=optimizer)
         try:
             model.load_state_dict(state["model"])     # before caching features: they depend on the weights
             method.load_state_dict(state["method"])
         except (RuntimeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{checkpoint_path}: its model or method state does not fit this model and "
                                   f"method: {str(error).splitlines()[0] if str(error) else repr(error)}") from None
-
-    objective.freeze(model, config)
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
@@ -675,9 +725,6 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
     objective.prepare(model, audio, config, device, in_memory=small_corpus, progress=progress)
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
 
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
     step, epoch, position, skipped = 0, 0, 0, 0
     history: list[dict] = []
     if state is not None:

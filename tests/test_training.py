@@ -320,6 +320,37 @@ def test_a_vocabulary_whose_blank_is_a_character_is_refused_before_training(tmp_
                  progress=False).steps_done == 1
 
 
+def test_resume_refuses_edited_optimiser_hyperparameters_by_name(tmp_path):
+    """Item 8 of issue 24: lr, betas, eps and weight_decay edited in a state's param_groups are
+    refused like the other settings, each named; the unedited state still resumes exactly."""
+    utterances = tiny_corpus(tmp_path)
+    config = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=1)
+    path = tmp_path / "run.state"
+    train(tiny_model(), utterances, config, checkpoint_path=path, progress=False, stop_after_steps=2)
+    original = path.read_bytes()
+    state = torch.load(path, weights_only=True)
+    weights, biases = state["optimizer"]["param_groups"]
+    weights["base_lr"], weights["betas"], weights["weight_decay"] = 1e-2, (0.5, 0.9), 0.5
+    biases["eps"], biases["lr"] = 1e-3, 1.0
+    torch.save(state, path)
+    with pytest.raises(ResumeMismatchError) as refused:
+        train(tiny_model(), utterances, config, checkpoint_path=path, resume=True, progress=False)
+    message = str(refused.value)
+    for expected in ("tensors) base_lr: stored 0.01, given 0.001", "betas: stored (0.5, 0.9), given (0.9, 0.999)",
+                     "weight_decay: stored 0.5, given 0.01", "optimiser group 1 (", "eps: stored 0.001, given 1e-08",
+                     "lr: stored 1.0, given 0.001"):
+        assert expected in message, message
+    assert message.count("optimiser group") == 5, message
+
+    path.write_bytes(original)
+    straight = tiny_model()
+    train(straight, utterances, config, progress=False)
+    resumed = tiny_model(seed=3)
+    assert train(resumed, utterances, config, checkpoint_path=path, resume=True, progress=False).steps_done == 4
+    for (name, a), b in zip(state_of(straight).items(), state_of(resumed).values()):
+        assert torch.equal(a, b), name
+
+
 def test_feature_cache_is_keyed_on_the_audio_content(tmp_path):
     """Item 6 of issue 24: audio replaced with the same size and modification time (os.utime)
     gets new features, not the stored ones."""
