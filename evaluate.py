@@ -32,7 +32,7 @@ import spg
 from spg.checkpoint import atomic_write
 from spg.data import DEFAULT_VOCAB, read_corpus
 from spg.experiment import check_model_durations, evaluate
-from spg.training import exit_code_of, naming_write_errors, sparsity_report
+from spg.training import check_output_paths, exit_code_of, naming_write_errors, sparsity_report
 from spg.wer import mapsswe
 from spg.whisper.evaluation import is_transcription_folder, read_transcription_folder
 from spg.whisper.io import NAMED_MODELS, named_model_folder
@@ -85,8 +85,9 @@ def positive_seconds(text: str) -> float:
 
 
 def main(argv=None) -> int:
-    """Exit code 0; 2 for a usage error; 1 with one line "evaluate.py: error: ..." for a bad
-    file, bad data or a full disk. Anything else is a bug and keeps its traceback."""
+    """Exit code 0; 2 for a usage error (also --json naming --model's or --compare's file, or a
+    folder); 1 with one line "evaluate.py: error: ..." for a bad file, bad data or a full disk;
+    130 with one line after Ctrl-C. Anything else is a bug and keeps its traceback."""
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="any checkpoint spg.load accepts")
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    # before any work: --json must not overwrite a model, be a folder or lie where no folder can be made
+    check_output_paths({"--model": args.model, "--compare": args.compare}, {"--json": args.json})
     device = torch.device(args.device)
     model_path = Path(args.model)
     model = spg.load(model_path)          # first: a bad --model fails before the corpus is built

@@ -137,7 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: runs/feature-cache for the built-in corpus, none otherwise)")
     parser.add_argument("--dense-eval", default=None,
                         help="JSON file holding the dense model's decoding of dev/test; reused when it matches "
-                             "the model's weights and the utterances, written otherwise (for sweeps)")
+                             "the model's weights, config and vocabulary and the utterances (ids, transcripts and "
+                             "audio contents), written otherwise (for sweeps); a file that is not such a cache is "
+                             "refused")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=COUNT, default=0)
     group = parser.add_argument_group("SPG (self-pinching gates)")
@@ -239,9 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Exit code 0; 2 for a usage error (argparse's, or a --resume with other settings); 1 with
-    one line "train.py: error: ..." for a bad file, bad data, a full disk or diverged training.
-    Anything else is a bug and keeps its traceback. The experiment itself: spg/experiment.py."""
+    """Exit code 0; 2 for a usage error (argparse's, a --resume with other settings, options
+    naming the same file, an --out that another run holds); 1 with one line "train.py: error:
+    ..." for a bad file, bad data, a full disk or diverged training; 130 with one line after
+    Ctrl-C. Anything else is a bug and keeps its traceback. The experiment: spg/experiment.py."""
     args = parse_args(argv)
     started = time.time()
     return exit_code_of("train.py", lambda: run_from_command_line(args, started))

@@ -15,8 +15,10 @@ family adds one recipe there.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -40,8 +42,9 @@ from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
 from spg.loading import whisper_ctc_from_pretrained
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
-from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, evaluate_corpus,
-                          load_resume_state, naming_write_errors, sparsity_report, tensors_digest, train)
+from spg.training import (Objective, TrainConfig, UsageError, check_output_paths, check_resume_settings,
+                          distributed_rank, evaluate_corpus, file_digest, load_resume_state, naming_write_errors,
+                          sparsity_report, tensors_digest, train)
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
@@ -106,7 +109,7 @@ def build_method(args, model) -> Method:
         return GMP(args.sparsity)
     if args.method == "mixed":
         prefix = family_of(model).runs_prefix
-        source = Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"{prefix}spg-{args.sparsity:g}.pt"
+        source = source_run(args, prefix)
         if not source.exists():
             model_option = f"--model {args.model} " if prefix else ""   # the default model's family needs none
             sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
@@ -160,10 +163,20 @@ def resolve_defaults(args, family: "Family") -> None:
         args.threshold_lr = self_pinching.default_threshold_lr(args.lr, args.steps)
 
 
+def source_run(args, prefix: str) -> Optional[Path]:
+    """The run that --method mixed (--mixed-from, default runs/<prefix>spg-<sparsity>.pt) or
+    structured (--structure-from, default runs/<prefix>l0-<sparsity>.pt) reads; None for the
+    other methods."""
+    if args.method == "mixed":
+        return Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"{prefix}spg-{args.sparsity:g}.pt"
+    if args.method == "structured":
+        return Path(args.structure_from) if args.structure_from else REPO / "runs" / f"{prefix}l0-{args.sparsity:g}.pt"
+    return None
+
+
 def structure_source(args, model) -> Path:
     """The model whose structure --method structured prunes to (exits when it is missing)."""
-    prefix = family_of(model).runs_prefix
-    source = Path(args.structure_from) if args.structure_from else REPO / "runs" / f"{prefix}l0-{args.sparsity:g}.pt"
+    source = source_run(args, family_of(model).runs_prefix)
     if not source.exists():
         sys.exit(f"--method structured prunes to the structure of another model, but {source} does not exist: run "
                  f"`python train.py --method l0 --sparsity {args.sparsity:g}` first or pass --structure-from")
@@ -317,9 +330,11 @@ def run_settings(args) -> dict:
 
 def prepare_output(args, out: Path, rank: int) -> None:
     """Before any long work: remove what interrupted saves of this run's files left behind
-    (rank 0), and with --resume check the state and its settings (every rank: all must stop)."""
+    (rank 0, which holds the lock on `out`: another run's live temporary files are never
+    removed; the --dense-eval cache's are removed when it is written, under its own lock), and
+    with --resume check the state and its settings (every rank: all must stop)."""
     if rank == 0:
-        remove_stale_temporaries([out, state_path(out)] + [Path(p) for p in (args.json, args.dense_eval) if p])
+        remove_stale_temporaries([out, state_path(out)] + ([Path(args.json)] if args.json else []))
     if args.resume and (args.method != "cluster" or args.epochs):
         state = load_resume_state(state_path(out))
         check_resume_settings(state, state_path(out), settings=run_settings(args))
@@ -356,9 +371,21 @@ def write_json(path, data) -> None:
 
 
 def run(args, rank: int, device: torch.device, started: float) -> int:
-    """Build the model and the corpus, then run the experiment of the model's family."""
+    """Build the model, check the paths (`check_run_paths`), lock the output for the whole run
+    (rank 0: `exclusive_lock` on <out>.lock), then build the corpus and run the experiment of
+    the model's family (`run_family`); Ctrl-C is named (`naming_interruption`)."""
     model = build_model(args)            # first: a bad --model fails before the corpus is built
     resolve_defaults(args, family_of(model))
+    out = output_path(args, family_of(model))
+    check_run_paths(args, model, out)    # every rank: all must stop
+    lock = exclusive_lock(lock_path(out), wait=False, purpose=f"--out {out}") if rank == 0 else \
+        contextlib.nullcontext()         # only rank 0 writes
+    with lock, naming_interruption(args, out, started):
+        return run_family(args, model, rank, device, started)
+
+
+def run_family(args, model, rank: int, device: torch.device, started: float) -> int:
+    """Build the corpus, then run the experiment of the model's family."""
     if rank != 0 and args.data is None:
         dist.barrier()                   # rank 0 synthesises the built-in corpus first
     root = corpus_root(args)
@@ -369,6 +396,71 @@ def run(args, rank: int, device: torch.device, started: float) -> int:
         test_splits.append("test-unseen")
     args.corpus = root
     return family_of(model).run(args, model, root, test_splits, rank, device, started)
+
+
+@contextlib.contextmanager
+def naming_interruption(args, out: Path, started: float):
+    """Re-raise Ctrl-C as KeyboardInterrupt("interrupted; resume with --resume (...)") when this
+    run saved (or resumed) a state, else KeyboardInterrupt("interrupted"): the line that
+    `spg.training.exit_code_of` prints."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        state = state_path(out)
+        resumable = state.exists() and (args.resume or state.stat().st_mtime >= started)
+        raise KeyboardInterrupt(f"interrupted; resume with --resume (the last saved state is {state})"
+                                if resumable else "interrupted") from None
+
+
+def check_run_paths(args, model, out: Path) -> None:
+    """Before any work, a UsageError (exit 2) naming the options when an output would destroy
+    an input or another output, is a folder or cannot be created (`check_output_paths`, over
+    the model read, the run --method mixed or structured reads, --out, its .state and .lock,
+    --json, --dense-eval and --feature-cache), or when --dense-eval names a file that is not a
+    dense-decoding cache (`read_dense_cache`)."""
+    inputs = {"--model": args.model or (None if args.init else DEFAULT_MODEL)}
+    source = source_run(args, family_of(model).runs_prefix)
+    if source is not None:
+        inputs["--mixed-from" if args.method == "mixed" else "--structure-from"] = source
+    outputs = {"--out": out, "--out's resume state": state_path(out), "--out's lock file": lock_path(out),
+               "--json": args.json, "--dense-eval": args.dense_eval}
+    check_output_paths(inputs, outputs, {"--feature-cache": args.feature_cache})
+    if args.dense_eval:
+        read_dense_cache(args.dense_eval)
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, *, wait: bool, purpose: str = ""):
+    """Hold an exclusive `fcntl.flock` on the file `path` (created, and removed on release) for
+    the `with` block. With wait=False a lock that another process holds is a UsageError naming
+    `path` and `purpose`; with wait=True it waits. A lock file that its holder removed while we
+    waited is not ours: we lock the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(descriptor)
+            raise UsageError(f"{path} is held by another run{' writing ' + purpose if purpose else ''}; wait for "
+                             "it to finish or give another --out") from None
+        try:
+            ours = os.path.samestat(os.fstat(descriptor), os.stat(path))
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        os.close(descriptor)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(descriptor)
 
 
 def run_ctc(args, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, device: torch.device,
@@ -610,25 +702,60 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
 def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.device,
                    cache: Optional[str]) -> dict:
     """Decode every split with the starting model, or reuse a stored decoding of exactly this
-    model (a digest of its weights) on exactly these utterances."""
+    model (a digest of its weights, its config and vocabulary) on exactly these utterances
+    (their ids, transcripts and audio contents: `dense_cache_key`). A `cache` file that is not
+    such a cache is refused (`read_dense_cache`) and never overwritten."""
     def decode() -> dict:
         return {name: evaluate_corpus(model, data, device=device, desc=f"dense {name}")
                 for name, data in evaluation_sets.items()}
 
     if not cache:
         return decode()
-    key = {"weights": tensors_digest(model.state_dict()),
-           "utterances": {name: [u.id for u in data] for name, data in evaluation_sets.items()}}
-    if Path(cache).exists():
-        stored = json.loads(Path(cache).read_text())
-        if stored.get("key") == key:
+    key = dense_cache_key(model, evaluation_sets)
+    stored = read_dense_cache(cache)
+    if stored is not None:
+        if stored["key"] == key:
             print(f"dense decoding reused from {cache}")
             return stored["results"]
         print(f"{cache} holds another model's or corpus's decoding; decoding again")
     results = decode()
-    with naming_write_errors(cache):
-        atomic_write(os.fspath(cache), lambda file: file.write(json.dumps({"key": key, "results": results}).encode()))
+    with exclusive_lock(lock_path(Path(cache)), wait=True):     # runs of a sweep may share the cache
+        remove_stale_temporaries([Path(cache)])
+        with naming_write_errors(cache):
+            atomic_write(os.fspath(cache),
+                         lambda file: file.write(json.dumps({"key": key, "results": results}).encode()))
     return results
+
+
+def dense_cache_key(model, evaluation_sets: dict) -> dict:
+    """Everything a dense decoding depends on, as JSON reads it back: the weights (a digest),
+    the config and vocabulary, and per split each utterance's id, transcript and audio content
+    (SHA-256 of the file: edited transcripts or replaced audio give another key)."""
+    key = {"weights": tensors_digest(model.state_dict()), "config": model.config.to_dict(),
+           "vocab": getattr(model, "vocab", None),
+           "utterances": {name: [[u.id, u.transcript, file_digest(u.audio_path)] for u in data]
+                          for name, data in evaluation_sets.items()}}
+    return json.loads(json.dumps(key))
+
+
+def read_dense_cache(path) -> Optional[dict]:
+    """The --dense-eval cache at `path` ({"key": ..., "results": {...}}), or None when there is
+    no file yet. Anything else there (a folder, unreadable, not JSON, JSON of another shape) is a
+    UsageError naming it: the option names a file that is not a cache, which must not be
+    overwritten."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    expected = 'expected a dense-decoding cache written by train.py ({"key": ..., "results": ...}) or a new file'
+    try:
+        stored = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise UsageError(f"--dense-eval {path}: not a JSON file ({reason}); {expected}") from None
+    if not isinstance(stored, dict) or set(stored) != {"key", "results"} or not isinstance(stored["results"], dict):
+        shape = f"a JSON {type(stored).__name__}" + (f" with keys {sorted(stored)}" if isinstance(stored, dict) else "")
+        raise UsageError(f"--dense-eval {path}: {shape}; {expected}")
+    return stored
 
 
 def run_whisper(args, model: Whisper, root: Path, test_splits: list, rank: int, device: torch.device,

@@ -44,7 +44,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spg.data import AudioCache, Batch, DataError, Utterance, length_sorted_batches, make_targets, normalize_waveform
+from spg.data import (AudioCache, Batch, DataError, Utterance, encode_text, length_sorted_batches, make_targets,
+                      normalize_waveform)
 from spg.checkpoint import CheckpointError, atomic_write, format_keys, non_finite_entries
 from spg.compress.interface import Method, PrunableModel
 from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
@@ -121,6 +122,7 @@ class CTCObjective(Objective):
 
     def prepare(self, model: Wav2Vec2CTC, audio: AudioCache, config: TrainConfig, device: torch.device,
                 in_memory: bool, progress: bool) -> None:
+        check_labels_avoid_blank(audio.utterances, model.vocab, model.blank_id)
         if self.frozen and config.cache_features and in_memory:
             self.features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress)
 
@@ -132,7 +134,7 @@ class CTCObjective(Objective):
         else:
             batch = _labels_only(audio, indices, model.vocab)
             logits, frame_lengths = forward_batch(model, batch, device, self.features.batch(indices))
-        return ctc_loss(logits, frame_lengths, batch, self.reduction)
+        return ctc_loss(logits, frame_lengths, batch, self.reduction, blank=model.blank_id)
 
     def train_mode(self, model: Wav2Vec2CTC) -> None:
         model.train()
@@ -152,7 +154,8 @@ class FeatureCache:
     """Frozen feature-extractor outputs, computed once per utterance and kept as float16.
 
     With `folder`, the features are also stored on disk under a key made of the front end's
-    weights and the audio files' names, sizes and modification times, so repeated runs on the
+    weights and the audio files' names and contents (SHA-256 of their bytes: a file replaced
+    with the same size and modification time still gives a new key), so repeated runs on the
     same corpus (a sparsity sweep) skip the recomputation; any change gives a new key."""
 
     def __init__(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device, desc: str = "caching features",
@@ -193,13 +196,23 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes. Hashing the built-in corpus's 3,500 files (153 MB) takes
+    about 0.2-0.3 s on one core when they are in the page cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _feature_key(model: Wav2Vec2CTC, audio: AudioCache) -> str:
-    """A digest of everything the cached features depend on."""
+    """A digest of everything the cached features depend on: the front end's weights, the
+    normalisation, and every audio file's name, content and length."""
     digest = hashlib.sha256(tensors_digest(model.feature_extractor.state_dict()).encode())
     digest.update(repr(model.config.do_normalize).encode())
     for utterance in audio.utterances:
-        stat = os.stat(utterance.audio_path)
-        digest.update(f"{utterance.audio_path}|{stat.st_size}|{stat.st_mtime_ns}|{utterance.num_samples}".encode())
+        digest.update(f"{utterance.audio_path}|{file_digest(utterance.audio_path)}|{utterance.num_samples}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -211,14 +224,35 @@ def forward_batch(model: Wav2Vec2CTC, batch: Batch, device: torch.device,
     return model(batch.waveforms.to(device), lengths)
 
 
-def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
-    """CTC over a batch: "mean" divides each utterance's loss by its target length and
-    averages over the batch; "sum" adds the utterances' losses (HF `ctc_loss_reduction="sum"`)."""
+def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch, reduction: str = "mean", *,
+             blank: int = 0) -> torch.Tensor:
+    """CTC over a batch with blank id `blank` (pass the model's `blank_id`; 0 is the default
+    vocabulary's): "mean" divides each utterance's loss by its target length and averages over
+    the batch (HF `ctc_loss_reduction="mean"`); "sum" adds the utterances' losses (HF "sum").
+    A target equal to the blank is a ValueError (CTC cannot emit it as a label)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if bool((batch.targets == blank).any()):
+        raise ValueError(f"a target of batch {batch.ids[:3]}... is the CTC blank id {blank}")
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)                   # (T, B, V)
     return F.ctc_loss(log_probs, batch.targets.to(logits.device), frame_lengths,
-                      batch.target_lengths.to(logits.device), blank=0, reduction=reduction, zero_infinity=True)
+                      batch.target_lengths.to(logits.device), blank=blank, reduction=reduction, zero_infinity=True)
+
+
+def check_labels_avoid_blank(utterances: Sequence[Utterance], vocab: Sequence[str], blank_id: int) -> None:
+    """DataError naming the first transcript that contains the vocabulary's CTC blank token as
+    a character (a space, when the blank is the word delimiter `|`): CTC can never emit its
+    blank as a label, so training on it would be silently wrong. A blank such as `<pad>` or
+    `[PAD]` is never a character and passes."""
+    token = vocab[blank_id]
+    if len(token) != 1:                  # encode_text maps single characters only
+        return
+    character = " " if token == "|" else token
+    for utterance in utterances:
+        if blank_id in encode_text(utterance.transcript, vocab):
+            raise DataError(f"{utterance.audio_path}: the transcript of {utterance.id} contains {character!r}, "
+                            f"which is the model's CTC blank ({token!r}, pad_token_id {blank_id}); CTC cannot "
+                            "learn a label equal to its blank: use a vocabulary whose pad token is not a character")
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,7 +277,7 @@ def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int 
     for indices in tqdm(batches, desc=desc, leave=False, disable=not progress):
         batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab)
         logits, frame_lengths = forward_batch(model, batch, device)
-        for index, text in zip(indices, ctc_greedy_decode(logits, frame_lengths, model.vocab)):
+        for index, text in zip(indices, ctc_greedy_decode(logits, frame_lengths, model.vocab, model.blank_id)):
             hypotheses[index] = text
     model.train(was_training)
     return hypotheses
@@ -257,6 +291,11 @@ class ResumeMismatchError(ValueError):
     """`resume=True` with settings other than the ones the resume state was written with."""
 
 
+class UsageError(ValueError):
+    """Options that cannot work together or with the files they name (two options naming the
+    same file, an output that is a folder, a --dense-eval file that is not a cache): exit 2."""
+
+
 class NonFiniteWeightsError(RuntimeError):
     """The weights stopped being finite during training (the run is stopped, nothing saved)."""
 
@@ -264,17 +303,69 @@ class NonFiniteWeightsError(RuntimeError):
 @contextlib.contextmanager
 def naming_write_errors(path: str | Path):
     """Re-raise an OSError from writing `path` (whose own filename may be missing or be the
-    temporary file's) as one that names `path`: "cannot write PATH: no space left on device"."""
+    temporary file's) as one that names `path`: "cannot write PATH: no space left on device".
+    torch.save's writer turns the OSError of a failed write (a full disk, `ulimit -f`) into a
+    RuntimeError raised while handling it; that one is re-raised the same way, and one raised
+    while handling Ctrl-C as the KeyboardInterrupt it was."""
     try:
         yield
-    except OSError as error:
+    except (OSError, RuntimeError) as raised:
+        error = raised
+        while error is not None and not isinstance(error, (OSError, KeyboardInterrupt)):   # torch's: its context
+            error = error.__cause__ or error.__context__
+        if error is None:
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(*error.args) from None
         if error.errno == errno.ENOSPC:
             reason = "no space left on device"
         else:
             reason = error.strerror or str(error)
             if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
                 reason += f" ({error.filename})"
-        raise OSError(error.errno, f"cannot write {path}: {reason}") from error
+        raise OSError(error.errno, f"cannot write {path}: {reason}") from raised
+
+
+def check_output_paths(inputs: dict, outputs: dict, output_folders: Optional[dict] = None) -> None:
+    """Before any work, a UsageError naming the options (labels of the dicts, which map a label
+    to a path or None) when an output would destroy a file or could not be written: an output
+    file (`outputs`) or folder (`output_folders`) that is the same file as another output or
+    an existing input (resolved paths compared, and os.path.samefile where both exist, so
+    symlinks and hard links count); an output file that is an existing folder, or an output
+    folder that is an existing file; an output whose folder cannot be created (a file or an
+    unwritable folder on its way)."""
+    output_folders = output_folders or {}
+    written = {label: Path(path) for label, path in {**outputs, **output_folders}.items() if path is not None}
+    existing_inputs = {label: Path(path) for label, path in inputs.items() if path is not None and Path(path).exists()}
+    for label, path in written.items():
+        folder = label in output_folders
+        if path.is_dir() and not folder:
+            raise UsageError(f"{label} {path} is an existing folder; expected a file name")
+        if path.exists() and folder and not path.is_dir():
+            raise UsageError(f"{label} {path} is an existing file; expected a folder")
+        blocker = _uncreatable(path if folder else path.parent)
+        if blocker:
+            raise UsageError(f"{label} {path}: its folder cannot be created ({blocker})")
+    others = list(written.items()) + list(existing_inputs.items())
+    for index, (label, path) in enumerate(written.items()):
+        for other, other_path in others[index + 1:]:
+            if path.resolve() == other_path.resolve() or \
+                    path.exists() and other_path.exists() and os.path.samefile(path, other_path):
+                raise UsageError(f"{label} and {other} name the same file ({path}), which {label} would "
+                                 f"overwrite; give {label} another path")
+
+
+def _uncreatable(folder: Path) -> Optional[str]:
+    """Why `folder` cannot be created or written to (its nearest existing ancestor is a file or
+    not writable), or None when it can."""
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -365,10 +456,49 @@ def load_resume_state(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+# AdamW's settings of a parameter group that decide the weights. A resume compares the stored
+# groups' with this run's fresh optimiser's: these, and "lr", which the schedule sets before
+# every step from "base_lr" (stored: its value at the last step done).
+OPTIMIZER_SETTINGS = ("base_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
+
+def _comparable(value):
+    """`value` with tensors as numbers and tuples as lists, so that == compares contents."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_comparable(item) for item in value]
+    return value
+
+
+def optimizer_differences(stored: dict, optimizer: torch.optim.Optimizer, step: int,
+                          config: TrainConfig) -> list[str]:
+    """'optimiser group I KEY: stored X, given Y' for every `OPTIMIZER_SETTINGS` value and
+    scheduled lr of a resume state's optimiser (`stored`, at `step` steps done) that differs
+    from `optimizer`'s, the one this run builds (a key the state lacks keeps torch's default)."""
+    groups = stored.get("param_groups") if isinstance(stored, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        return ["optimiser: no list of parameter groups stored"]
+    if len(groups) != len(optimizer.param_groups):
+        return [f"optimiser: stored {len(groups)} parameter groups, given {len(optimizer.param_groups)}"]
+    factor = learning_rate_factor(step - 1, config.steps, config.warmup_fraction) if step else 1.0
+    differences = []
+    for index, (old, new) in enumerate(zip(groups, optimizer.param_groups)):
+        expected = {key: new[key] for key in OPTIMIZER_SETTINGS if key in new}
+        expected["lr"] = new["base_lr"] * factor
+        for key, value in expected.items():
+            if key in old and _comparable(old[key]) != _comparable(value):
+                differences.append(f"optimiser group {index} ({len(new['params'])} tensors) {key}: "
+                                   f"stored {old[key]!r}, given {value!r}")
+    return differences
+
+
 def resume_differences(state: dict, config: TrainConfig, *, method_name: Optional[str] = None,
-                       settings: Optional[dict] = None) -> list[str]:
+                       settings: Optional[dict] = None,
+                       optimizer: Optional[torch.optim.Optimizer] = None) -> list[str]:
     """'setting: stored X, given Y' for every setting of this run that differs from the ones
-    the resume state was written with (`RESUMABLE_FIELDS` may differ)."""
+    the resume state was written with (`RESUMABLE_FIELDS` may differ); with `optimizer` (this
+    run's, freshly built) also its hyperparameters (`optimizer_differences`)."""
     differences = []
     stored_config, given_config = state["train_config"], asdict(config)
     missing = object()
@@ -394,17 +524,21 @@ def resume_differences(state: dict, config: TrainConfig, *, method_name: Optiona
                 if stored != given:
                     differences.append(f"{key}: stored {'(none)' if stored is missing else repr(stored)}, given "
                                        f"{'(none)' if given is missing else repr(given)}")
+    if optimizer is not None:
+        differences += optimizer_differences(state["optimizer"], optimizer, state["step"], config)
     return differences
 
 
 def check_resume_settings(state: dict, path: str | Path, config: Optional[TrainConfig] = None, *,
-                          method_name: Optional[str] = None, settings: Optional[dict] = None) -> None:
+                          method_name: Optional[str] = None, settings: Optional[dict] = None,
+                          optimizer: Optional[torch.optim.Optimizer] = None) -> None:
     """Raise ResumeMismatchError naming every setting that differs from the stored ones
-    (with `config=None` only `settings` and the method are compared)."""
+    (with `config=None` only `settings` and the method are compared; with `optimizer` also
+    the optimiser's hyperparameters)."""
     if config is None:
         config = TrainConfig(**{k: v for k, v in state["train_config"].items()
                                 if k in TrainConfig.__dataclass_fields__})
-    differences = resume_differences(state, config, method_name=method_name, settings=settings)
+    differences = resume_differences(state, config, method_name=method_name, settings=settings, optimizer=optimizer)
     if differences:
         raise ResumeMismatchError(
             f"{path} was written with other settings than this run's; resume with the same ones or start a new "
@@ -417,8 +551,8 @@ def failure_message(error: BaseException) -> Optional[tuple[int, str]]:
     """(exit code, one line) for an error a command-line user can cause and fix (a bad file or
     argument, a full disk, diverged training); None for anything else, which is a bug and
     keeps its traceback. Exit code 2: the command line contradicts a file (a resume with
-    other settings); 1: the rest."""
-    if isinstance(error, ResumeMismatchError):
+    other settings, a `UsageError`); 1: the rest."""
+    if isinstance(error, (ResumeMismatchError, UsageError)):
         return 2, str(error)
     if isinstance(error, (CheckpointError, DataError, NonFiniteWeightsError)):
         return 1, str(error)
@@ -436,9 +570,13 @@ def failure_message(error: BaseException) -> Optional[tuple[int, str]]:
 
 def exit_code_of(program: str, run: Callable[[], int]) -> int:
     """`run()`'s exit code; for an expected error (see `failure_message`) one line
-    "PROGRAM: error: ..." on stderr and its exit code instead. Bugs keep their traceback."""
+    "PROGRAM: error: ..." on stderr and its exit code instead; for Ctrl-C (KeyboardInterrupt)
+    one line "PROGRAM: interrupted..." (its message, if any) and 130. Bugs keep their traceback."""
     try:
         return run()
+    except KeyboardInterrupt as interrupt:
+        print(f"\n{program}: {interrupt.args[0] if interrupt.args else 'interrupted'}", file=sys.stderr)
+        return 130
     except Exception as error:
         failure = failure_message(error)
         if failure is None:
@@ -558,15 +696,22 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
         if checkpoint_path is None:
             raise FileNotFoundError("--resume given but there is no checkpoint path")
         state = load_resume_state(checkpoint_path, map_location=device)
-        check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings)
+
+    objective.freeze(model, config)
+    # built before the resume check, which compares its hyperparameters with the stored ones; the
+    # methods restore their state into the parameters it holds
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    if state is not None:
+        check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings,
+                              optimizer=optimizer)
         try:
             model.load_state_dict(state["model"])     # before caching features: they depend on the weights
             method.load_state_dict(state["method"])
         except (RuntimeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{checkpoint_path}: its model or method state does not fit this model and "
                                   f"method: {str(error).splitlines()[0] if str(error) else repr(error)}") from None
-
-    objective.freeze(model, config)
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
@@ -580,9 +725,6 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
     objective.prepare(model, audio, config, device, in_memory=small_corpus, progress=progress)
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
 
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
     step, epoch, position, skipped = 0, 0, 0, 0
     history: list[dict] = []
     if state is not None:

@@ -9,7 +9,7 @@ import torch
 from helpers import write_corpus
 
 from spg.compress.interface import Method
-from spg.data import read_corpus
+from spg.data import DataError, read_corpus
 from spg.loading import CheckpointError
 from spg.training import (NonFiniteWeightsError, ResumeMismatchError, TrainConfig, learning_rate_factor,
                           load_resume_state, plain_data, train)
@@ -230,3 +230,143 @@ def test_time_estimate_after_the_first_steps(tmp_path, capsys):
     steps = 2 * ESTIMATE_AFTER_STEPS + 5               # short runs (fewer steps left than done) print nothing
     train(tiny_model(), tiny_corpus(tmp_path), TrainConfig(steps=steps, batch_size=3, lr=1e-3, save_every=0))
     assert f"s per step: the remaining {steps - ESTIMATE_AFTER_STEPS} steps take about" in capsys.readouterr().out
+
+
+# The vocabulary of the common Hugging Face fine-tuning recipe: the sorted characters (a space,
+# written "|", sorts first), then [UNK] and [PAD]; the CTC blank is [PAD], the last id.
+PAD_LAST_VOCAB = ["|", "'"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["[UNK]", "[PAD]"]
+
+
+def pad_last_hf_model(folder):
+    """A random-weight transformers Wav2Vec2ForCTC whose pad (blank) is its last id, saved as an
+    HF folder with its vocab.json; the head is scaled and the blank favoured so that greedy
+    decoding emits blanks, repeats and word delimiters."""
+    import json
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(PAD_LAST_VOCAB), pad_token_id=len(PAD_LAST_VOCAB) - 1, hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16, 16),
+                            conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
+                            num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True,
+                            conv_bias=True, ctc_zero_infinity=True, layerdrop=0.0)
+    reference = Wav2Vec2ForCTC(config).eval()
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(20)
+        reference.lm_head.bias[-1] += 6.0
+    reference.save_pretrained(folder)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(PAD_LAST_VOCAB)}))
+    return reference
+
+
+def test_blank_is_the_configs_pad_token_in_loss_and_decoding_as_in_transformers(tmp_path):
+    """Item 4 of issue 24: an HF model whose <pad> is last trains and decodes with that blank.
+    Our CTC loss (the training objective's, both reductions) equals transformers' `labels=` loss,
+    and our greedy decoding (the corpus decoder and `transcribe`) equals its argmax decoded by
+    Wav2Vec2CTCTokenizer (pad as blank, `|` as the space)."""
+    import spg
+    from spg.data import AudioCache
+    from spg.training import CTCObjective, ctc_loss, forward_batch, transcribe_corpus
+    from transformers import Wav2Vec2CTCTokenizer
+    reference = pad_last_hf_model(tmp_path / "hf")
+    ours = spg.load(tmp_path / "hf").eval()
+    assert ours.vocab == PAD_LAST_VOCAB and ours.blank_id == len(PAD_LAST_VOCAB) - 1
+    write_corpus(tmp_path / "corpus", "train", {"0000": ("HELLO WORLD", 0.5), "0001": ("A CAT", 0.5),
+                                                "0002": ("IT IS", 0.5)})
+    utterances = read_corpus(tmp_path / "corpus", "train", ours.vocab)
+    audio = AudioCache(utterances)
+    batch = audio.batch([0, 1, 2], normalize=ours.config.do_normalize, vocab=ours.vocab)
+    labels = torch.full((3, int(batch.target_lengths.max())), -100)
+    for row, (start, length) in enumerate(zip(batch.target_lengths.cumsum(0) - batch.target_lengths,
+                                              batch.target_lengths)):
+        labels[row, :length] = batch.targets[start:start + length]
+    assert (labels == 0).any()               # "|" is id 0: the old hard-coded blank
+    objective = CTCObjective()
+    for reduction in ("sum", "mean"):
+        reference.config.ctc_loss_reduction = reduction
+        with torch.no_grad():
+            expected = reference(batch.waveforms, labels=labels).loss
+            objective.freeze(ours, TrainConfig(loss_reduction=reduction))
+            got = objective.loss(ours, audio, [0, 1, 2], torch.device("cpu"))
+        assert torch.allclose(got, expected, rtol=1e-5), (reduction, got, expected)
+    with pytest.raises(ValueError, match="is the CTC blank id 0"):     # blank 0 would treat "|" as the blank
+        logits, frames = forward_batch(ours, batch, torch.device("cpu"))
+        ctc_loss(logits, frames, batch, "sum", blank=0)
+
+    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "hf" / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
+                                     word_delimiter_token="|")
+    with torch.no_grad():
+        best = reference(batch.waveforms).logits.argmax(-1)
+    assert (best == ours.blank_id).float().mean() > 0.2 and (best == 0).any()
+    expected = [" ".join(text.split()) for text in tokenizer.batch_decode(best)]
+    assert all(" " in text for text in expected)
+    assert transcribe_corpus(ours, audio, progress=False) == expected
+    assert ours.transcribe([batch.waveforms[i] for i in range(3)]) == expected
+
+
+def test_a_vocabulary_whose_blank_is_a_character_is_refused_before_training(tmp_path):
+    """A config whose pad_token_id points at a character (here "|", the space) would make CTC
+    learn that character as its blank: train() refuses, naming the utterance's file."""
+    utterances = tiny_corpus(tmp_path)
+    model = tiny_model()
+    config = model.config
+    config.vocab_size, config.pad_token_id = len(PAD_LAST_VOCAB), 0
+    model = Wav2Vec2CTC(config, PAD_LAST_VOCAB)
+    spaced = next(u for u in utterances if " " in u.transcript)
+    with pytest.raises(DataError, match=rf"{spaced.audio_path}: the transcript of {spaced.id} contains ' ', which "
+                                        r"is the model's CTC blank \('\|', pad_token_id 0\)"):
+        train(model, utterances, TrainConfig(steps=1, batch_size=3), progress=False)
+    config.pad_token_id = len(PAD_LAST_VOCAB) - 1                   # [PAD]: never a character
+    assert train(Wav2Vec2CTC(config, PAD_LAST_VOCAB), utterances, TrainConfig(steps=1, batch_size=3),
+                 progress=False).steps_done == 1
+
+
+def test_resume_refuses_edited_optimiser_hyperparameters_by_name(tmp_path):
+    """Item 8 of issue 24: lr, betas, eps and weight_decay edited in a state's param_groups are
+    refused like the other settings, each named; the unedited state still resumes exactly."""
+    utterances = tiny_corpus(tmp_path)
+    config = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=1)
+    path = tmp_path / "run.state"
+    train(tiny_model(), utterances, config, checkpoint_path=path, progress=False, stop_after_steps=2)
+    original = path.read_bytes()
+    state = torch.load(path, weights_only=True)
+    weights, biases = state["optimizer"]["param_groups"]
+    weights["base_lr"], weights["betas"], weights["weight_decay"] = 1e-2, (0.5, 0.9), 0.5
+    biases["eps"], biases["lr"] = 1e-3, 1.0
+    torch.save(state, path)
+    with pytest.raises(ResumeMismatchError) as refused:
+        train(tiny_model(), utterances, config, checkpoint_path=path, resume=True, progress=False)
+    message = str(refused.value)
+    for expected in ("tensors) base_lr: stored 0.01, given 0.001", "betas: stored (0.5, 0.9), given (0.9, 0.999)",
+                     "weight_decay: stored 0.5, given 0.01", "optimiser group 1 (", "eps: stored 0.001, given 1e-08",
+                     "lr: stored 1.0, given 0.001"):
+        assert expected in message, message
+    assert message.count("optimiser group") == 5, message
+
+    path.write_bytes(original)
+    straight = tiny_model()
+    train(straight, utterances, config, progress=False)
+    resumed = tiny_model(seed=3)
+    assert train(resumed, utterances, config, checkpoint_path=path, resume=True, progress=False).steps_done == 4
+    for (name, a), b in zip(state_of(straight).items(), state_of(resumed).values()):
+        assert torch.equal(a, b), name
+
+
+def test_feature_cache_is_keyed_on_the_audio_content(tmp_path):
+    """Item 6 of issue 24: audio replaced with the same size and modification time (os.utime)
+    gets new features, not the stored ones."""
+    import os
+    import soundfile
+    utterances = tiny_corpus(tmp_path)
+    cache = tmp_path / "cache"
+    config = TrainConfig(steps=1, batch_size=3, lr=1e-3, save_every=0, feature_cache_dir=str(cache))
+    train(tiny_model(), utterances, config, progress=False)
+    assert len(list(cache.glob("features-*.pt"))) == 1
+    replaced = utterances[0].audio_path
+    before = os.stat(replaced)
+    samples, rate = soundfile.read(replaced, dtype="int16")
+    soundfile.write(replaced, -samples, rate, subtype="PCM_16")          # other samples, same FLAC size
+    os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(replaced)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    train(tiny_model(), utterances, config, progress=False)
+    assert len(list(cache.glob("features-*.pt"))) == 2

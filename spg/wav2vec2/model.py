@@ -481,6 +481,12 @@ class Wav2Vec2CTC(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.compression: dict = {}      # free-form metadata saved with the checkpoint
 
+    @property
+    def blank_id(self) -> int:
+        """The CTC blank: the config's `pad_token_id` (0 in the default vocabulary; the last id
+        in the common Hugging Face fine-tuning recipe). The loss and every decoding use it."""
+        return self.config.pad_token_id
+
     # --- lengths -----------------------------------------------------------------
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Output frames per input length: floor((L - k) / s) + 1 for every conv."""
@@ -637,7 +643,7 @@ class Wav2Vec2CTC(nn.Module):
             if self.config.do_normalize:
                 waveform = normalize_waveforms(waveform)
             logits, frame_lengths = self(waveform.to(self.lm_head.weight.device))
-            texts.extend(ctc_greedy_decode(logits, frame_lengths, self.vocab))
+            texts.extend(ctc_greedy_decode(logits, frame_lengths, self.vocab, self.blank_id))
         self.train(was_training)
         return texts
 
@@ -657,7 +663,8 @@ def normalize_waveforms(waveforms: torch.Tensor, lengths: Optional[torch.Tensor]
 def ctc_greedy_decode(logits: torch.Tensor, frame_lengths: torch.Tensor, vocab: list[str],
                       blank_id: int = 0) -> list[str]:
     """Best path decoding: argmax per frame, merge repeats, drop blanks, `|` -> space.
-    Special tokens (<s>, </s>, <unk>) are dropped."""
+    Special tokens (<s>, </s>, <unk>) are dropped. `blank_id`: the model's `blank_id` (the
+    default 0 is the default vocabulary's `<pad>`)."""
     best = logits.argmax(dim=-1).cpu()                                  # (B, T)
     texts = []
     for row, length in zip(best, frame_lengths.tolist()):
