@@ -166,7 +166,8 @@ def model_config_from_hf(hf: dict, source: str, do_normalize: bool = True) -> Mo
         raise refuse("model_type", "only 'wav2vec2' and 'hubert' are supported (wav2vec2-conformer, "
                                    "wavlm, data2vec-audio, ... are different networks)")
     architectures = hf.get("architectures")
-    if architectures is not None and _HF_ARCHITECTURE[model_type] not in architectures:
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and _HF_ARCHITECTURE[model_type] in architectures):
         raise refuse("architectures", f"expected {_HF_ARCHITECTURE[model_type]!r}: only CTC fine-tuned "
                                       "checkpoints have the lm_head this model needs")
     if hf.get("add_adapter"):
@@ -275,7 +276,7 @@ def _read_hf_vocab(path: str, vocab_size: int) -> Optional[list[str]]:
     if not os.path.isfile(path):
         return None
     token_to_id = read_json(path)
-    if not isinstance(token_to_id, dict) or not all(isinstance(i, int) for i in token_to_id.values()):
+    if not isinstance(token_to_id, dict) or not all(type(i) is int for i in token_to_id.values()):
         raise CheckpointError(f"{path}: expected a flat JSON object {{token: id}} "
                               "(per-language vocabularies are not supported)")
     vocab = sorted(token_to_id, key=token_to_id.__getitem__)
@@ -382,6 +383,9 @@ def _fairseq_configs(checkpoint: dict, source: str) -> tuple[dict, dict, dict]:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{source}: 'cfg' is not a dict")
         finetune, task = cfg.get("model") or {}, cfg.get("task") or {}
+        for name, value in [("cfg.model", finetune), ("cfg.task", task)]:
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{source}: {name} is a {type(value).__name__}, not a dict")
     else:
         args = to_plain(checkpoint.get("args"))
         if not isinstance(args, dict):

@@ -114,7 +114,7 @@ def whisper_config_from_hf(hf: dict, generation: Optional[dict] = None) -> dict:
                 "eos_token_id", "pad_token_id", "bos_token_id"):
         if generation and generation.get(key) is not None:
             values[key] = generation[key]
-    if isinstance(values.get("eos_token_id"), list):       # generation configs may list several
+    if isinstance(values.get("eos_token_id"), list) and values["eos_token_id"]:    # generation configs may list several
         values["eos_token_id"] = values["eos_token_id"][0]
     return values
 
@@ -131,7 +131,8 @@ def load_hf_whisper(folder: str, *, strict: bool) -> Whisper:
     generation = read_json(generation_path) if os.path.isfile(generation_path) else None
     values = whisper_config_from_hf(hf, generation if isinstance(generation, dict) else None)
     if "no_timestamps_token_id" not in values:
-        values["no_timestamps_token_id"] = _no_timestamps_id(folder, int(values.get("vocab_size", 51864)))
+        values["no_timestamps_token_id"] = _no_timestamps_id(folder, values.get("vocab_size", 51864))
+    model = _build(values, config_path)            # a bad or oversized config is refused before the weights are read
     weights_path, hf_state = read_hf_weights(folder)
     state, unknown = {}, []
     for key, tensor in hf_state.items():
@@ -154,13 +155,14 @@ def check_tied(projection: Optional[torch.Tensor], embedding: Optional[torch.Ten
                               "(untied output layers are not supported)")
 
 
-def _no_timestamps_id(folder: str, vocab_size: int) -> Optional[int]:
+def _no_timestamps_id(folder: str, vocab_size: object) -> Optional[int]:
     """<|notimestamps|> from the folder's tokenizer.json, else from the layout of the released
     vocabularies (it sits right before the 1501 timestamp tokens that end the vocabulary);
-    None for other vocabularies."""
+    None for other vocabularies (and for a vocab_size that is not an integer, which the
+    config check then refuses)."""
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
         token_id = WhisperTokenizer.from_file(path).token_to_id("<|notimestamps|>")
         if token_id is not None:
             return token_id
-    return vocab_size - 1501 - 1 if vocab_size >= 51864 else None
+    return vocab_size - 1501 - 1 if type(vocab_size) is int and vocab_size >= 51864 else None
