@@ -23,25 +23,29 @@ Sections: 1. errors and small helpers   2. our file: sparse storage, one format 
 from __future__ import annotations
 
 import builtins
-import codecs
 import collections
 import contextlib
 import copyreg
+import io
 import json
 import math
 import os
 import pickle
+import pickletools
 import sys
 import tempfile
 import warnings
+import zipfile
 from typing import Any, BinaryIO, Callable, Iterable, Mapping, Optional, Union
 
+import numpy
 import torch
 
 __all__ = ["CheckpointError", "format_keys", "read_json", "first_line", "encode_state_dict", "decode_state_dict",
            "FORMAT_NAME", "FORMAT_VERSION", "FAMILIES", "OLD_FORMATS", "FORMAT_NAMES", "write_checkpoint",
-           "checkpoint_family", "read_checkpoint", "non_finite_entries",
-           "read_hf_weights", "read_safetensors", "write_safetensors", "read_torch_file", "to_plain",
+           "checkpoint_family", "read_checkpoint", "non_finite_entries", "element_count",
+           "read_hf_weights", "read_safetensors", "write_safetensors", "check_torch_file", "read_torch_file",
+           "to_plain",
            "install_state_dict", "check_finite", "check_plain_data", "atomic_write"]
 
 PathLike = Union[str, os.PathLike]
@@ -320,6 +324,7 @@ def _read_sharded(index_path: str, read_shard: Callable[[str], dict[str, torch.T
 
 def _read_torch_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A `pytorch_model.bin`: a pickled {name: tensor}, read with weights_only=True."""
+    check_torch_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt files
@@ -582,8 +587,14 @@ def write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor],
 # it. torch.load lets us pass our own `pickle_module`; its Unpickler.find_class is the only
 # way a pickle reaches a Python object, so it admits exactly:
 #   * what torch needs to rebuild tensors (its storage classes are resolved by torch itself),
-#   * builtin containers and scalars, OrderedDict, copyreg's reconstructors, codecs.encode,
-#   * numpy scalars/dtypes/arrays (fairseq stores e.g. best_loss as a numpy float),
+#   * builtin containers and scalars, OrderedDict, copyreg's reconstructors,
+#   * `_codecs.encode` with latin-1 only: pickles of bytes (protocol 2) call
+#     _codecs.encode(text, 'latin1'); other codecs can take minutes (40k characters of
+#     punycode: 290 s), so they are refused,
+#   * numpy scalars and arrays of the plain numeric dtypes (fairseq stores e.g. best_loss as a
+#     numpy float), through checking replacements of numpy's functions: a crafted dtype state
+#     (a field outside the item, an object field over raw bytes) would make numpy leak heap
+#     bytes or dereference a pointer chosen by the file,
 #   * argparse.Namespace, omegaconf, typing and fairseq classes, which are replaced by
 #     `_Record`, an inert stand-in that only stores what the pickle hands it.
 # Everything else raises, before it is called.
@@ -654,6 +665,22 @@ def _record_class(qualified_name: str) -> type:
     return _RECORD_CLASSES[qualified_name]
 
 
+_LATIN1_NAMES = ("latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1")
+
+
+def _encode_latin1(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """_codecs.encode(text, 'latin1'), how pickle protocol 2 stores bytes (each character is
+    one byte, so the work is linear in the file); any other codec is refused."""
+    if not (isinstance(text, str) and encoding in _LATIN1_NAMES and errors == "strict"):
+        handler = f" and errors {short_repr(errors)}" if errors != "strict" else ""
+        raise _Refused(f"refused _codecs.encode with encoding {short_repr(encoding)}{handler}: only 'latin1' (how "
+                       "pickles store bytes) is admitted")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _Refused("refused _codecs.encode(..., 'latin1') of characters beyond U+00FF") from None
+
+
 def _rebuild_from_type(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
     """torch._tensor._rebuild_from_type_v2, which calls `func(*args)` itself, admitted only
     with one of torch's tensor rebuild functions and a tensor type."""
@@ -674,7 +701,7 @@ def _allowed_global(module: str, name: str) -> Any:
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("copyreg", "_reconstructor"): copyreg._reconstructor,
         ("copyreg", "__newobj__"): copyreg.__newobj__,
-        ("_codecs", "encode"): codecs.encode,     # how pickle protocol 2 stores bytes
+        ("_codecs", "encode"): _encode_latin1,    # how pickle protocol 2 stores bytes
         ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
         ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor_v3"): getattr(torch._utils, "_rebuild_tensor_v3", None),
@@ -706,13 +733,79 @@ def _allowed_global(module: str, name: str) -> Any:
 
 
 def _numpy_global(name: str) -> Any:
-    import numpy
+    """What a numpy global of a pickle stands for: checking replacements of the functions
+    numpy's pickles call (`_numpy_dtype`, `_numpy_scalar`, `_numpy_empty_array`), and the
+    ndarray class, which `_reconstruct` takes as its first argument but which is never called."""
+    return {"scalar": _numpy_scalar, "_reconstruct": _numpy_empty_array, "dtype": _numpy_dtype,
+            "ndarray": numpy.ndarray}.get(name)
+
+
+# numpy's own pickles name the plain numeric dtypes by kind and item size ('f8', 'b1', ...).
+_PLAIN_NUMPY_DTYPES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16")
+
+
+def _plain_numpy_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is one of numpy's plain numeric dtypes (bool, integers, floats,
+    complex) in little-endian or native byte order: no fields, objects or subarrays, so that
+    reading a value of it reads only its own bytes."""
+    return (isinstance(dtype, numpy.dtype) and dtype.str[1:] in _PLAIN_NUMPY_DTYPES
+            and dtype.byteorder in "<|=" and dtype.fields is None and dtype.subdtype is None
+            and not dtype.hasobject)
+
+
+def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> Any:
+    """numpy.dtype(spec, align, copy) as numpy's pickles call it, for the plain numeric dtypes
+    only. Other dtypes (structured/void, object, string, datetime) can make numpy read bytes
+    outside a value or dereference a pointer chosen by the file, so they are refused."""
+    if not (isinstance(spec, str) and spec in _PLAIN_NUMPY_DTYPES and isinstance(align, bool)
+            and isinstance(copy, bool)):
+        raise _Refused(f"refused numpy.dtype({short_repr(spec)}): only the plain numeric dtypes "
+                       f"{', '.join(_PLAIN_NUMPY_DTYPES)} are admitted")
+    return numpy.dtype(spec)
+
+
+def _check_numpy_dtype_state(dtype: Any, state: Any) -> None:
+    """A BUILD of a numpy dtype must repeat the state the dtype already has (what numpy's
+    pickles write, (3, '<', None, None, None, -1, -1, 0) for 'f8'), with '=' allowed for the
+    byte order. Anything else (fields, an item size, flags) is refused: it is never applied."""
+    own = dtype.__reduce__()[2]
+    if not (isinstance(state, tuple) and len(state) == len(own) and state[1] in (own[1], "=")
+            and state[:1] + state[2:] == own[:1] + own[2:]):
+        raise _Refused(f"refused to set the state of numpy.dtype({dtype.str[1:]!r}) to {short_repr(state)} "
+                       f"(only its own state {own} is admitted)")
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's multiarray.scalar(dtype, data) for a plain numeric dtype and exactly its item
+    size of bytes."""
     try:
         from numpy._core import multiarray           # numpy >= 2
     except ImportError:
         from numpy.core import multiarray            # numpy 1.x
-    return {"scalar": multiarray.scalar, "_reconstruct": multiarray._reconstruct,
-            "dtype": numpy.dtype, "ndarray": numpy.ndarray}.get(name)
+    if not (_plain_numpy_dtype(dtype) and isinstance(data, bytes) and len(data) == dtype.itemsize):
+        raise _Refused("refused a numpy scalar that is not a plain numeric dtype with its item size of bytes")
+    return multiarray.scalar(dtype, data)
+
+
+def _numpy_empty_array(subtype: Any, shape: Any, typecode: Any) -> Any:
+    """numpy's multiarray._reconstruct(ndarray, (0,), b'b'), the empty array that numpy's
+    pickles create and then fill with BUILD (checked by `_check_numpy_array_state`)."""
+    if not (subtype is numpy.ndarray and shape == (0,) and typecode in (b"b", "b")):
+        raise _Refused("refused numpy's _reconstruct with arguments other than (numpy.ndarray, (0,), b'b')")
+    return numpy.ndarray((0,), numpy.int8)
+
+
+def _check_numpy_array_state(state: Any) -> None:
+    """The state numpy's pickles give an array: (1, shape, dtype, is_fortran, raw bytes), with
+    a plain numeric dtype and exactly the bytes the shape needs."""
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+        raise _Refused("refused a numpy array state that is not (1, shape, dtype, is_fortran, bytes)")
+    _, shape, dtype, fortran, data = state
+    count = element_count(shape) if isinstance(shape, tuple) else None
+    if count is None or not _plain_numpy_dtype(dtype) or not isinstance(fortran, bool) or \
+            not isinstance(data, bytes) or len(data) != count * dtype.itemsize:
+        raise _Refused(f"refused a numpy array state: expected a shape, a plain numeric dtype and "
+                       f"shape x item size bytes, got shape {short_repr(shape)}")
 
 
 def _qualified(value: Any) -> str:
@@ -740,10 +833,14 @@ def _expanded_size(value: Any, limit: int) -> int:
     return count
 
 
+def _is_numpy_array_class(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, numpy.ndarray)
+
+
 _ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None))
 # Callables whose arguments must be atoms: str()/hash of a container could be exponential, and
 # bytes(n)/bytearray(n) would allocate n bytes.
-_ATOM_ARGUMENTS = (str, bytes, bytearray, int, float, complex, bool, slice, codecs.encode)
+_ATOM_ARGUMENTS = (str, bytes, bytearray, int, float, complex, bool, slice)
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -783,8 +880,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
             if not all(isinstance(arg, _ATOMS) for arg in plain) or \
                     func in (bytes, bytearray) and any(isinstance(arg, int) for arg in plain):
                 raise _Refused(f"refused to call {_qualified(func)} on anything but a string or number")
+            codec = plain[1] if len(plain) > 1 else None
+            if func in (str, bytes, bytearray) and (len(plain) > 2 or codec is not None and codec not in _LATIN1_NAMES):
+                raise _Refused(f"refused to call {_qualified(func)} with a codec other than latin-1 (how pickles "
+                               "store bytes)")
         if func is copyreg._reconstructor and len(args) == 3:
             self._check_call(args[1], (args[2],) if args[2] is not None else ())
+        cls = args[0] if func is copyreg.__newobj__ and args else func
+        if _is_numpy_array_class(cls):
+            raise _Refused("refused to call numpy.ndarray (numpy's pickles only pass it to _reconstruct)")
 
     # --- opcodes -------------------------------------------------------------------------
     def load_reduce(self) -> None:
@@ -805,8 +909,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
         super()._instantiate(klass, args)
 
     def load_build(self) -> None:
-        import numpy
-        self._check_target(self.stack[-2], "set the state of", (numpy.ndarray, numpy.dtype))
+        target, state = self.stack[-2], self.stack[-1]
+        if isinstance(target, numpy.dtype):          # checked, never applied
+            _check_numpy_dtype_state(target, state)
+            self.stack.pop()
+            return
+        if type(target) is numpy.ndarray:
+            _check_numpy_array_state(state)
+        else:
+            self._check_target(target, "set the state of")
         super().load_build()
 
     def load_append(self) -> None:
@@ -867,11 +978,226 @@ class _RestrictedPickleModule:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 
+# ----------------------------------------------------------------------------------------
+# Before torch reads a file. torch.load(weights_only=True), which every reader tries first,
+# admits no code, but two of the calls it admits cost more than the file's size:
+# _codecs.encode(text, codec) with any codec (40k distinct characters of punycode take
+# minutes) and bytearray(n) (n bytes). `check_torch_file` follows the pickles' opcodes
+# (pickletools parses them; nothing is built or called) and refuses those calls first.
+#
+# It also bounds torch's zip archives (torch.save since 1.6): <name>/data.pkl, whose
+# persistent ids ('storage', <torch.XStorage>, key, location, numel) name the records
+# <name>/data/<key> that hold the tensor bytes, and a few small records (version, byteorder).
+# torch reads each record whole, inflating it to the size the zip's central directory
+# declares, before it checks anything: a 4 MB record of deflated zeros becomes 4 GB.
+# torch.save stores records uncompressed; other archives may inflate by at most
+# `_MAX_INFLATED_BYTES` in all, and no storage record past the size data.pkl declares for it.
+# ----------------------------------------------------------------------------------------
+
+_MAX_INFLATED_BYTES = 64 * 1024 * 1024     # beyond the stored bytes, over all records of an archive
+_LEGACY_PICKLES = 5                        # torch's legacy format: magic, protocol, system info, data, keys
+
+
+def check_torch_file(path: str) -> None:
+    """Refuse, before torch reads `path`: the costly calls above in its pickles; for a zip
+    archive, records that would inflate to more than they store plus `_MAX_INFLATED_BYTES`
+    in all and, when some record is compressed, a storage record data/<key> larger than the
+    storage data.pkl declares for it (or that data.pkl does not declare). Reads the zip's
+    central directory and the pickles' opcodes only."""
+    try:
+        with open(path, "rb") as file:
+            if file.read(4) != b"PK\x03\x04":              # a pickle, or torch's legacy format
+                file.seek(0)
+                reader = _CappedReader(file, os.path.getsize(path))
+                for _ in range(_LEGACY_PICKLES):
+                    if not _scan_pickle(reader, path)[1]:
+                        break
+                return
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            for record in records:
+                if record.compress_type == zipfile.ZIP_STORED and record.file_size != record.compress_size:
+                    raise CheckpointError(f"{path}: corrupt zip archive: stored record {record.filename} declares "
+                                          f"{record.file_size:,} bytes but holds {record.compress_size:,}")
+            inflation = sum(max(0, record.file_size - record.compress_size) for record in records)
+            if inflation > _MAX_INFLATED_BYTES:
+                largest = max(records, key=lambda record: record.file_size - record.compress_size)
+                raise CheckpointError(f"{path}: its compressed records would inflate it by {inflation:,} bytes (record "
+                                      f"{largest.filename}: {largest.compress_size:,} bytes stored, "
+                                      f"{largest.file_size:,} inflated), more than the {_MAX_INFLATED_BYTES:,} allowed "
+                                      "(torch.save stores records uncompressed)")
+            pickles = [record for record in records if record.filename.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                return         # not an archive torch.load reads; it will say so
+            data = archive.read(pickles[0])
+            if inflation == 0 and b"_codecs" not in data and b"bytearray" not in data:
+                return         # records no larger than the file, whose sizes torch checks; no costly call
+            declared, _ = _scan_pickle(io.BytesIO(data), path)
+            if inflation == 0:
+                return
+            prefix = pickles[0].filename[:-len("data.pkl")] + "data/"
+            for record in records:
+                if not record.filename.startswith(prefix):
+                    continue
+                key = record.filename[len(prefix):]
+                if key not in declared:
+                    raise CheckpointError(f"{path}: record {record.filename} is a storage that data.pkl does not "
+                                          "declare")
+                if record.file_size > declared[key]:
+                    raise CheckpointError(f"{path}: record {record.filename} inflates to {record.file_size:,} bytes, "
+                                          f"but data.pkl declares a storage of {declared[key]:,}")
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, RuntimeError,
+            ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable torch file ({first_line(error)})") from None
+
+
+class _CappedReader:
+    """A binary file whose read(n) asks for at most what is left of it (pickletools reads an
+    argument of the length the pickle declares in one call, and a file object allocates it)."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file, self.size = file, size
+
+    def read(self, count: int = -1) -> bytes:
+        left = max(0, self.size - self.file.tell())
+        return self.file.read(left if count < 0 else min(count, left))
+
+    def readline(self) -> bytes:
+        return self.file.readline(max(0, self.size - self.file.tell()))
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+def _scan_pickle(stream: Any, source: str) -> tuple[dict[str, int], bool]:
+    """Follow one pickle's opcodes (pickletools.genops: parsed, never run) with a stack of its
+    literal values; raise CheckpointError for a call torch's weights_only loader would make
+    at a cost beyond the file's size (`_check_scanned_call`). Returns ({storage key: bytes}
+    of torch's persistent ids, whether the pickle ended with STOP); stops quietly where it is
+    malformed, as the loaders do."""
+    mark, unknown = object(), object()
+    stack: list = []
+    memo: dict = {}
+    declared: dict[str, int] = {}
+
+    def pop(count: int) -> list:
+        if count > len(stack) or mark in stack[len(stack) - count:]:
+            raise _Malformed
+        items = stack[len(stack) - count:]
+        del stack[len(stack) - count:]
+        return items
+
+    def pop_to_mark() -> list:
+        if mark not in stack:
+            raise _Malformed
+        position = len(stack) - 1 - stack[::-1].index(mark)
+        items = stack[position + 1:]
+        del stack[position:]
+        return items
+
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            name = opcode.name
+            if name == "MARK":
+                stack.append(mark)
+            elif name == "GLOBAL":
+                stack.append(("global", *arg.split(" ", 1)))
+            elif name == "STACK_GLOBAL":
+                module, qualified = pop(2)
+                stack.append(("global", module, qualified))
+            elif name == "TUPLE":
+                stack.append(tuple(pop_to_mark()))
+            elif name in ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+                stack.append(tuple(pop(("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3").index(name))))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if not stack:
+                    raise _Malformed
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, unknown))
+            elif name == "REDUCE":
+                function, arguments = pop(2)
+                _check_scanned_call(function, arguments, source)
+                stack.append(unknown)
+            elif name == "BINPERSID":
+                pid = pop(1)[0]
+                size = _storage_bytes(pid)
+                if size is not None:
+                    declared[pid[2]] = max(size, declared.get(pid[2], 0))
+                stack.append(unknown)
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+            elif opcode.arg is not None and not opcode.stack_before and len(opcode.stack_after) == 1:
+                stack.append(arg)                               # a literal: string, number, bytes
+            else:                                               # any other opcode: only its stack effect
+                before = opcode.stack_before
+                if pickletools.markobject in before:
+                    pop_to_mark()
+                    pop(before.index(pickletools.markobject))
+                else:
+                    pop(len(before))
+                stack.extend(unknown for _ in opcode.stack_after)
+            if name == "STOP":
+                return declared, True
+    except CheckpointError:                                     # (a ValueError too)
+        raise
+    except (_Malformed, ValueError):                            # pickletools: unknown opcode, truncated
+        pass
+    return declared, False
+
+
+class _Malformed(Exception):
+    """A pickle `_scan_pickle` cannot follow further (the loaders fail there too)."""
+
+
+def _check_scanned_call(function: Any, arguments: Any, source: str) -> None:
+    """Refuse _codecs.encode other than (text, 'latin1') and bytearray of a size or with a
+    codec other than latin-1, in a pickle that `_scan_pickle` follows."""
+    if not (isinstance(function, tuple) and function[0] == "global"):
+        return
+    module, name = {"__builtin__": "builtins"}.get(function[1], function[1]), function[2]
+    plain = arguments if isinstance(arguments, tuple) else None
+    if (module, name) == ("_codecs", "encode"):
+        try:
+            if plain is None or not 1 <= len(plain) <= 3:
+                raise _Refused("refused _codecs.encode with arguments other than (text, 'latin1')")
+            _encode_latin1(*plain)            # raises unless latin-1, which is a linear copy
+        except _Refused as refused:
+            raise CheckpointError(f"{source}: {refused}; nothing from the file was executed") from None
+    elif (module, name) == ("builtins", "bytearray"):
+        if plain is None or any(isinstance(item, int) for item in plain) or len(plain) > 2 or \
+                len(plain) == 2 and plain[1] not in _LATIN1_NAMES:
+            raise CheckpointError(f"{source}: refused builtins.bytearray on anything but bytes or latin-1 text (a "
+                                  "size would allocate that many bytes); nothing from the file was executed")
+
+
+def _storage_bytes(pid: Any) -> Optional[int]:
+    """The bytes of the storage a torch persistent id declares, or None if it is not one.
+    Typed storages (torch.FloatStorage, ...) hold numel elements of their dtype,
+    torch.storage.UntypedStorage numel bytes."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str)
+            and type(pid[4]) is int and pid[4] >= 0 and isinstance(pid[1], tuple) and len(pid[1]) == 3):
+        return None
+    _, module, name = pid[1]
+    if (module, name) == ("torch.storage", "UntypedStorage"):
+        return pid[4]
+    if module != "torch" or not name.endswith("Storage"):
+        return None
+    with warnings.catch_warnings():           # "TypedStorage is deprecated"
+        warnings.simplefilter("ignore")
+        dtype = getattr(getattr(torch, name, None), "dtype", None)
+    return pid[4] * dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+
 def read_torch_file(path: str) -> tuple[Any, bool]:
     """Unpickle a torch.save / pickle file without running code from it: first with
     torch's weights_only loader (enough for our files), then, for files that need more
     (fairseq's Namespace/omegaconf configs), with the restricted unpickler.
-    Returns (content, whether the weights_only loader sufficed)."""
+    Returns (content, whether the weights_only loader sufficed). `check_torch_file` checks
+    the file first."""
+    check_torch_file(path)
     try:
         with warnings.catch_warnings():       # e.g. "protocol 4": the second reader handles it
             warnings.simplefilter("ignore")
@@ -891,39 +1217,45 @@ def read_torch_file(path: str) -> tuple[Any, bool]:
                               f"{first_line(error)})") from None
 
 
-def to_plain(value: Any, budget: Optional[list[int]] = None, depth: int = 0) -> Any:
+def to_plain(value: Any, budget: Optional[list[int]] = None, depth: int = 0, source: str = "config") -> Any:
     """Replace `_Record`s (and numpy scalars) by plain dicts, lists and values, recursively.
     omegaconf containers keep their data in state["_content"], its value nodes in
     state["_val"]; a Namespace's state is its attribute dict; an enum member is its value.
     The result is a tree: each object reached twice is copied twice, so the work is bounded by
-    `budget` (objects + characters, `_MAX_CONFIG_SIZE` by default) and refused past it."""
+    `budget` (objects + characters, `_MAX_CONFIG_SIZE` by default) and refused past it.
+    `source` names the file (and entry) in error messages."""
     if budget is None:
         budget = [_MAX_CONFIG_SIZE]
     budget[0] -= 1 + (len(value) if isinstance(value, (str, bytes, bytearray)) else 0)
     if budget[0] < 0:
-        raise CheckpointError(f"config too large: it expands to more than {_MAX_CONFIG_SIZE:,} objects and "
-                              "characters (real fairseq configs have about 10^4; shared or self-referencing "
+        raise CheckpointError(f"{source}: config too large: it expands to more than {_MAX_CONFIG_SIZE:,} objects "
+                              "and characters (real fairseq configs have about 10^4; shared or self-referencing "
                               "containers?)")
     if depth > 100:
-        raise CheckpointError("config nested more than 100 levels deep")
+        raise CheckpointError(f"{source}: config nested more than 100 levels deep")
     deeper = depth + 1
     if isinstance(value, _Record):
         state = value.state if isinstance(value.state, dict) else {}
         if value.origin.startswith("omegaconf.") and "_content" in state:
-            return to_plain(state["_content"], budget, deeper)
+            return to_plain(state["_content"], budget, deeper, source)
         if value.origin.startswith("omegaconf.") and "_val" in state:
-            return to_plain(state["_val"], budget, deeper)
+            return to_plain(state["_val"], budget, deeper, source)
         if value.state is None and len(value.args) == 1 and not value.contents:
-            return to_plain(value.args[0], budget, deeper)        # enum member: Enum(value)
+            return to_plain(value.args[0], budget, deeper, source)        # enum member: Enum(value)
         if value.contents and not state:
-            return to_plain(value.contents, budget, deeper)       # a list-like object
-        return {str(k): to_plain(v, budget, deeper) for k, v in state.items()}
+            return to_plain(value.contents, budget, deeper, source)       # a list-like object
+        return {str(k): to_plain(v, budget, deeper, source) for k, v in state.items()}
     if isinstance(value, dict):
-        return {to_plain(k, budget, deeper): to_plain(v, budget, deeper) for k, v in value.items()}
+        return {to_plain(k, budget, deeper, source): to_plain(v, budget, deeper, source) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_plain(v, budget, deeper) for v in value)
-    if hasattr(value, "item") and not isinstance(value, torch.Tensor) and getattr(value, "shape", None) == ():
-        return value.item()                                # numpy scalar
+        return type(value)(to_plain(v, budget, deeper, source) for v in value)
+    if isinstance(value, (numpy.generic, numpy.ndarray)) and value.shape == ():
+        # The unpickler admits plain numeric dtypes only; .item() of a dtype with fields or
+        # objects would read memory the value does not own, so check again here.
+        if not _plain_numpy_dtype(value.dtype):
+            raise CheckpointError(f"{source}: a numpy value of dtype {value.dtype.str!r}; only plain numeric "
+                                  "dtypes are read")
+        return value.item()
     return value
 
 

@@ -29,7 +29,8 @@ from test_whisper import ct2_variables_from_hf, write_ct2_folder, write_model_bi
 from test_whisper import tiny_hf_model as tiny_hf_whisper
 
 import spg
-from spg.checkpoint import (CheckpointError, read_safetensors)
+from spg.checkpoint import (CheckpointError, _Refused, _RestrictedPickleModule, check_torch_file, read_safetensors,
+                            read_torch_file, to_plain)
 from spg.loading import load, save
 from spg.wav2vec2 import io as wav2vec2_io
 from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC, preset
@@ -54,6 +55,247 @@ def edited_checkpoint(path: Path, edit) -> None:
     checkpoint = torch.load(path, weights_only=True)
     edit(checkpoint)
     torch.save(checkpoint, path)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. numpy dtypes whose state the file chose
+# ----------------------------------------------------------------------------------------
+
+def raw_bytes(data: bytes) -> bytes:
+    return b"B" + struct.pack("<I", len(data)) + data                 # BINBYTES (protocol 3)
+
+
+def numpy_dtype(spec: str, state: bytes = b"") -> bytes:
+    """numpy.dtype(spec, False, True), then BUILD with `state` if given (numpy's own layout)."""
+    out = global_("numpy", "dtype") + text(spec) + NEWFALSE + NEWTRUE + TUPLE3 + REDUCE
+    return out + (state + BUILD if state else b"")
+
+
+def dtype_state(byteorder: str, fields: bytes, itemsize: int, alignment: int, flags: int) -> bytes:
+    """(3, byteorder, None, names, fields, itemsize, alignment, flags): a void dtype's state;
+    `fields` pushes the (names, {name: (dtype, offset)}) pair."""
+    return (MARK + integer(3) + text(byteorder) + NONE + fields + integer(itemsize) + integer(alignment)
+            + integer(flags) + TUPLE)
+
+
+def one_field(field_dtype: bytes, offset: int) -> bytes:
+    return (MARK + text("a") + TUPLE + EMPTY_DICT + text("a") + MARK + field_dtype + integer(offset) + TUPLE
+            + SETITEM)
+
+
+def numpy_scalar(dtype: bytes, data: bytes) -> bytes:
+    return global_("numpy._core.multiarray", "scalar") + MARK + dtype + raw_bytes(data) + TUPLE + REDUCE
+
+
+# The issue's attacks: an object field over 8 raw bytes (numpy follows them as a pointer) and
+# a 4096-byte field in an 8-byte item (numpy copies the heap after it into the value).
+CRAFTED_DTYPES = {
+    "object_field": numpy_scalar(numpy_dtype("V8", dtype_state("|", one_field(numpy_dtype("O8"), 0), 8, 1, 0)),
+                                 b"\x41" * 8),
+    "field_outside_item": numpy_scalar(numpy_dtype("V8", dtype_state("|", one_field(numpy_dtype("V4096"), 0),
+                                                                     8, 1, 0)), b"\x41" * 8),
+    # a plain spec, then a BUILD that gives it a field outside its 8 bytes
+    "plain_spec_crafted_state": numpy_scalar(numpy_dtype("f8", dtype_state("|", one_field(numpy_dtype("f8"), 4096),
+                                                                           8, 1, 0)), b"\x41" * 8),
+    "object_dtype": numpy_scalar(numpy_dtype("O8"), b"\x41" * 8),
+    # an array whose dtype state has an object field: _reconstruct, then BUILD (1, shape, dtype, False, raw)
+    "array_with_object_field": (global_("numpy._core.multiarray", "_reconstruct") + global_("numpy", "ndarray")
+                                + integer(0) + TUPLE1 + raw_bytes(b"b") + TUPLE3 + REDUCE
+                                + MARK + integer(1) + integer(1) + TUPLE1
+                                + numpy_dtype("f8", dtype_state("|", one_field(numpy_dtype("O8"), 0), 8, 1, 0))
+                                + NEWFALSE + raw_bytes(b"\x41" * 8) + TUPLE + BUILD),
+    "array_bytes_short": (global_("numpy._core.multiarray", "_reconstruct") + global_("numpy", "ndarray")
+                          + integer(0) + TUPLE1 + raw_bytes(b"b") + TUPLE3 + REDUCE
+                          + MARK + integer(1) + integer(4) + TUPLE1 + numpy_dtype("f8") + NEWFALSE
+                          + raw_bytes(b"\x41" * 8) + TUPLE + BUILD),
+    "array_class_called": global_("numpy", "ndarray") + integer(4) + TUPLE1 + TUPLE1 + REDUCE,
+}
+
+
+def test_crafted_numpy_dtypes_are_refused_without_reading_memory(tmp_path):
+    """Each file is loaded and its config converted in a child process, so that a segfault
+    (what the object field did) fails this test instead of killing pytest."""
+    paths = []
+    for name, payload in CRAFTED_DTYPES.items():
+        as_fairseq_file(tmp_path / f"{name}.pt", payload, zip_format=True)
+        paths.append(str(tmp_path / f"{name}.pt"))
+    script = ("import sys\nimport spg\nfrom spg.checkpoint import read_torch_file, to_plain\n"
+              "for path in sys.argv[1:]:\n"
+              "    try:\n"
+              "        to_plain(read_torch_file(path)[0])\n"
+              "        print('LOADED', path)\n"
+              "    except spg.CheckpointError as error:\n"
+              "        print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd=REPOSITORY,
+                            timeout=300)
+    assert result.returncode == 0, f"the child died (signal {-result.returncode}): {result.stderr[-2000:]}"
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(paths), result.stdout
+    for path, line in zip(paths, lines):
+        assert line.startswith(f"{path}: refused") and "nothing from the file was executed" in line, line
+
+
+def test_to_plain_refuses_numpy_values_with_fields_or_objects():
+    """The second line of defence: to_plain never calls .item() on such a value."""
+    structured = np.zeros(1, dtype=[("a", "O"), ("b", "f8")])[0]
+    with pytest.raises(CheckpointError, match=r"file.pt: 'cfg': a numpy value of dtype '\|V16'"):
+        to_plain({"best": structured}, source="file.pt: 'cfg'")
+    assert to_plain({"best": np.float64(1.5), "n": np.int64(-3), "flag": np.bool_(True)}) == \
+        {"best": 1.5, "n": -3, "flag": True}
+
+
+@pytest.mark.parametrize("numpy_module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_fairseq_file_with_real_numpy_values_still_loads(tmp_path, numpy_module):
+    """numpy scalars and arrays pickled by numpy itself (protocol 2: their bytes through
+    _codecs.encode(..., 'latin1')), as fairseq stores best_loss and friends; numpy 1.x wrote
+    the module name numpy.core.multiarray."""
+    hf_model = tiny_hf_model("wav2vec2", "group", seed=5)
+    pretrain = {"arch": "wav2vec2", **fairseq_pretrain_fields("group")}
+    extra = {"best_loss": np.float64(2.25), "num_updates": np.int64(1234), "flag": np.bool_(True),
+             "lr": np.float32(5e-5), "history": np.arange(6, dtype=np.float32).reshape(2, 3),
+             "scalar_array": np.array(7, dtype=np.int16), "raw": b"\x00\xff\x80"}
+    checkpoint = {"model": fairseq_state_dict(hf_model, "group"), "extra_state": extra,
+                  "args": argparse.Namespace(arch="wav2vec_ctc", best_checkpoint_metric=np.float64(0.5),
+                                             w2v_args=argparse.Namespace(**pretrain))}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    source, target = zipfile.ZipFile(io.BytesIO(buffer.getvalue())), io.BytesIO()
+    with zipfile.ZipFile(target, "w") as archive:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data and b"_codecs\nencode" in data
+                data = data.replace(b"numpy._core.multiarray\n", numpy_module.encode() + b"\n")
+            archive.writestr(info, data)
+    (tmp_path / "fairseq.pt").write_bytes(target.getvalue())
+
+    payload, weights_only = read_torch_file(str(tmp_path / "fairseq.pt"))
+    assert not weights_only                                  # the restricted unpickler read it
+    plain = to_plain(payload["extra_state"])
+    assert plain["best_loss"] == 2.25 and type(plain["best_loss"]) is float
+    assert plain["num_updates"] == 1234 and type(plain["num_updates"]) is int
+    assert plain["flag"] is True and plain["lr"] == float(np.float32(5e-5)) and plain["scalar_array"] == 7
+    assert plain["raw"] == b"\x00\xff\x80"
+    np.testing.assert_array_equal(plain["history"], extra["history"])
+    assert to_plain(payload["args"])["best_checkpoint_metric"] == 0.5
+    assert_same_valid_frames(our_logits(load(tmp_path / "fairseq.pt")), hf_logits(hf_model))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. codecs other than latin-1
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_codecs_other_than_latin1_are_refused_quickly(tmp_path, zip_format):
+    """40k distinct characters of punycode took 290 s (in torch's weights_only loader, which
+    admits _codecs.encode, and in ours); latin-1 is what pickles of bytes use."""
+    encode = global_("_codecs", "encode")
+    cases = {
+        "punycode.pt": (encode + text("".join(map(chr, range(0x10000, 0x10000 + 40_000)))) + text("punycode")
+                        + TUPLE2 + REDUCE, "refused _codecs.encode with encoding 'punycode': only 'latin1'"),
+        "default_codec.pt": (encode + text("abc") + TUPLE1 + REDUCE, "refused _codecs.encode with encoding 'utf-8'"),
+        "errors_handler.pt": (encode + MARK + text("abc") + text("latin1") + text("ignore") + TUPLE + REDUCE,
+                              "refused _codecs.encode with encoding 'latin1' and errors 'ignore'"),
+        "bytearray_codec.pt": (global_("builtins", "bytearray") + text("abc") + text("punycode") + TUPLE2 + REDUCE,
+                               "refused builtins.bytearray on anything but bytes or latin-1 text"),
+        "bytearray_size.pt": (global_("__builtin__", "bytearray") + integer(2**30) + TUPLE1 + REDUCE,
+                              "refused builtins.bytearray on anything but bytes or latin-1 text"),
+    }
+    for name, (payload, message) in cases.items():
+        as_fairseq_file(tmp_path / name, payload, zip_format=zip_format)
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=rf"{name}: {message}.*nothing from the file was executed"):
+            load(tmp_path / name)
+        assert time.perf_counter() - start < 10
+    as_fairseq_file(tmp_path / "latin1.pt", encode + text("\u00ff\u0000A") + text("latin1") + TUPLE2 + REDUCE,
+                    zip_format=zip_format)
+    if zip_format:
+        assert read_torch_file(str(tmp_path / "latin1.pt"))[0]["cfg"] == b"\xff\x00A"
+    else:              # a bare pickle is no torch file, but gets as far as torch's magic number
+        with pytest.raises(CheckpointError, match="latin1.pt: not a readable checkpoint .*magic number"):
+            load(tmp_path / "latin1.pt")
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_codecs_in_the_restricted_unpickler_are_latin1_only(tmp_path, zip_format):
+    """str and bytes take a codec too; torch's weights_only loader admits neither, so the
+    restricted unpickler meets them (bytearray, which torch admits, is refused before torch
+    reads the file: see above; the restricted unpickler refuses it as well)."""
+    for function in ("str", "bytes"):
+        argument = raw_bytes(b"abc") if function == "str" else text("abc")
+        payload = global_("builtins", function) + argument + text("punycode") + TUPLE2 + REDUCE
+        as_fairseq_file(tmp_path / f"{function}.pt", payload, zip_format=zip_format)
+        with pytest.raises(CheckpointError, match=f"{function}.pt: refused to call builtins.{function} with a codec "
+                                                  "other than latin-1.*nothing from the file was executed"):
+            load(tmp_path / f"{function}.pt")
+    payload = PROTO + global_("builtins", "bytearray") + text("abc") + text("punycode") + TUPLE2 + REDUCE + STOP
+    with pytest.raises(_Refused, match="refused to call builtins.bytearray with a codec other than latin-1"):
+        _RestrictedPickleModule.load(io.BytesIO(payload))
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Models larger than any file should hold
+# ----------------------------------------------------------------------------------------
+
+def rezipped(source: Path, target: Path, edit=lambda name, data: data) -> None:
+    """`source`'s records, each passed through `edit`, deflated into `target` (torch.save stores them)."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in archive.infolist():
+            out.writestr(info.filename, edit(info.filename, archive.read(info.filename)))
+
+
+def test_zip_records_that_inflate_past_what_the_pickle_declares_are_refused(tmp_path):
+    model = tiny_wav2vec2()
+    save(model, tmp_path / "model.pt")
+    rezipped(tmp_path / "model.pt", tmp_path / "deflated.pt")                 # compressed, but honest
+    check_torch_file(str(tmp_path / "deflated.pt"))
+    assert_same_valid_frames(our_logits(load(tmp_path / "deflated.pt")), our_logits(model), atol=0)
+
+    storage = next(name for name in zipfile.ZipFile(tmp_path / "model.pt").namelist() if name.endswith("/data/0"))
+    # a deflated record of 200 MB of zeros: ~200 KB in the file
+    rezipped(tmp_path / "model.pt", tmp_path / "bomb.pt",
+             lambda name, data: data + bytes(200 * 2**20) if name == storage else data)
+    assert (tmp_path / "bomb.pt").stat().st_size < 2**20
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"bomb.pt: its compressed records would inflate it by [\d,]+ bytes "
+                                              rf"\(record {storage}: .* more than the 67,108,864 allowed") as error:
+        load(tmp_path / "bomb.pt")
+    assert time.perf_counter() - start < 10 and one_line(error)
+
+    # within the allowance, but larger than the storage data.pkl declares, or not declared at all
+    rezipped(tmp_path / "model.pt", tmp_path / "padded.pt",
+             lambda name, data: data + bytes(1000) if name == storage else data)
+    declared = zipfile.ZipFile(tmp_path / "model.pt").getinfo(storage).file_size
+    with pytest.raises(CheckpointError, match=f"padded.pt: record {storage} inflates to {declared + 1000:,} "
+                                              f"bytes, but data.pkl declares a storage of {declared:,}"):
+        load(tmp_path / "padded.pt")
+    undeclared = storage.replace("/data/0", "/data/999")
+    with zipfile.ZipFile(tmp_path / "deflated.pt", "a", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(undeclared, bytes(10**6))
+    with pytest.raises(CheckpointError, match=f"deflated.pt: record {undeclared} is a storage that data.pkl "
+                                              "does not declare"):
+        load(tmp_path / "deflated.pt")
+
+
+def test_zip_bombs_are_refused_by_every_torch_reader(tmp_path):
+    """pytorch_model.bin in a Hugging Face folder and Whisper files of ours take other paths."""
+    def bomb(name: str, data: bytes) -> bytes:
+        return data + bytes(100 * 2**20) if name.endswith("data.pkl") else data
+
+    folder = tmp_path / "hf"
+    hf_model = tiny_hf_model("wav2vec2", "group")
+    hf_model.save_pretrained(folder)
+    os.remove(folder / "model.safetensors")
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    rezipped(tmp_path / "pytorch_model.bin", folder / "pytorch_model.bin", bomb)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: its compressed records would inflate it"):
+        load(folder)
+    save(tiny_whisper(), tmp_path / "whisper.pt")
+    rezipped(tmp_path / "whisper.pt", tmp_path / "bomb.pt", bomb)
+    with pytest.raises(CheckpointError, match="bomb.pt: its compressed records would inflate it"):
+        load(tmp_path / "bomb.pt")
+    with pytest.raises(CheckpointError, match="bomb.pt: its compressed records would inflate it"):
+        whisper_io.load_spg_whisper(str(tmp_path / "bomb.pt"), strict=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def _fairseq_configs(checkpoint: dict, source: str) -> tuple[dict, dict, dict]:
     """(fine-tuning model config, pretraining model config, task config) as plain dicts, from
     either a Hydra `cfg` (newer fairseq) or an argparse `args` Namespace (older fairseq)."""
     if checkpoint.get("cfg") is not None:
-        cfg = to_plain(checkpoint["cfg"])
+        cfg = to_plain(checkpoint["cfg"], source=f"{source}: 'cfg'")
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{source}: 'cfg' is not a dict")
         finetune, task = cfg.get("model") or {}, cfg.get("task") or {}
@@ -387,7 +387,7 @@ def _fairseq_configs(checkpoint: dict, source: str) -> tuple[dict, dict, dict]:
             if not isinstance(value, dict):
                 raise CheckpointError(f"{source}: {name} is a {type(value).__name__}, not a dict")
     else:
-        args = to_plain(checkpoint.get("args"))
+        args = to_plain(checkpoint.get("args"), source=f"{source}: 'args'")
         if not isinstance(args, dict):
             raise CheckpointError(f"{source}: 'args' is neither a Namespace nor a dict")
         finetune, task = args, args                       # old fairseq: one flat Namespace
@@ -477,7 +477,7 @@ def _fairseq_vocab(checkpoint: dict, rows: int, source: str) -> list[str]:
     """The output tokens: a fairseq Dictionary stored in task_state (fairseq's symbols 0 "<s>"
     and 1 "<pad>" trade names, as in HF's conversion: row 0 is the CTC blank, which HF calls
     "<pad>"), else the default 32-character vocabulary when the head has 32 rows."""
-    task_state = to_plain(checkpoint.get("task_state"))
+    task_state = to_plain(checkpoint.get("task_state"), source=f"{source}: 'task_state'")
     candidates = []
     if isinstance(task_state, dict):
         for value in task_state.values():

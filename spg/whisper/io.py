@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, first_line, install_state_dict, read_checkpoint, read_hf_weights,
-                            read_json, write_checkpoint)
+from spg.checkpoint import (CheckpointError, check_torch_file, first_line, install_state_dict, read_checkpoint,
+                            read_hf_weights, read_json, write_checkpoint)
 from spg.whisper.model import Whisper, WhisperConfig
 from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer
 
@@ -87,6 +87,7 @@ def build_whisper(config_values: dict, state: dict[str, torch.Tensor], source: s
 
 
 def load_spg_whisper(path: str, *, strict: bool) -> Whisper:
+    check_torch_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
