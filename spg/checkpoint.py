@@ -11,8 +11,12 @@ code from a file:
     accepting what the reference reader accepts;
   * other pickles (fairseq's) go through a restricted unpickler that admits tensors, plain
     containers and inert stand-ins for argparse/omegaconf/fairseq config objects, and refuses
-    the rest (`read_torch_file`).
-Every failure raises `CheckpointError`, whose message names the file and the offending keys.
+    the rest (`read_torch_file`);
+  * before torch reads a file, `check_torch_file` refuses the calls torch's loader admits
+    that cost more than the file's size, and zip records that would inflate past it.
+Loaders count a model's parameters from its config before building it
+(`check_parameter_budget`, `check_layer_budget`). Every failure raises `CheckpointError`,
+whose message names the file and the offending keys.
 
 Sections: 1. errors and small helpers   2. our file: sparse storage, one format for every
           model family   3. Hugging Face weight files
@@ -41,7 +45,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, Optional, Union
 import numpy
 import torch
 
-__all__ = ["CheckpointError", "format_keys", "read_json", "first_line", "encode_state_dict", "decode_state_dict",
+__all__ = ["CheckpointError", "format_keys", "read_json", "first_line", "short_repr", "MAX_PARAMETERS", "MAX_LAYERS",
+           "check_parameter_budget", "check_layer_budget", "encode_state_dict", "decode_state_dict",
            "FORMAT_NAME", "FORMAT_VERSION", "FAMILIES", "OLD_FORMATS", "FORMAT_NAMES", "write_checkpoint",
            "checkpoint_family", "read_checkpoint", "non_finite_entries", "element_count",
            "read_hf_weights", "read_safetensors", "write_safetensors", "check_torch_file", "read_torch_file",
@@ -113,6 +118,50 @@ def element_count(shape: Any) -> Optional[int]:
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+# The largest model a config may describe: the largest released speech models have about
+# 2·10^9 parameters (wav2vec2 XLS-R 2B: 2.2·10^9; Whisper large: 1.55·10^9), 3·10^9 take
+# 12 GB in fp32. A few bytes of config can ask for far more (an FFN of 10^9 units), so every
+# loader counts the parameters from the config before it allocates anything. Layers are
+# bounded separately: a 10^6-layer model of width 1 has few parameters but takes minutes and
+# gigabytes of Python objects to build (the largest released models have 48).
+MAX_PARAMETERS = 3_000_000_000
+MAX_LAYERS = 1000
+PARAMETERS_VARIABLE, LAYERS_VARIABLE = "SPG_MAX_PARAMETERS", "SPG_MAX_LAYERS"
+
+
+def _limit(variable: str, default: int) -> int:
+    """The limit set by environment variable `variable`, else `default`."""
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CheckpointError(f"{variable}={text!r}: expected a positive integer")
+    return value
+
+
+def check_parameter_budget(count: int, source: str) -> None:
+    """Raise CheckpointError unless a model of `count` parameters (counted from its config,
+    before anything is allocated) is within MAX_PARAMETERS, or the limit that the environment
+    variable SPG_MAX_PARAMETERS sets."""
+    limit = _limit(PARAMETERS_VARIABLE, MAX_PARAMETERS)
+    if count > limit:
+        raise CheckpointError(f"{source}: the config describes a model of {count:,} parameters, more than the "
+                              f"limit of {limit:,} (set {PARAMETERS_VARIABLE} to load it anyway)")
+
+
+def check_layer_budget(count: int, source: str, field: str) -> None:
+    """Raise CheckpointError unless `count` layers (config field `field`) are within
+    MAX_LAYERS, or the limit that the environment variable SPG_MAX_LAYERS sets."""
+    limit = _limit(LAYERS_VARIABLE, MAX_LAYERS)
+    if count > limit:
+        raise CheckpointError(f"{source}: {field} asks for {count:,} layers, more than the limit of {limit:,} "
+                              f"(set {LAYERS_VARIABLE} to load it anyway)")
 
 
 # ========================================================================================

@@ -29,8 +29,8 @@ from test_whisper import ct2_variables_from_hf, write_ct2_folder, write_model_bi
 from test_whisper import tiny_hf_model as tiny_hf_whisper
 
 import spg
-from spg.checkpoint import (CheckpointError, _Refused, _RestrictedPickleModule, check_torch_file, read_safetensors,
-                            read_torch_file, to_plain)
+from spg.checkpoint import (MAX_PARAMETERS, CheckpointError, _Refused, _RestrictedPickleModule,
+                            check_parameter_budget, check_torch_file, read_safetensors, read_torch_file, to_plain)
 from spg.loading import load, save
 from spg.wav2vec2 import io as wav2vec2_io
 from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC, preset
@@ -236,6 +236,144 @@ def test_codecs_in_the_restricted_unpickler_are_latin1_only(tmp_path, zip_format
 # ----------------------------------------------------------------------------------------
 # 9. Models larger than any file should hold
 # ----------------------------------------------------------------------------------------
+
+def whisper_config(**overrides) -> WhisperConfig:
+    values = dict(vocab_size=60, d_model=64, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                  decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=96, max_source_positions=20,
+                  max_target_positions=10, eos_token_id=50, pad_token_id=50, bos_token_id=51,
+                  decoder_start_token_id=51, no_timestamps_token_id=52, begin_suppress_tokens=[])
+    return WhisperConfig.from_dict({**values, **overrides})
+
+
+@pytest.mark.parametrize("config", [
+    preset("tiny"), preset("hubert-base"),
+    ModelConfig(**small_config()),
+    ModelConfig(**small_config(), conv_bias=True, feat_extract_norm="layer", mask_time_prob=0.0),
+    ModelConfig(**small_config(), model_type="hubert", feat_proj_layer_norm=False, vocab_size=40),
+    ModelConfig(**small_config(), layer_intermediate_sizes=[0, 17], layer_qk_head_dims=[[8, 3], []],
+                layer_v_head_dims=[[2, 8], []]),
+    ModelConfig(**small_config(), layer_num_heads=[1, 4]),
+], ids=["tiny", "hubert-base", "small", "layer-norm-conv-bias-no-mask", "hubert-no-proj-norm", "pruned-heads",
+        "per-layer-heads"])
+def test_wav2vec2_parameter_count_equals_the_built_model(config):
+    config.validate()
+    vocab = [str(i) for i in range(config.vocab_size)]
+    model = Wav2Vec2CTC(config, vocab)
+    assert wav2vec2_io.parameter_count(config) == model.num_parameters()
+    assert model.num_parameters() == sum(tensor.numel() for tensor in model.state_dict().values())
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"activation_function": "relu", "num_mel_bins": 128},
+    {"encoder_layer_heads": [1, 4], "encoder_layer_ffn_dims": [0, 7], "decoder_layer_heads": [2, 0, 1],
+     "decoder_layer_cross_heads": [0, 2, 1], "decoder_layer_ffn_dims": [5, 0, 96]},
+    "tiny.en",
+], ids=["small", "relu-128-mels", "per-layer", "tiny.en"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_whisper_parameter_count_equals_the_built_model(overrides):
+    config = WhisperConfig() if overrides == "tiny.en" else whisper_config(**overrides)
+    model = Whisper(config)
+    assert whisper_io.parameter_count(config) == model.num_parameters()
+    assert whisper_io.parameter_count(config, buffers=True) == sum(t.numel() for t in model.state_dict().values())
+    assert whisper_io.encoder_parameter_count(config) == sum(p.numel() for p in model.encoder.parameters())
+
+
+def test_budget_check_and_its_override(monkeypatch):
+    check_parameter_budget(MAX_PARAMETERS, "x.pt")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"x.pt: the config describes a model of {MAX_PARAMETERS + 1:,} parameters, more than the limit of "
+            f"{MAX_PARAMETERS:,} (set SPG_MAX_PARAMETERS to load it anyway)")):
+        check_parameter_budget(MAX_PARAMETERS + 1, "x.pt")
+    monkeypatch.setenv("SPG_MAX_PARAMETERS", str(10 * MAX_PARAMETERS))
+    check_parameter_budget(MAX_PARAMETERS + 1, "x.pt")
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv("SPG_MAX_PARAMETERS", bad)
+        with pytest.raises(CheckpointError, match=re.escape(f"SPG_MAX_PARAMETERS={bad!r}: expected a positive")):
+            check_parameter_budget(1, "x.pt")
+
+
+def test_the_limits_apply_to_real_loads_and_can_be_moved(tmp_path, monkeypatch):
+    model = tiny_wav2vec2()
+    save(model, tmp_path / "model.pt")
+    count = model.num_parameters()
+    monkeypatch.setenv("SPG_MAX_PARAMETERS", str(count - 1))
+    with pytest.raises(CheckpointError, match=f"model.pt: the config describes a model of {count:,} parameters"):
+        load(tmp_path / "model.pt")
+    monkeypatch.setenv("SPG_MAX_PARAMETERS", str(count))
+    load(tmp_path / "model.pt")
+    monkeypatch.setenv("SPG_MAX_LAYERS", "1")
+    with pytest.raises(CheckpointError, match=re.escape("model.pt: num_hidden_layers asks for 2 layers, more than "
+                                                        "the limit of 1 (set SPG_MAX_LAYERS")):
+        load(tmp_path / "model.pt")
+
+
+TOO_MANY_PARAMETERS = r"the config describes a model of [\d,]+ parameters, more than the limit of 3,000,000,000"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("intermediate_size", 3 * 10**7, TOO_MANY_PARAMETERS),
+    ("num_hidden_layers", 10**9, "num_hidden_layers asks for 1,000,000,000 layers"),
+    ("hidden_size", 10**9, TOO_MANY_PARAMETERS),
+    ("layer_intermediate_sizes", [48, 10**12], TOO_MANY_PARAMETERS),
+    ("conv_dim", [1] * 5000, "conv_dim asks for 5,000 layers"),
+])
+def test_small_files_asking_for_huge_models_are_refused_before_building(tmp_path, field, value, message):
+    """The issue's 2.6 KB checkpoint asked for an FFN of 3·10^7 (7.8 GB, then a traceback)."""
+    save(tiny_wav2vec2(), tmp_path / "huge.pt")
+    edits = {field: value}
+    if field == "hidden_size":
+        edits.update(num_conv_pos_embedding_groups=1, num_attention_heads=1)
+    if field == "conv_dim":
+        edits.update(conv_kernel=[1] * 5000, conv_stride=[1] * 5000)
+    edited_checkpoint(tmp_path / "huge.pt", lambda checkpoint: checkpoint["config"].update(edits))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"huge.pt: {message}") as error:
+        load(tmp_path / "huge.pt")
+    assert time.perf_counter() - start < 20 and one_line(error)
+
+
+def test_hf_and_fairseq_configs_asking_for_huge_models_are_refused(tmp_path):
+    folder = tmp_path / "hf"
+    tiny_hf_model("wav2vec2", "group").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for edit, message in [({"num_hidden_layers": 10**6}, "num_hidden_layers asks for 1,000,000 layers"),
+                          ({"intermediate_size": 10**9}, TOO_MANY_PARAMETERS)]:
+        (folder / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(CheckpointError, match=f"config.json: {message}"):
+            load(folder)
+
+    hf_model = tiny_hf_model("wav2vec2", "group", seed=5)
+    for edit, message in [({"encoder_ffn_embed_dim": 3 * 10**7}, TOO_MANY_PARAMETERS),
+                          ({"encoder_layers": 10**9}, "num_hidden_layers asks for 1,000,000,000 layers"),
+                          ({"conv_feature_layers": "[(1, 1, 1)] * 100 * 100 * 100 * 100 * 100"},
+                           r"w2v_args.model.conv_feature_layers='\[\(1, 1, 1\)\] \* 100 .*': the list grows past "
+                           "1000 layers")]:
+        pretrain = {"arch": "wav2vec2", **fairseq_pretrain_fields("group"), **edit}
+        torch.save({"model": fairseq_state_dict(hf_model, "group"),
+                    "args": argparse.Namespace(arch="wav2vec_ctc", w2v_args=argparse.Namespace(**pretrain))},
+                   tmp_path / "fairseq.pt")
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match=f"fairseq.pt: {message}"):
+            load(tmp_path / "fairseq.pt")
+        assert time.perf_counter() - start < 20
+
+
+def test_whisper_configs_asking_for_huge_models_are_refused_before_the_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper", "encoder_ffn_dim": 10**9}))
+    with pytest.raises(CheckpointError, match=f"config.json: {TOO_MANY_PARAMETERS}"):
+        load(tmp_path)                                        # no weights file: never read
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper", "decoder_layers": 10**6}))
+    with pytest.raises(CheckpointError, match="config.json: decoder_layers asks for 1,000,000 layers"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper", "max_source_positions": 10**10}))
+    with pytest.raises(CheckpointError, match=f"config.json: {TOO_MANY_PARAMETERS}"):
+        load(tmp_path)                                        # the position table is a buffer, counted too
+    model = tiny_whisper()
+    save(model, tmp_path / "whisper.pt")
+    edited_checkpoint(tmp_path / "whisper.pt", lambda checkpoint: checkpoint["config"].update(d_model=2**20))
+    with pytest.raises(CheckpointError, match=f"whisper.pt: {TOO_MANY_PARAMETERS}"):
+        load(tmp_path / "whisper.pt")
+
 
 def rezipped(source: Path, target: Path, edit=lambda name, data: data) -> None:
     """`source`'s records, each passed through `edit`, deflated into `target` (torch.save stores them)."""

@@ -12,14 +12,15 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, check_torch_file, first_line, install_state_dict, read_checkpoint,
-                            read_hf_weights, read_json, write_checkpoint)
+from spg.checkpoint import (CheckpointError, check_layer_budget, check_parameter_budget, check_torch_file,
+                            first_line, install_state_dict, read_checkpoint, read_hf_weights, read_json,
+                            write_checkpoint)
 from spg.whisper.model import Whisper, WhisperConfig
 from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer
 
 __all__ = ["NAMED_MODELS", "named_model_folder", "is_whisper_source", "save_whisper",
            "build_whisper", "whisper_from_checkpoint", "whisper_config_from_hf", "load_hf_whisper", "load_spg_whisper",
-           "check_tied"]
+           "check_tied", "parameter_count", "encoder_parameter_count", "check_model_size"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -69,11 +70,55 @@ def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
                      compression=model.compression, extras=extras, half=half)
 
 
+def _layer_parameters(config: WhisperConfig, heads: int, head_dim: int, ffn: int, cross_heads: Optional[int]) -> int:
+    """Parameters of one `ResidualAttentionBlock`: self-attention (k has no bias), the optional
+    cross-attention, the FFN and a LayerNorm after each."""
+    d = config.d_model
+
+    def attention(inner: int) -> int:
+        return (d * inner + inner) + d * inner + (d * inner + inner) + (inner * d + d) + 2 * d
+
+    count = attention(heads * head_dim) + (d * ffn + ffn) + (ffn * d + d) + 2 * d
+    return count + (attention(cross_heads * head_dim) if cross_heads is not None else 0)
+
+
+def encoder_parameter_count(config: WhisperConfig) -> int:
+    """The number of parameters of `WhisperEncoder(config)` (the two convolutions, the layers
+    and the final LayerNorm; its sinusoidal positions are a buffer), counted from the config
+    alone. `config` must be valid (`validate`)."""
+    d = config.d_model
+    count = (config.num_mel_bins * 3 * d + d) + (d * 3 * d + d) + 2 * d
+    return count + sum(_layer_parameters(config, config.encoder_heads(i), config.encoder_head_dim,
+                                         config.encoder_ffn(i), None) for i in range(config.encoder_layers))
+
+
+def parameter_count(config: WhisperConfig, *, buffers: bool = False) -> int:
+    """The number of parameters `Whisper(config)` has (its `num_parameters()`), counted from
+    the config alone, without allocating anything; with buffers=True also the encoder's
+    positions, so that the count is that of the state dict. `config` must be valid."""
+    d = config.d_model
+    count = encoder_parameter_count(config) + (config.vocab_size + config.max_target_positions) * d + 2 * d
+    count += sum(_layer_parameters(config, config.decoder_heads(i), config.decoder_head_dim, config.decoder_ffn(i),
+                                   config.decoder_cross_heads(i)) for i in range(config.decoder_layers))
+    return count + (config.max_source_positions * d if buffers else 0)
+
+
+def check_model_size(config: WhisperConfig, source: str) -> None:
+    """Raise CheckpointError when `config` asks for more layers or parameters (the encoder's
+    position table counted too) than `spg.checkpoint.check_layer_budget` and
+    `check_parameter_budget` allow, before anything is built."""
+    check_layer_budget(config.encoder_layers, source, "encoder_layers")
+    check_layer_budget(config.decoder_layers, source, "decoder_layers")
+    check_parameter_budget(parameter_count(config, buffers=True), source)
+
+
 def _build(config_values: dict, source: str) -> Whisper:
     try:
-        return Whisper(WhisperConfig.from_dict(config_values))
+        config = WhisperConfig.from_dict(config_values)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: invalid config: {error}") from None
+    check_model_size(config, source)
+    return Whisper(config)
 
 
 def build_whisper(config_values: dict, state: dict[str, torch.Tensor], source: str, *, strict: bool = True,
@@ -142,7 +187,8 @@ def load_hf_whisper(folder: str, *, strict: bool) -> Whisper:
         elif key != "proj_out.weight":
             unknown.append(key)
     check_tied(hf_state.get("proj_out.weight"), state.get("decoder.embed_tokens.weight"), weights_path)
-    model = build_whisper(values, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    install_state_dict(model, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    model.eval()
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         model.tokenizer = load_tokenizer(folder)
     return model
