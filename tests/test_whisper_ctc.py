@@ -205,3 +205,16 @@ def test_train_py_fine_tunes_and_prunes_it_end_to_end(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "spg.json").read_text())
     assert abs(summary["sparsity"] - 0.5) < 0.01 and set(summary["after"]) == {"dev", "test"}
     assert len(summary["per_matrix_sparsity"]) == 12
+
+
+def test_a_file_asking_for_a_huge_model_is_refused_before_building(tmp_path, monkeypatch):
+    model = small_ctc()
+    spg.save(model, tmp_path / "ok.pt")
+    from spg.whisper.io import encoder_parameter_count
+    expected = encoder_parameter_count(model.config.encoder_config()) + 1500 * 32 + 33 * 32
+    assert expected == model.num_parameters() + 1500 * 32          # the positions are a buffer
+    monkeypatch.setenv("SPG_MAX_PARAMETERS", str(expected - 1))
+    with pytest.raises(spg.CheckpointError, match="ok.pt"):
+        spg.load(tmp_path / "ok.pt")
+    monkeypatch.setenv("SPG_MAX_PARAMETERS", str(expected))
+    assert isinstance(spg.load(tmp_path / "ok.pt"), WhisperCTC)

@@ -25,13 +25,14 @@ from typing import Any, Optional, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, atomic_write, install_state_dict, read_checkpoint, read_hf_weights,
-                            read_json, to_plain, write_checkpoint, write_safetensors)
+from spg.checkpoint import (MAX_LAYERS, CheckpointError, atomic_write, check_layer_budget, check_parameter_budget,
+                            install_state_dict, read_checkpoint, read_hf_weights, read_json, short_repr, to_plain,
+                            write_checkpoint, write_safetensors)
 from spg.wav2vec2.model import DEFAULT_VOCAB, ModelConfig, Wav2Vec2CTC
 
 __all__ = ["save", "export_hf", "from_spg_checkpoint", "load_hf_folder", "from_fairseq_checkpoint",
            "model_config_from_hf", "hf_config_from_model_config", "model_config_from_fairseq", "our_key", "hf_key",
-           "fairseq_key", "parse_conv_feature_layers"]
+           "fairseq_key", "parse_conv_feature_layers", "parameter_count", "check_model_size"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -109,7 +110,41 @@ def from_spg_checkpoint(checkpoint: dict, source: str, *, strict: bool, vocab: O
     return model
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """The number of parameters `Wav2Vec2CTC(config)` has (its `num_parameters()`), counted
+    from the config alone, without allocating anything. `config` must be valid (`validate`)."""
+    def linear(inputs: int, outputs: int, bias: bool = True) -> int:
+        return inputs * outputs + (outputs if bias else 0)
+
+    d, channels = config.hidden_size, (1, *config.conv_dim)
+    count = 0
+    for i, (inputs, outputs, kernel) in enumerate(zip(channels, channels[1:], config.conv_kernel)):
+        count += linear(inputs * kernel, outputs, config.conv_bias)           # the conv
+        if config.feat_extract_norm == "layer" or i == 0:
+            count += 2 * outputs                                              # LayerNorm or GroupNorm
+    count += (2 * channels[-1] if config.feat_proj_layer_norm else 0) + linear(channels[-1], d)
+    count += d if config.mask_time_prob > 0 else 0                            # masked_spec_embed
+    kernel, groups = config.num_conv_pos_embeddings, config.num_conv_pos_embedding_groups
+    count += kernel + d * (d // groups) * kernel + d                          # pos_conv: g, v, bias
+    count += 2 * d                                                            # encoder.layer_norm
+    for block in range(config.num_hidden_layers):
+        qk, v = sum(config.block_qk_head_dims(block)), sum(config.block_v_head_dims(block))
+        ffn = config.block_intermediate_size(block)
+        count += 2 * linear(d, qk) + linear(d, v) + linear(v, d)              # q, k, v, out
+        count += linear(d, ffn) + linear(ffn, d) + 2 * 2 * d                  # FFN, two LayerNorms
+    return count + linear(d, config.vocab_size)                               # lm_head
+
+
+def check_model_size(config: ModelConfig, source: str) -> None:
+    """Raise CheckpointError when `config` asks for more layers or parameters than
+    `spg.checkpoint.check_layer_budget` and `check_parameter_budget` allow (before building)."""
+    check_layer_budget(config.num_hidden_layers, source, "num_hidden_layers")
+    check_layer_budget(len(config.conv_dim), source, "conv_dim")
+    check_parameter_budget(parameter_count(config), source)
+
+
 def _build_model(config: ModelConfig, vocab: Optional[list[str]], source: str) -> Wav2Vec2CTC:
+    check_model_size(config, source)
     try:
         return Wav2Vec2CTC(config, vocab)
     except ValueError as error:
@@ -166,7 +201,8 @@ def model_config_from_hf(hf: dict, source: str, do_normalize: bool = True) -> Mo
         raise refuse("model_type", "only 'wav2vec2' and 'hubert' are supported (wav2vec2-conformer, "
                                    "wavlm, data2vec-audio, ... are different networks)")
     architectures = hf.get("architectures")
-    if architectures is not None and _HF_ARCHITECTURE[model_type] not in architectures:
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and _HF_ARCHITECTURE[model_type] in architectures):
         raise refuse("architectures", f"expected {_HF_ARCHITECTURE[model_type]!r}: only CTC fine-tuned "
                                       "checkpoints have the lm_head this model needs")
     if hf.get("add_adapter"):
@@ -256,6 +292,7 @@ def load_hf_folder(folder: str, *, strict: bool, vocab: Optional[list[str]]) -> 
             raise CheckpointError(f"{preprocessor_path}: expected a JSON object")
         do_normalize = bool(preprocessor.get("do_normalize", True))
     config = model_config_from_hf(hf, config_path, do_normalize)
+    check_model_size(config, config_path)
     if vocab is None:
         vocab = _read_hf_vocab(os.path.join(folder, "vocab.json"), config.vocab_size)
     if vocab is None and config.vocab_size != len(DEFAULT_VOCAB):
@@ -275,7 +312,7 @@ def _read_hf_vocab(path: str, vocab_size: int) -> Optional[list[str]]:
     if not os.path.isfile(path):
         return None
     token_to_id = read_json(path)
-    if not isinstance(token_to_id, dict) or not all(isinstance(i, int) for i in token_to_id.values()):
+    if not isinstance(token_to_id, dict) or not all(type(i) is int for i in token_to_id.values()):
         raise CheckpointError(f"{path}: expected a flat JSON object {{token: id}} "
                               "(per-language vocabularies are not supported)")
     vocab = sorted(token_to_id, key=token_to_id.__getitem__)
@@ -345,9 +382,15 @@ def fairseq_key(key: str) -> Optional[str]:
 def parse_conv_feature_layers(text: str) -> list[tuple[int, int, int]]:
     """Evaluate fairseq's `conv_feature_layers` string, e.g.
     "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2", without eval(): only int, list and
-    tuple literals, `+` of two lists and `*` of a list by a small int are allowed."""
+    tuple literals, `+` of two lists and `*` of a list by a small int are allowed, and no list
+    may grow past MAX_LAYERS items (a chain of `* 100` would otherwise describe 10^20)."""
     if not isinstance(text, str) or len(text) > 2000:
-        raise ValueError(f"expected a short string, got {text!r}")
+        raise ValueError(f"expected a short string, got {short_repr(text)}")
+
+    def bounded(items: list) -> list:
+        if len(items) > MAX_LAYERS:
+            raise ValueError(f"the list grows past {MAX_LAYERS} layers")
+        return items
 
     def evaluate(node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -358,19 +401,22 @@ def parse_conv_feature_layers(text: str) -> list[tuple[int, int, int]]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
             left, right = evaluate(node.left), evaluate(node.right)
             if isinstance(left, list) and isinstance(right, list):
-                return left + right
+                return bounded(left + right)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
             left, right = evaluate(node.left), evaluate(node.right)
             if isinstance(left, int):
                 left, right = right, left
             if isinstance(left, list) and isinstance(right, int) and 0 <= right <= 100:
-                return left * right
+                return bounded(left * right if len(left) * right <= MAX_LAYERS else left * (MAX_LAYERS + 1))
         raise ValueError(f"unsupported expression {ast.unparse(node)!r}")
 
-    layers = evaluate(ast.parse(text, mode="eval").body)
+    try:
+        layers = evaluate(ast.parse(text, mode="eval").body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not (isinstance(layers, list) and layers and all(
             isinstance(layer, tuple) and len(layer) == 3 and all(n > 0 for n in layer) for layer in layers)):
-        raise ValueError(f"expected a non-empty list of (dim, kernel, stride) tuples, got {layers!r}")
+        raise ValueError(f"expected a non-empty list of (dim, kernel, stride) tuples, got {short_repr(layers)}")
     return layers
 
 
@@ -378,12 +424,15 @@ def _fairseq_configs(checkpoint: dict, source: str) -> tuple[dict, dict, dict]:
     """(fine-tuning model config, pretraining model config, task config) as plain dicts, from
     either a Hydra `cfg` (newer fairseq) or an argparse `args` Namespace (older fairseq)."""
     if checkpoint.get("cfg") is not None:
-        cfg = to_plain(checkpoint["cfg"])
+        cfg = to_plain(checkpoint["cfg"], source=f"{source}: 'cfg'")
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{source}: 'cfg' is not a dict")
         finetune, task = cfg.get("model") or {}, cfg.get("task") or {}
+        for name, value in [("cfg.model", finetune), ("cfg.task", task)]:
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{source}: {name} is a {type(value).__name__}, not a dict")
     else:
-        args = to_plain(checkpoint.get("args"))
+        args = to_plain(checkpoint.get("args"), source=f"{source}: 'args'")
         if not isinstance(args, dict):
             raise CheckpointError(f"{source}: 'args' is neither a Namespace nor a dict")
         finetune, task = args, args                       # old fairseq: one flat Namespace
@@ -473,7 +522,7 @@ def _fairseq_vocab(checkpoint: dict, rows: int, source: str) -> list[str]:
     """The output tokens: a fairseq Dictionary stored in task_state (fairseq's symbols 0 "<s>"
     and 1 "<pad>" trade names, as in HF's conversion: row 0 is the CTC blank, which HF calls
     "<pad>"), else the default 32-character vocabulary when the head has 32 rows."""
-    task_state = to_plain(checkpoint.get("task_state"))
+    task_state = to_plain(checkpoint.get("task_state"), source=f"{source}: 'task_state'")
     candidates = []
     if isinstance(task_state, dict):
         for value in task_state.values():

@@ -50,7 +50,7 @@ from typing import BinaryIO, Optional, Union
 
 import torch
 
-from spg.checkpoint import CheckpointError, read_json
+from spg.checkpoint import CheckpointError, first_line, read_json, short_repr
 from spg.whisper.io import build_whisper, check_tied
 from spg.whisper.model import Whisper
 from spg.whisper.tokenizer import load_tokenizer
@@ -82,8 +82,14 @@ class Ct2Model:
         return self.variables.get(self.aliases.get(name, name))
 
     def scalar(self, name: str, default: Optional[int] = None) -> Optional[int]:
+        """An integer option (a variable of one element); `default` if absent."""
         value = self.get(name)
-        return default if value is None else int(value.reshape(-1)[0])
+        if value is None:
+            return default
+        if value.numel() != 1 or value.is_floating_point():
+            raise CheckpointError(f"model.bin: {name} has shape {list(value.shape)} and dtype {value.dtype}; "
+                                  "expected one integer")
+        return int(value.reshape(-1)[0])
 
     def float_tensor(self, name: str) -> torch.Tensor:
         """A variable as float32, dequantizing int8 (per-row scale) and int16 (one scale)."""
@@ -118,8 +124,12 @@ class _Reader:
         return struct.unpack("<" + fmt, self.read(struct.calcsize("<" + fmt)))[0]
 
     def string(self) -> str:
+        position = self.file.tell()
         raw = self.read(self.unpack("H"))
-        return raw.split(b"\0", 1)[0].decode("utf-8")      # C++ builds std::string up to the NUL
+        try:
+            return raw.split(b"\0", 1)[0].decode("utf-8")   # C++ builds std::string up to the NUL
+        except UnicodeDecodeError as error:
+            raise CheckpointError(f"{self.path}: the name at offset {position} is not UTF-8 ({error})") from None
 
 
 def read_model_bin(path: PathLike) -> Ct2Model:
@@ -152,7 +162,7 @@ def read_model_bin(path: PathLike) -> Ct2Model:
                                       f"of {dtype} needs {expected}")
             data = bytearray(reader.read(num_bytes))
             model.variables[name] = torch.frombuffer(data, dtype=dtype).reshape(dims) if num_bytes \
-                else torch.zeros(dims, dtype=dtype)
+                else torch.empty(0, dtype=dtype).reshape(dims)          # (any sizes beside a 0)
         if version >= 3:
             for _ in range(reader.unpack("I")):
                 alias = reader.string()
@@ -167,7 +177,7 @@ def read_model_bin(path: PathLike) -> Ct2Model:
 # ----------------------------------------------------------------------------------------
 
 def _layer_count(model: Ct2Model, stack: str) -> int:
-    indices = {int(m.group(1)) for name in model.variables if (m := re.match(rf"{stack}/layer_(\d+)/", name))}
+    indices = {int(m.group(1)) for name in model.variables if (m := re.match(rf"{stack}/layer_(\d{{1,9}})/", name))}
     if indices != set(range(len(indices))):
         raise CheckpointError(f"model.bin: {stack} layers are not numbered 0..n-1: {sorted(indices)}")
     return len(indices)
@@ -223,6 +233,13 @@ def whisper_from_ct2(model: Ct2Model, config_extra: Optional[dict] = None, sourc
     encoder_heads, decoder_heads = model.scalar("encoder/num_heads"), model.scalar("decoder/num_heads")
     if encoder_heads is None or decoder_heads is None:
         raise CheckpointError(f"{source}: encoder/num_heads or decoder/num_heads is missing")
+    if d_model <= 0:
+        raise CheckpointError(f"{source}: encoder/conv2/weight has {d_model} rows; expected the model width, a "
+                              "positive number")
+    for name, heads in [("encoder/num_heads", encoder_heads), ("decoder/num_heads", decoder_heads)]:
+        if heads <= 0 or d_model % heads:
+            raise CheckpointError(f"{source}: {name}={heads}: expected a positive divisor of the model width "
+                                  f"{d_model} (encoder/conv2/weight rows)")
     used.update({"encoder/num_heads", "decoder/num_heads"})
     n_encoder, n_decoder = _layer_count(model, "encoder"), _layer_count(model, "decoder")
 
@@ -304,8 +321,11 @@ def _read_vocabulary(folder: str) -> Optional[list[str]]:
             raise CheckpointError(f"{json_path}: expected a JSON list of token strings")
         return tokens
     if os.path.isfile(text_path):
-        with open(text_path, encoding="utf-8") as file:
-            return [line.rstrip("\n") for line in file]
+        try:
+            with open(text_path, encoding="utf-8") as file:
+                return [line.rstrip("\n") for line in file]
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{text_path}: not readable UTF-8 text ({first_line(error)})") from None
     return None
 
 
@@ -330,8 +350,13 @@ def ct2_special_tokens(folder: PathLike, vocab_size: int) -> dict:
                   no_timestamps_token_id=ids.get("<|notimestamps|>"))
     config_path = os.path.join(folder, "config.json")
     config = read_json(config_path) if os.path.isfile(config_path) else {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
     for ours, theirs in [("suppress_tokens", "suppress_ids"), ("begin_suppress_tokens", "suppress_ids_begin")]:
-        values[ours] = [int(t) for t in config.get(theirs) or [] if 0 <= int(t) < vocab_size]
+        ids = config.get(theirs) or []
+        if not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+            raise CheckpointError(f"{config_path}: {theirs} is {short_repr(ids)}; expected a list of token ids")
+        values[ours] = [t for t in ids if 0 <= t < vocab_size]
     return values
 
 

@@ -12,7 +12,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, atomic_write, first_line, install_state_dict, read_checkpoint, read_hf_weights,
+from spg.checkpoint import (CheckpointError, atomic_write, check_layer_budget, check_parameter_budget,
+                            check_torch_file, first_line, install_state_dict, read_checkpoint, read_hf_weights,
                             read_json, write_checkpoint)
 from spg.whisper.ctc import WhisperCTC, WhisperCTCConfig
 from spg.whisper.model import Whisper, WhisperConfig
@@ -20,7 +21,8 @@ from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer
 
 __all__ = ["NAMED_MODELS", "named_model_folder", "joined_model_folder", "cache_folder", "is_whisper_source", "save_whisper",
            "build_whisper", "whisper_from_checkpoint", "whisper_config_from_hf", "load_hf_whisper", "load_spg_whisper",
-           "check_tied", "save_whisper_ctc", "whisper_ctc_from_checkpoint"]
+           "check_tied", "parameter_count", "encoder_parameter_count", "check_model_size", "save_whisper_ctc",
+           "whisper_ctc_from_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -116,11 +118,55 @@ def save_whisper(model: Whisper, path: PathLike, *, half: bool = False) -> None:
                      compression=model.compression, extras=extras, half=half)
 
 
+def _layer_parameters(config: WhisperConfig, heads: int, head_dim: int, ffn: int, cross_heads: Optional[int]) -> int:
+    """Parameters of one `ResidualAttentionBlock`: self-attention (k has no bias), the optional
+    cross-attention, the FFN and a LayerNorm after each."""
+    d = config.d_model
+
+    def attention(inner: int) -> int:
+        return (d * inner + inner) + d * inner + (d * inner + inner) + (inner * d + d) + 2 * d
+
+    count = attention(heads * head_dim) + (d * ffn + ffn) + (ffn * d + d) + 2 * d
+    return count + (attention(cross_heads * head_dim) if cross_heads is not None else 0)
+
+
+def encoder_parameter_count(config: WhisperConfig) -> int:
+    """The number of parameters of `WhisperEncoder(config)` (the two convolutions, the layers
+    and the final LayerNorm; its sinusoidal positions are a buffer), counted from the config
+    alone. `config` must be valid (`validate`)."""
+    d = config.d_model
+    count = (config.num_mel_bins * 3 * d + d) + (d * 3 * d + d) + 2 * d
+    return count + sum(_layer_parameters(config, config.encoder_heads(i), config.encoder_head_dim,
+                                         config.encoder_ffn(i), None) for i in range(config.encoder_layers))
+
+
+def parameter_count(config: WhisperConfig, *, buffers: bool = False) -> int:
+    """The number of parameters `Whisper(config)` has (its `num_parameters()`), counted from
+    the config alone, without allocating anything; with buffers=True also the encoder's
+    positions, so that the count is that of the state dict. `config` must be valid."""
+    d = config.d_model
+    count = encoder_parameter_count(config) + (config.vocab_size + config.max_target_positions) * d + 2 * d
+    count += sum(_layer_parameters(config, config.decoder_heads(i), config.decoder_head_dim, config.decoder_ffn(i),
+                                   config.decoder_cross_heads(i)) for i in range(config.decoder_layers))
+    return count + (config.max_source_positions * d if buffers else 0)
+
+
+def check_model_size(config: WhisperConfig, source: str) -> None:
+    """Raise CheckpointError when `config` asks for more layers or parameters (the encoder's
+    position table counted too) than `spg.checkpoint.check_layer_budget` and
+    `check_parameter_budget` allow, before anything is built."""
+    check_layer_budget(config.encoder_layers, source, "encoder_layers")
+    check_layer_budget(config.decoder_layers, source, "decoder_layers")
+    check_parameter_budget(parameter_count(config, buffers=True), source)
+
+
 def _build(config_values: dict, source: str) -> Whisper:
     try:
-        return Whisper(WhisperConfig.from_dict(config_values))
+        config = WhisperConfig.from_dict(config_values)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source}: invalid config: {error}") from None
+    check_model_size(config, source)
+    return Whisper(config)
 
 
 def build_whisper(config_values: dict, state: dict[str, torch.Tensor], source: str, *, strict: bool = True,
@@ -134,6 +180,7 @@ def build_whisper(config_values: dict, state: dict[str, torch.Tensor], source: s
 
 
 def load_spg_whisper(path: str, *, strict: bool) -> Whisper:
+    check_torch_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
@@ -161,7 +208,7 @@ def whisper_config_from_hf(hf: dict, generation: Optional[dict] = None) -> dict:
                 "eos_token_id", "pad_token_id", "bos_token_id"):
         if generation and generation.get(key) is not None:
             values[key] = generation[key]
-    if isinstance(values.get("eos_token_id"), list):       # generation configs may list several
+    if isinstance(values.get("eos_token_id"), list) and values["eos_token_id"]:    # generation configs may list several
         values["eos_token_id"] = values["eos_token_id"][0]
     return values
 
@@ -178,7 +225,8 @@ def load_hf_whisper(folder: str, *, strict: bool) -> Whisper:
     generation = read_json(generation_path) if os.path.isfile(generation_path) else None
     values = whisper_config_from_hf(hf, generation if isinstance(generation, dict) else None)
     if "no_timestamps_token_id" not in values:
-        values["no_timestamps_token_id"] = _no_timestamps_id(folder, int(values.get("vocab_size", 51864)))
+        values["no_timestamps_token_id"] = _no_timestamps_id(folder, values.get("vocab_size", 51864))
+    model = _build(values, config_path)            # a bad or oversized config is refused before the weights are read
     weights_path, hf_state = read_hf_weights(folder)
     state, unknown = {}, []
     for key, tensor in hf_state.items():
@@ -187,7 +235,8 @@ def load_hf_whisper(folder: str, *, strict: bool) -> Whisper:
         elif key != "proj_out.weight":
             unknown.append(key)
     check_tied(hf_state.get("proj_out.weight"), state.get("decoder.embed_tokens.weight"), weights_path)
-    model = build_whisper(values, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    install_state_dict(model, state, weights_path, strict=strict, unknown_source_keys=unknown)
+    model.eval()
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         model.tokenizer = load_tokenizer(folder)
     return model
@@ -201,16 +250,17 @@ def check_tied(projection: Optional[torch.Tensor], embedding: Optional[torch.Ten
                               "(untied output layers are not supported)")
 
 
-def _no_timestamps_id(folder: str, vocab_size: int) -> Optional[int]:
+def _no_timestamps_id(folder: str, vocab_size: object) -> Optional[int]:
     """<|notimestamps|> from the folder's tokenizer.json, else from the layout of the released
     vocabularies (it sits right before the 1501 timestamp tokens that end the vocabulary);
-    None for other vocabularies."""
+    None for other vocabularies (and for a vocab_size that is not an integer, which the
+    config check then refuses)."""
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
         token_id = WhisperTokenizer.from_file(path).token_to_id("<|notimestamps|>")
         if token_id is not None:
             return token_id
-    return vocab_size - 1501 - 1 if vocab_size >= 51864 else None
+    return vocab_size - 1501 - 1 if type(vocab_size) is int and vocab_size >= 51864 else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,10 +280,17 @@ def whisper_ctc_from_checkpoint(checkpoint: object, path: str, *, strict: bool =
     if not (isinstance(vocab, list) and vocab and all(isinstance(token, str) for token in vocab)):
         raise CheckpointError(f"{path}: 'vocab' must be a non-empty list of token strings")
     try:
-        model = WhisperCTC(WhisperCTCConfig.from_dict(config_values), vocab)
+        config = WhisperCTCConfig.from_dict(config_values)
+        encoder = config.encoder_config()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid config: {error}") from None
+    check_layer_budget(config.encoder_layers, path, "encoder_layers")       # before anything is allocated
+    check_parameter_budget(encoder_parameter_count(encoder) + config.max_source_positions * config.d_model
+                           + (config.d_model + 1) * config.vocab_size, path)
+    try:
+        model = WhisperCTC(config, vocab)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: invalid config: {error}") from None
     install_state_dict(model, state, path, strict=strict)
     model.compression = compression
     return model.eval()
-

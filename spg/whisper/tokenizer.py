@@ -9,9 +9,10 @@ import os
 import re
 from typing import Optional, Sequence, Union
 
-from spg.checkpoint import CheckpointError, read_json
+from spg.checkpoint import CheckpointError, read_json, short_repr
 
-__all__ = ["WhisperTokenizer", "bytes_to_unicode", "gpt2_pre_tokenizer", "merge_ranks", "load_tokenizer"]
+__all__ = ["WhisperTokenizer", "bytes_to_unicode", "gpt2_pre_tokenizer", "merge_ranks", "check_vocab",
+           "check_added_tokens", "load_tokenizer"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,9 +61,41 @@ def merge_ranks(raw: object, source: str = "merges") -> dict[tuple[str, str], in
     for rank, merge in enumerate(raw):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise CheckpointError(f"{source}: merge {rank} is {merge!r}; expected 'left right' or [left, right]")
+            raise CheckpointError(f"{source}: merge {rank} is {short_repr(merge)}; expected 'left right' or "
+                                  "[left, right]")
         ranks[(pair[0], pair[1])] = rank
     return ranks
+
+
+def _is_id(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def check_vocab(vocab: object, source: str) -> dict[str, int]:
+    """`vocab` if it is {token: id} with string tokens and non-negative integer ids, else
+    CheckpointError naming the first bad entry."""
+    if not isinstance(vocab, dict):
+        raise CheckpointError(f"{source}: vocab is a {type(vocab).__name__}; expected an object {{token: id}}")
+    for token, token_id in vocab.items():
+        if not (isinstance(token, str) and _is_id(token_id)):
+            raise CheckpointError(f"{source}: vocab entry {short_repr(token)}: {short_repr(token_id)}; expected a "
+                                  "string token"
+                                  " with a non-negative integer id")
+    return vocab
+
+
+def check_added_tokens(added_tokens: object, source: str) -> list[dict]:
+    """`added_tokens` if it is a list of {"id": non-negative int, "content": str, "special":
+    bool (optional)} (further fields, such as lstrip, are allowed and ignored), else
+    CheckpointError naming the first bad entry."""
+    if not isinstance(added_tokens, list):
+        raise CheckpointError(f"{source}: added_tokens is a {type(added_tokens).__name__}; expected a list")
+    for i, added in enumerate(added_tokens):
+        if not (isinstance(added, dict) and _is_id(added.get("id")) and isinstance(added.get("content"), str)
+                and isinstance(added.get("special", False), bool)):
+            raise CheckpointError(f"{source}: added_tokens[{i}] is {short_repr(added)}; expected {{'id': non-negative "
+                                  "integer, 'content': string, 'special': true or false}")
+    return added_tokens
 
 
 class WhisperTokenizer:
@@ -107,16 +140,22 @@ class WhisperTokenizer:
 
     @classmethod
     def from_file(cls, path: PathLike) -> "WhisperTokenizer":
+        """Read a `tokenizer.json`, refusing (CheckpointError naming the file and the field)
+        anything but a BPE model with a {token: id} vocab, [left, right] or "left right"
+        merges, added tokens {"id", "content", "special"} and a ByteLevel decoder."""
         path = os.fspath(path)
         data = read_json(path)
         model = data.get("model") if isinstance(data, dict) else None
-        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        if not isinstance(model, dict) or model.get("type") != "BPE" or "vocab" not in model:
             raise CheckpointError(f"{path}: expected a tokenizer.json with a BPE model and its vocab")
-        decoder = data.get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
-            raise CheckpointError(f"{path}: decoder type {decoder.get('type')!r} is not supported (ByteLevel only)")
+        decoder = data.get("decoder")
+        decoder_type = decoder.get("type") if isinstance(decoder, dict) else None
+        if decoder_type != "ByteLevel":
+            raise CheckpointError(f"{path}: decoder type {short_repr(decoder_type)} is not supported (ByteLevel only)")
+        vocab = check_vocab(model["vocab"], f"{path}: model")
+        added_tokens = check_added_tokens(data.get("added_tokens") or [], path)
         merges = None if model.get("merges") is None else merge_ranks(model["merges"], f"{path}: model.merges")
-        return cls(model["vocab"], data.get("added_tokens") or [], merges)
+        return cls(vocab, added_tokens, merges)
 
     def to_dict(self) -> dict:
         """Plain data that `from_dict` turns back into this tokenizer (saved with a model):
@@ -130,11 +169,11 @@ class WhisperTokenizer:
     def from_dict(cls, values: dict, source: str = "tokenizer") -> "WhisperTokenizer":
         """The inverse of `to_dict`; dicts saved before merges were kept (no "merges") still
         load, as a decoding-only tokenizer."""
-        if not (isinstance(values, dict) and isinstance(values.get("vocab"), dict)
-                and isinstance(values.get("added_tokens"), list)):
+        if not (isinstance(values, dict) and "vocab" in values and "added_tokens" in values):
             raise CheckpointError(f"{source}: expected {{'vocab': {{token: id}}, 'added_tokens': [...]}}")
+        vocab, added_tokens = check_vocab(values["vocab"], source), check_added_tokens(values["added_tokens"], source)
         merges = None if values.get("merges") is None else merge_ranks(values["merges"], f"{source}: 'merges'")
-        return cls(values["vocab"], values["added_tokens"], merges)
+        return cls(vocab, added_tokens, merges)
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.token_ids.get(token)

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""The pretrained testbed: Whisper tiny.en's encoder with a CTC head, fine-tuned on the built-in
+corpus (issue 25), trained and scored in one resumable command.
+
+    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_ctc_testbed.py            # train (resumes), score
+    python tests/bench/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
+
+Training is `train.py --init whisper-tiny.en --method dense` with the settings in TRAIN below
+(the SPG paper's AdamW lr 2e-4 with 10 % warm-up and linear decay, the CTC summed over the batch
+as the authors' code does, dropout 0.1, the front end's convs frozen and cached as for wav2vec2);
+a stopped run continues with --resume. Scoring: every utterance of the built-in dev, test and
+test-unseen splits, and the 11 real recordings in tests/data (LibriVox, cards, beckett; their
+cased, punctuated references normalised with spg.text.normalize_english and upper-cased into
+the character vocabulary). Greedy CTC decoding, no language model.
+
+Writes results/whisper_ctc_dense.json: {"model", "train": the train.py arguments, "training": the
+run's history and seconds, "scores": {set: {"wer", "cer", "utterances", "references",
+"hypotheses"}}}, and ships the model as models/whisper-tiny-ctc.pt (fp16) with --ship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import spg  # noqa: E402
+from spg.checkpoint import atomic_write  # noqa: E402
+from spg.corpus import build_corpus  # noqa: E402
+from spg.data import read_corpus  # noqa: E402
+from spg.text import normalize_english  # noqa: E402
+from spg.training import evaluate_corpus  # noqa: E402
+from spg.whisper.evaluation import read_transcription_folder  # noqa: E402
+
+REAL = ("librivox", "cards", "beckett")
+OUT = REPO / "runs" / "testbed" / "tiny-ctc-dense.pt"
+TRAIN = ["--init", "whisper-tiny.en", "--method", "dense", "--steps", "3000", "--batch-size", "16",
+         "--lr", "2e-4", "--warmup", "0.1", "--dropout", "0.1", "--eval-every", "500", "--save-every", "100"]
+
+
+def real_recordings() -> list:
+    """The 11 recordings with their references in the CTC model's alphabet."""
+    utterances = [u for name in REAL for u in read_transcription_folder(REPO / "tests" / "data" / name)]
+    return [dataclasses.replace(u, transcript=normalize_english(u.transcript).upper()) for u in utterances]
+
+
+def score(model_path: Path) -> dict:
+    model = spg.load(model_path)
+    root = build_corpus()
+    sets = {split: read_corpus(root, split, model.vocab) for split in ("dev", "test", "test-unseen")}
+    sets["real"] = real_recordings()
+    scores = {}
+    for name, utterances in sets.items():
+        result = evaluate_corpus(model, utterances, desc=f"scoring {name}")
+        scores[name] = {key: result[key] for key in ("wer", "cer", "utterances", "references", "hypotheses")}
+        print(f"{name:<12} WER {100 * result['wer']:6.2f}%  CER {100 * result['cer']:6.2f}%  "
+              f"({result['utterances']} utterances)")
+    return scores
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--score-only", type=Path, default=None, help="score this checkpoint, train nothing")
+    parser.add_argument("--json", type=Path, default=REPO / "results" / "whisper_ctc_dense.json")
+    parser.add_argument("--ship", action="store_true", help="also write models/whisper-tiny-ctc.pt (fp16)")
+    args = parser.parse_args(argv)
+    model_path = args.score_only or OUT
+    training = None
+    run_json = OUT.with_suffix(".json")
+    if args.score_only is None:
+        import train
+        resume = ["--resume"] if Path(str(OUT) + ".state").exists() else []
+        code = train.main(TRAIN + ["--out", str(OUT), "--json", str(run_json)] + resume)
+        if code != 0 or not OUT.exists():
+            return code or 1
+    if model_path.resolve() == OUT.resolve() and run_json.exists():      # the run's own summary
+        summary = json.loads(run_json.read_text())
+        training = {key: summary[key] for key in ("history", "train_seconds", "steps")}
+    scores = score(model_path)
+    result = {"model": str(model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path),
+              "train": TRAIN, "training": training, "scores": scores}
+    os.makedirs(args.json.parent, exist_ok=True)
+    atomic_write(os.fspath(args.json), lambda file: file.write(json.dumps(result, indent=1).encode()))
+    print(f"wrote {args.json}")
+    if args.ship:
+        spg.save(spg.load(model_path), REPO / "models" / "whisper-tiny-ctc.pt", half=True)
+        print(f"wrote {REPO / 'models' / 'whisper-tiny-ctc.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
