@@ -224,5 +224,5 @@ def test_spg_learns_to_prune_the_matrix_the_task_ignores():
     authors = planted_run(SPG(0.5, eta=1e-3, normalised_eta=False, band=authors_band(0.5), reset_on_switch=False,
                               threshold_lr=1e-2), "sum")
     assert authors["planted"] > 0.9 and authors["useful"] < 0.1, authors      # measured: 0.971 / 0.029
-    before = planted_run(SPG(0.5, eta=1.7e3, threshold_lr=1e-2), "mean")
+    before = planted_run(SPG(0.5, eta=1.7e3, normalised_eta=True, band=None, threshold_lr=1e-2), "mean")
     assert before["useful"] > 0.8 and before["planted"] < 0.2, before          # measured: 0.917 / 0.083

@@ -28,7 +28,7 @@ def _spg_rank(rank: int, folder: str) -> None:
     try:
         utterances = tiny_corpus(Path(folder) / f"corpus{rank}")
         model = tiny_model(seed=rank)                # different on purpose: DDP must broadcast rank 0's
-        method = SPG(0.5, threshold_lr=1e-2)
+        method = SPG(0.5, normalised_eta=True, band=None, threshold_lr=1e-2)   # η', on/off + resets
         config = TrainConfig(steps=30, batch_size=2, lr=1e-3, save_every=0)
         result = train(model, utterances, config, method=method, progress=False)
         torch.save({"state": model.state_dict(), "report": sparsity_report(model), "steps": result.steps_done,

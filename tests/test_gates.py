@@ -81,7 +81,7 @@ def test_controller_switches_eta_off_at_target_and_back_on_below():
     assert controller.update(0.49, step=4) and controller.current_eta() == 2.0     # below: on again
     assert controller.first_reached == 2 and controller.switches == 2
     # The penalty is not even computed while η is off.
-    method = SPG(0.5, eta=2.0)
+    method = SPG(0.5, eta=2.0, normalised_eta=True, band=None)   # the on/off controller, η'
     method.matrices = attach_gates(tiny_model())
     method.controller.update(0.6, step=1)
     assert method.extra_loss(None, 1, 10) is None
@@ -148,7 +148,8 @@ def test_calibration_hits_target_with_one_common_scale():
 
 def spg_run(tmp_path, utterances, *, stop_after=None, resume=False, seed=0, **kwargs):
     model = tiny_model(seed)
-    method = SPG(0.5, threshold_lr=1e-2, history_every=2, **kwargs)
+    # the settings these tests were measured with: normalised η', on/off controller with resets
+    method = SPG(0.5, normalised_eta=True, band=None, threshold_lr=1e-2, history_every=2, **kwargs)
     config = TrainConfig(steps=40, batch_size=3, lr=1e-3, save_every=5)
     result = train(model, utterances, config, method=method, checkpoint_path=tmp_path / "spg.state",
                    resume=resume, progress=False, stop_after_steps=stop_after)

@@ -98,10 +98,11 @@ def test_best_of_n_init_is_kept() -> None:
     assert five <= one  # the first restart is the n_init=1 run
 
 
-def test_gram_and_direct_seeding_agree() -> None:
+def test_gram_and_direct_seeding_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     x = np.random.default_rng(5).normal(size=(120, 6))
     with_gram = kmeans_plusplus(x, 15, np.random.default_rng(0))
-    direct = kmeans_plusplus(x, 15, np.random.default_rng(0), _gram_max_bytes=0)
+    monkeypatch.setattr(km, "_GRAM_MAX_BYTES", 0)  # no Gram matrix: distances row by row
+    direct = kmeans_plusplus(x, 15, np.random.default_rng(0))
     np.testing.assert_array_equal(with_gram, direct)
     assert len(set(with_gram.tolist())) == 15
 

@@ -127,7 +127,7 @@ def test_ump_on_whisper_prunes_every_matrix_and_resumes_exactly(tmp_path):
 def test_spg_on_whisper_reaches_the_target_and_leaves_plain_linears(tmp_path):
     utterances = tiny_corpus(tmp_path / "corpus")
     model = tiny_whisper(tmp_path)
-    method = SPG(0.4, threshold_lr=0.03)
+    method = SPG(0.4, normalised_eta=True, band=None, threshold_lr=0.03)   # Whisper's settings in train.py
     config = TrainConfig(steps=25, batch_size=2, lr=1e-3, save_every=0)
     train(model, utterances, config, method=method, objective=WhisperObjective(), progress=False)
     report = sparsity_report(model)

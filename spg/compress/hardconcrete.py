@@ -260,7 +260,8 @@ class BlockGates(nn.Module):
     (no dim gates; `qk_dims` and `v_dims` are then None). key_bias: whether k_proj has a bias
     (it counts in the parameters).
 
-    Ours, not in the papers (issue 16: on the tiny model the head gates close first):
+    Ours, not in the papers; we add them because on a small model the head gates can close
+    before all others (measurement: README.md, "Why these options" under L0):
     head_gates=False is the dims-only variant: no head gate (`heads` is None, z_h = 1), so a
         head disappears only when all its value dims do (then its q/k dims go with it).
     min_heads=k keeps the k heads with the largest log_alpha always on (z_h = 1 in training

@@ -216,7 +216,6 @@ def kmeans_plusplus(
     rng: np.random.Generator,
     *,
     n_local_trials: int | None = None,
-    _gram_max_bytes: int | None = None,
 ) -> np.ndarray:
     """Greedy k-means++ seeding; returns the indices (k,) of the chosen points.
 
@@ -241,9 +240,8 @@ def kmeans_plusplus(
     if n_local_trials is None:
         n_local_trials = 2 + int(math.log(k))
     x_sq = _row_sq_norms(x)
-    max_bytes = _GRAM_MAX_BYTES if _gram_max_bytes is None else _gram_max_bytes
     gram = None
-    if k > 1 and 8 * n * n <= max_bytes:
+    if k > 1 and 8 * n * n <= _GRAM_MAX_BYTES:
         gram = x @ x.T
         x_sq = np.diagonal(gram).copy()  # consistent with gram: D^2(x, x) is exactly 0
 
@@ -614,7 +612,7 @@ def mixed_kept_units_per_kind(num_units: list[int], unit_sizes: list[int], varia
     attention modules are ranked against attention modules and FFNs against FFNs, and each
     kind keeps its uniform parameter count. Ours: `mixed_kept_units` ranks all modules
     together, so when one kind's variances are all above the other's (as on the shipped
-    tiny model, FFN 2.55-2.68e-3 against attention 2.13-2.31e-3) it moves budget between kinds."""
+    model: README.md, `--mixed-per-kind`) it moves budget between kinds."""
     if len(kinds) != len(num_units):
         raise ValueError("kinds needs one entry per module")
     ks, groups = [0] * len(num_units), [""] * len(num_units)

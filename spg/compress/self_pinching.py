@@ -13,33 +13,37 @@ as in the paper; teacher-forced decoder cross-entropy for Whisper). So W and t a
 together: the penalty raises t ("pinches" the matrix) and shrinks weights, the task loss
 pushes back where weights matter. A controller holds the GLOBAL hard sparsity at the target
 s* (`SparsityController`: the paper's on/off, or the authors' two-sided band, which also
-un-prunes above s*). The per-matrix sparsities are learned, not set ("mixed sparsity"). τ is cosine-annealed 0.5 → 0.01. There is no separate
-prune-then-fine-tune stage; the final model is W ⊙ B with the gates removed (`finalize`).
+un-prunes above s*). The per-matrix sparsities are learned, not set ("mixed sparsity"). τ is
+cosine-annealed 0.5 → 0.01. There is no separate prune-then-fine-tune stage; the final model
+is W ⊙ B with the gates removed (`finalize`).
 
 The gate is a `torch.nn.utils.parametrize` parametrization of `Linear.weight`, so a gated
 model is still a model of the same class (same forward, `prunable_linears()` returns the
 same Linear modules and `linear.weight` reads the masked weight); `finalize` bakes W ⊙ B into a
 plain `nn.Linear.weight` and leaves no gate code behind.
 
-Penalty scaling. The paper writes the raw count (η · Σ‖B‖₀, "raw" form below); the authors'
-code adds it to a CTC loss SUMMED over the batch (HF's ctc_loss_reduction="sum"), with
-wav2vec2-base η = 2e-5 (3e-5 for targets ≥ 65 %). That balance is our default for wav2vec2/
-HuBERT (`spg.experiment` resolves it), with η scaled for a short budget (`default_raw_eta`)
-and a threshold learning rate that fits the number of steps (`default_threshold_lr`).
-The other form, η'·mean(M) over all N prunable weights with a mean-reduced loss,
+Penalty scaling. The paper writes the raw count, L = L_task + η · Σ_l ‖B_l‖₀ ("raw" form); the
+authors' code adds it to a CTC loss SUMMED over the batch (HF's ctc_loss_reduction="sum"), with
+wav2vec2-base η = 2e-5 (3e-5 for targets ≥ 65 %). That balance is `SPG`'s default, with η scaled
+for a short budget (`default_raw_eta`) and a threshold learning rate that fits the number of
+steps (`default_threshold_lr`); how to use it with a mean-reduced loss is in `SPG`'s docstring.
+The other form, η'·mean(M) over all N prunable weights (`normalised_eta=True`),
     η' · (Σ_l Σ M_l) / N  ==  η · Σ_l Σ M_l   with   η = η' / N,
-(η' = η·N: wav2vec2-base 2e-5 ↔ η' ≈ 1.7e3) was our earlier default and stays for Whisper,
-whose teacher-forced cross-entropy is a mean. With a MEAN-reduced loss the penalty owns the
-thresholds' gradient, AdamW raises every t_l by about one learning rate per step, the
-thresholds move in lockstep and SPG degenerates into gradual global magnitude pruning; with
-the summed CTC the task loss has a say and the per-matrix allocation is learned.
+(η' = η·N: wav2vec2-base 2e-5 ↔ η' ≈ 1.7e3, `default_eta`) was our earlier default and stays for
+Whisper in `spg.experiment`, whose teacher-forced cross-entropy is a mean. With a MEAN-reduced
+loss and η' the penalty owns the thresholds' gradient, AdamW raises every t_l by about one
+learning rate per step, the thresholds move in lockstep and SPG degenerates into gradual global
+magnitude pruning; with the summed loss the task has a say and the per-matrix allocation is
+learned. η is per weight, so its balance against the summed loss also depends on how much a
+single weight matters to the task: tuned on a 5M-weight speech model, it reaches the target
+late on a much smaller one (then the final calibration, or a larger η, closes the gap).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -49,46 +53,43 @@ from spg.compress.interface import Method, OptimizerSettings
 
 THRESHOLD_INIT = 1e-5        # paper: every t_l starts at 1e-5 (≈ 0 % sparsity)
 TAU_START, TAU_END = 0.5, 0.01   # paper: τ cosine-annealed from 0.5 to 0.01 over the run
-# Normalised penalty weight η' (see the module docstring): the paper's wav2vec2-base values
-# times its 84.9 M prunable weights, 2e-5 below a 65 % target and 3e-5 from 65 % on.
+
+# The raw η (module docstring, "Penalty scaling"): the paper's wav2vec2-base values by target ...
+PAPER_ETA_RAW, PAPER_ETA_RAW_HIGH = 2e-5, 3e-5
+# ... times a factor for a short budget. Not specified by the paper; we use 5 because in a few
+# hundred steps the weights have no time to adapt, the task loss pushes back harder than in the
+# paper's 27K steps, and the paper's η stalls below the target (measurement: README.md, "Why
+# these defaults").
+ETA_BUDGET_FACTOR = 5.0
+
+
+def default_raw_eta(target: float) -> float:
+    """The raw η of L = L_task + η · Σ_l ‖B_l‖₀ (L_task summed over the batch) by target: the
+    paper's 2e-5 below 65 % and 3e-5 from 65 %, times `ETA_BUDGET_FACTOR`."""
+    return ETA_BUDGET_FACTOR * (PAPER_ETA_RAW_HIGH if target >= 0.65 else PAPER_ETA_RAW)
+
+
+# The normalised η' = η · N (module docstring): the paper's η times wav2vec2-base's 84.9 M
+# prunable weights. Not the default; `spg.experiment` uses it for Whisper.
 ETA_NORMALISED = 1.7e3
 ETA_NORMALISED_HIGH = 2.5e3
 
 
 def default_eta(target: float) -> float:
-    """The paper's schedule of η by target (wav2vec2-base), in normalised form."""
+    """The paper's η by target (wav2vec2-base) in normalised form η' (for a mean-reduced loss)."""
     return ETA_NORMALISED_HIGH if target >= 0.65 else ETA_NORMALISED
-
-
-# The raw form with a CTC summed over the batch (the authors' balance, our default for
-# wav2vec2/HuBERT). The paper's wav2vec2-base η by target ...
-PAPER_ETA_RAW, PAPER_ETA_RAW_HIGH = 2e-5, 3e-5
-# ... times a factor for a short budget. Not specified by the paper; we use 5 because, measured
-# on the built-in default (500 steps, 70 %), the paper's η reached 0.66 by step 60 and then
-# stalled there until step 380: in a few hundred steps the weights have no time to adapt, so CTC
-# pushes back harder than in a 27K-step run, and a stronger push is needed to reach the target.
-# (At equal batch and utterance length the CTC/penalty balance scales as batch × utterance length
-# × per-weight saliency: ours 8 × 2.4 s against their 32 × ~12.7 s, i.e. 1/21, times ~18 for
-# a model with 18× fewer weights, so about the paper's η; the factor is for the budget alone.)
-ETA_BUDGET_FACTOR = 5.0
-
-
-def default_raw_eta(target: float) -> float:
-    """The raw η (times the count of kept weights, CTC summed over the batch) by target:
-    the paper's 2e-5 below 65 % and 3e-5 from 65 %, times `ETA_BUDGET_FACTOR`."""
-    return ETA_BUDGET_FACTOR * (PAPER_ETA_RAW_HIGH if target >= 0.65 else PAPER_ETA_RAW)
 
 
 # How far the thresholds may travel: AdamW moves a threshold by at most about its learning
 # rate per step while one loss term owns its gradient, so threshold-lr × steps bounds the
 # climb and sets which FRACTION of the run the pinching takes. Not specified by the paper
-# (its thresholds share the weights' lr 2e-4 over 27K steps: a product of 5.4); we use 1.5,
-# i.e. 5e-3 for 300 steps: in a 200-step pilot at 5e-3 (70 %, η 1e-4) the target band was
-# first reached at step 22, about a tenth of the run, leaving the rest for recovery.
+# (its thresholds share the weights' lr 2e-4 over 27K steps: a product of 5.4); we use 1.5
+# because it reaches the target in about the first tenth of a short run and leaves the rest
+# for recovery (measurement: README.md, "Why these defaults").
 THRESHOLD_TRAVEL = 1.5
-
-
-THRESHOLD_LR_MAX = 1e-2     # a larger step would jump past the median |w| (0.016) in about one step
+# Not specified by the paper; we use 1e-2 because a larger step jumps past a typical |w| of a
+# trained speech model (README.md) in about one step.
+THRESHOLD_LR_MAX = 1e-2
 
 
 def default_threshold_lr(lr: float, steps: int) -> float:
@@ -261,6 +262,13 @@ def authors_band(target: float) -> float:
     return 0.02 if target <= 0.5 + 1e-9 else 0.002
 
 
+def default_band(target: float) -> float:
+    """The band width `SPG` uses by default: `authors_band(target)`, at most half the target
+    (not specified by the authors' scripts, whose targets are all above 0.04; we use the half so
+    that the band [s* − b, s*] always lies above 0)."""
+    return min(authors_band(target), target / 2)
+
+
 class SparsityController:
     """Sets the sign of η for the next step from the global hard sparsity s measured after
     every step. Two controllers:
@@ -284,11 +292,6 @@ class SparsityController:
         self.sparsity = 0.0
         self.switches = 0          # how often the direction changed
         self.first_reached: Optional[int] = None
-
-    @property
-    def active(self) -> bool:
-        """True while the penalty is applied (either sign)."""
-        return self.direction != 0
 
     def current_eta(self) -> float:
         """The signed penalty weight for the next step."""
@@ -333,20 +336,42 @@ class SPG(Method):
     """Self-pinching gates as a `spg.compress.interface.Method`: attach gates, anneal τ, add the
     penalty while the controller says so, calibrate and finalize at the end.
 
+    The defaults are the authors' balance (hanyxu/SASPG-pruning), which is what `train.py` runs
+    on wav2vec2/HuBERT: the raw η of L = L_task + η · Σ_l ‖B_l‖₀ (`default_raw_eta`), the
+    two-sided band controller (`default_band`), no optimiser reset, and, given `steps`, a
+    threshold learning rate that fits the run (`default_threshold_lr`).
+
+    The loss the default η assumes: L_task SUMMED over the batch (the authors' CTC,
+    ctc_loss_reduction="sum"; for a regression, the squared errors added over the examples).
+    With a MEAN over B terms, L_mean = L_sum / B, two exact equivalents:
+      * multiply the loss by B: B · L_mean = L_sum, the same loss and the same gradients;
+      * or divide η by B: L_mean + (η/B) · Σ‖B_l‖₀ = (L_sum + η · Σ‖B_l‖₀) / B, the same
+        objective scaled by 1/B, so every gradient is 1/B times the summed one; AdamW's step
+        does not depend on that scale (up to its ε), gradient clipping at a fixed norm does.
+    Left at η with a mean loss, the penalty weighs B times more than the balance it was chosen
+    for (towards the degenerate regime of the module docstring).
+
     target: global sparsity s* of the prunable matrices.
-    eta: penalty weight; normalised η' or, with `normalised_eta=False`, the paper's raw
-        per-weight η. None: `default_eta(target)` (normalised).
-    threshold_lr: learning rate of the thresholds (None: the weights' lr, as in the paper).
-        The thresholds follow the same warm-up/decay schedule, with weight decay 0 (ours).
-    band: None for the on/off controller; a width b for the authors' two-sided band
-        (`SparsityController`; `authors_band(target)` gives their scripts' width).
+    eta: penalty weight; raw η (default form) or, with `normalised_eta=True`, η' on the
+        mean soft mask (module docstring). None: `default_raw_eta(target)` for the raw form,
+        `default_eta(target)` for the normalised one.
+    threshold_lr: learning rate of the thresholds. "auto" (default): `default_threshold_lr(lr,
+        steps)` with the weights' lr when `steps` is given, else the weights' lr; None: the
+        weights' lr (the paper's choice); a number: that. The thresholds follow the same
+        warm-up/decay schedule, with weight decay 0 (ours).
+    steps: the run's number of optimiser steps, for threshold_lr="auto" (the optimiser's
+        parameter groups are built before the loop tells a method its total steps).
+    band: "authors" (default): the two-sided band controller with width `default_band(target)`;
+        a number b: that width; None: the on/off controller of the paper's text
+        (`SparsityController`).
     reset_on_switch: when η switches, clear the thresholds' AdamW state (ours; see below).
+        None (default): on with the on/off controller, off with the band (the authors' code).
     calibrate: finish with `calibrate_thresholds` so the global sparsity is exactly s* (ours).
     history_every: record global and per-matrix sparsity and thresholds every N steps.
 
     What lands on the target with the ON/OFF controller (not specified by the paper; our
-    choice, measured; the band controller, the default for wav2vec2/HuBERT, needs no reset
-    because it pulls back itself). With the bare on/off controller the sparsity overshoots and then keeps creeping up: while η is on
+    choice, measured; the band controller needs no reset because it pulls back itself). With the
+    bare on/off controller the sparsity overshoots and then keeps creeping up: while η is on
     it dominates the thresholds' gradient, so AdamW's second moment v becomes large and its
     first moment m points up; after the switch m carries the thresholds on for tens of steps,
     and the small task-loss gradient that remains is divided by the large sqrt(v), so the
@@ -362,23 +387,29 @@ class SPG(Method):
 
     name = "spg"
 
-    def __init__(self, target: float, *, eta: Optional[float] = None, normalised_eta: bool = True,
+    def __init__(self, target: float, *, eta: Optional[float] = None, normalised_eta: bool = False,
                  tau_start: float = TAU_START, tau_end: float = TAU_END, threshold_init: float = THRESHOLD_INIT,
-                 threshold_lr: Optional[float] = None, slow_band: float = 0.0, band: Optional[float] = None,
-                 reset_on_switch: bool = True, calibrate: bool = True, history_every: int = 10):
+                 threshold_lr: Union[float, str, None] = "auto", steps: Optional[int] = None,
+                 slow_band: float = 0.0, band: Union[float, str, None] = "authors",
+                 reset_on_switch: Optional[bool] = None, calibrate: bool = True, history_every: int = 10):
         if not 0.0 < target < 1.0:
             raise ValueError(f"target sparsity must be in (0, 1), got {target}")
+        if isinstance(threshold_lr, str) and threshold_lr != "auto":
+            raise ValueError(f"threshold_lr must be a number, None or 'auto', got {threshold_lr!r}")
+        if isinstance(band, str):
+            if band != "authors":
+                raise ValueError(f"band must be a number, None or 'authors', got {band!r}")
+            band = default_band(target)
         if eta is None:
-            if not normalised_eta:
-                raise ValueError("give eta explicitly with normalised_eta=False (e.g. the paper's 2e-5)")
-            eta = default_eta(target)
+            eta = default_eta(target) if normalised_eta else default_raw_eta(target)
         self.target = target
         self.eta = eta
         self.normalised_eta = normalised_eta
         self.tau_start, self.tau_end = tau_start, tau_end
         self.threshold_init = threshold_init
-        self.threshold_lr = threshold_lr
-        self.reset_on_switch = reset_on_switch
+        self.threshold_lr = threshold_lr      # "auto" is resolved in `parameter_groups`
+        self.steps = steps
+        self.reset_on_switch = band is None if reset_on_switch is None else reset_on_switch
         self.calibrate = calibrate
         self.history_every = history_every
         self.controller = SparsityController(target, eta, slow_band, band)
@@ -391,6 +422,8 @@ class SPG(Method):
         self.matrices = attach_gates(model, self.threshold_init)
 
     def parameter_groups(self, model: nn.Module, config: OptimizerSettings) -> list[dict]:
+        if self.threshold_lr == "auto":
+            self.threshold_lr = config.lr if self.steps is None else default_threshold_lr(config.lr, self.steps)
         thresholds = [m.gate.threshold for m in self.matrices]
         ids = {id(t) for t in thresholds}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]

@@ -1,10 +1,23 @@
 """Small helpers the experiments' reports share: dev + test pooled, mean ± s.d. over seeds,
-compact JSON numbers."""
+compact JSON numbers, the refusal to report when no run has finished."""
 
 from __future__ import annotations
 
 import math
 import statistics
+import sys
+from pathlib import Path
+
+NO_RUNS = 2     # exit status of a report that found no finished run (and wrote nothing)
+
+
+def require_finished_runs(out: Path, stems) -> None:
+    """Exit with status NO_RUNS and one line naming `out` unless one of the runs `stems`
+    (<out>/<name>, the run's JSON is <stem>.json) has finished: a report of no runs would
+    overwrite the committed results with empty tables."""
+    if not any(Path(f"{stem}.json").is_file() for stem in stems):
+        print(f"no finished runs in {out}: nothing to report, no results written", file=sys.stderr)
+        sys.exit(NO_RUNS)
 
 POOLED = ("dev", "test")        # the built-in corpus's seen voices, pooled in every report
 

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reporting import POOLED, mean_sd, pooled_decoding, rounded  # noqa: E402
+from reporting import POOLED, mean_sd, pooled_decoding, require_finished_runs, rounded  # noqa: E402
 from runner import Job, run_jobs  # noqa: E402
 
 from spg.compress import self_pinching  # noqa: E402
@@ -102,8 +102,6 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
                 path = stem(out, arm, sparsity, seed, ".json")
                 if path.exists():
                     runs[arm, sparsity, seed] = json.loads(path.read_text())
-    if not runs:
-        sys.exit(f"no finished runs under {out}")
     first = next(iter(runs.values()))
     dense_cache = json.loads((out / "dense-decoding.json").read_text())
     dense_hyp = {split: dense_cache["results"][split]["hypotheses"] for split in (*POOLED, "test-unseen")}
@@ -298,10 +296,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timing-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if not args.report:
+        out.mkdir(parents=True, exist_ok=True)
         run_all(args, out, passthrough)
     args.sparsities = sorted(args.sparsities)
+    require_finished_runs(out, [stem(out, arm, sparsity, seed) for sparsity in args.sparsities
+                                for seed in args.seeds for arm in ARMS + ABLATIONS])
     report(args, out, passthrough)
     return 0
 

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reporting import require_finished_runs  # noqa: E402
 from runner import Job, run_jobs  # noqa: E402
 
 PARTS = ("l0", "cluster", "recovery")
@@ -118,11 +119,12 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only the report, from the runs finished so far")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     common = ["--lr", "2e-4", "--dense-eval", str(out / "dense-decoding.json"), *passthrough]
     if not args.report:
+        out.mkdir(parents=True, exist_ok=True)
         jobs = [job for part in args.parts for job in jobs_of(part, out, args.seeds, common)]
         run_jobs(REPO, jobs, args.workers)
+    require_finished_runs(out, [job.stem for part in PARTS for job in jobs_of(part, out, args.seeds, common)])
     from structured_report import report
     report(args, out)
     return 0

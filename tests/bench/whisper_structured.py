@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from reporting import require_finished_runs  # noqa: E402
 from runner import Job, run_jobs  # noqa: E402
 
 MODEL = "whisper-tiny.en"
@@ -148,9 +149,11 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only the report, from the runs finished so far")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    jobs = jobs_of(out, LEVELS)
     if not args.report:
-        run_jobs(REPO, jobs_of(out, LEVELS), args.workers, threads=args.threads)
+        out.mkdir(parents=True, exist_ok=True)
+        run_jobs(REPO, jobs, args.workers, threads=args.threads)
+    require_finished_runs(out, [job.stem for job in jobs])
     report(out, LEVELS, Path(args.results))
     return 0
 
