@@ -442,3 +442,31 @@ def mapsswe(
     else:
         verdict = f"B is significantly worse than A (p={p_value:.3g})"
     return MapssweResult(n_segments, mean, std, z, p_value, significant, verdict, segment_errors)
+
+
+# ----------------------------------------------------------------------------------
+# Multiple comparisons
+# ----------------------------------------------------------------------------------
+
+
+def holm(p_values: Sequence[float], *, alpha: float = 0.05) -> tuple[list[float], list[bool]]:
+    """Holm's step-down correction of m p-values: (adjusted p-values, rejected at `alpha`).
+
+    Holm, S. (1979), "A simple sequentially rejective multiple test procedure",
+    Scandinavian Journal of Statistics 6(2). Sort the p-values p_(1) <= ... <= p_(m);
+    the adjusted value of the i-th smallest is max_{j <= i} min(1, (m - j + 1) p_(j)),
+    and a test is rejected when its adjusted value is <= alpha. This controls the
+    family-wise error rate at alpha with no assumption on how the tests depend on each
+    other (the comparisons of one table share their references and often a system). The
+    adjusted values are returned in the input order; ties keep their input order.
+    """
+    p = [float(value) for value in p_values]
+    if any(not 0.0 <= value <= 1.0 for value in p):
+        raise ValueError(f"p-values must lie in [0, 1], got {p}")
+    m = len(p)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted, [value <= alpha for value in adjusted]

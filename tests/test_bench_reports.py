@@ -33,3 +33,15 @@ def test_a_report_without_runs_refuses_and_writes_nothing(tmp_path, script, fold
     assert results.read_bytes() == before
     assert runs.exists() == (folder == "empty") and (folder == "missing" or not any(runs.iterdir()))
     assert sorted(p.name for p in tmp_path.iterdir()) == (["runs"] if folder == "empty" else [])
+
+
+def test_the_structured_report_marks_raw_and_holm_decisions():
+    """Holm over one table's tests (spg.wer.holm) changes the marks it should and no others:
+    p 0.01, 0.04, 0.03 over 3 tests adjust to 0.03, 0.06, 0.06."""
+    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    import structured_report
+    tests = [{split: {"p": p, "significant": p < 0.05, "first_better": better}
+              for split in ("pooled", "test-unseen")} for p, better in ((0.01, True), (0.04, False), (0.03, True))]
+    structured_report.add_holm(tests)
+    assert [t["pooled"]["p_holm"] for t in tests] == pytest.approx([0.03, 0.06, 0.06])
+    assert structured_report.marks(tests) == "+-+ (Holm +==)"

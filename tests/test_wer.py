@@ -12,6 +12,7 @@ from spg.wer import (
     cer,
     error_counts,
     format_alignment,
+    holm,
     levenshtein_align,
     mapsswe,
     tokenize,
@@ -265,3 +266,31 @@ def test_mapsswe_degenerate_inputs():
     assert single.segment_errors == [(0, 1)] and single.p_value == 1.0 and single.std == 0.0
     with pytest.raises(ValueError):
         mapsswe(["a", "b"], ["a"], ["a", "b"])
+
+
+def test_holm_hand_worked():
+    # sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> max(0.06, 0.04)
+    adjusted, rejected = holm([0.01, 0.04, 0.03, 0.005], alpha=0.05)
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert rejected == [True, False, False, True]
+    assert holm([0.6, 0.9]) == ([1.0, 1.0], [False, False])      # capped at 1
+    assert holm([]) == ([], [])
+    with pytest.raises(ValueError, match="p-values"):
+        holm([0.5, 1.5])
+
+
+def test_holm_matches_the_sequential_procedure():
+    """Holm's definition: walk the sorted p-values, reject while p_(i) <= alpha / (m - i + 1)."""
+    rng = random.Random(3)
+    for _ in range(300):
+        m = rng.randint(1, 12)
+        p = [rng.choice([rng.random(), rng.random() ** 6, 0.0, 1.0]) for _ in range(m)]
+        expected = [False] * m
+        for i, index in enumerate(sorted(range(m), key=lambda k: p[k])):
+            if p[index] > 0.05 / (m - i):
+                break
+            expected[index] = True
+        adjusted, rejected = holm(p, alpha=0.05)
+        assert rejected == expected
+        assert all(a >= q for a, q in zip(adjusted, p))                    # never below the raw p
+        assert all(a <= min(1.0, m * q) + 1e-15 for a, q in zip(adjusted, p))   # never above Bonferroni

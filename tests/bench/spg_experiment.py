@@ -44,7 +44,7 @@ from reporting import POOLED, mean_sd, pooled_decoding, require_finished_runs, r
 from runner import Job, run_jobs  # noqa: E402
 
 from spg.compress import self_pinching  # noqa: E402
-from spg.wer import error_counts, mapsswe  # noqa: E402
+from spg.wer import error_counts, holm, mapsswe  # noqa: E402
 
 ARMS = ("spg", "spg-mean", "ump", "gmp", "mixed")
 # One ingredient of the default changed at a time, at --ablation-sparsity only (--ablations)
@@ -83,6 +83,7 @@ def run_all(args, out: Path, passthrough: list[str]) -> None:
     jobs = []
     for arm, sparsity, seed in runs:
         options = ["--sparsity", str(sparsity), "--seed", str(seed), "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size),
                    "--dense-eval", str(out / "dense-decoding.json"), "--save-every", "100",
                    *arm_options(arm, sparsity, args.lr), "--lr", f"{args.lr:g}", *passthrough]
         job = Job(stem(out, arm, sparsity, seed), options)
@@ -146,23 +147,23 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
                                                     "significant": test_unseen.significant,
                                                     "spg_better": test_unseen.mean_difference < 0}})
 
+    # Holm over each table's tests: SPG against the baselines (one family per split), every run
+    # against dense (the lossless table)
+    for split in ("pooled", "test-unseen"):
+        adjusted, rejected = holm([c[split]["p"] for c in comparisons], alpha=0.05)
+        for c, p_holm, significant in zip(comparisons, adjusted, rejected):
+            c[split].update(p_holm=p_holm, significant_holm=significant)
+    adjusted, rejected = holm([r["pooled_vs_dense"]["p"] for r in rows], alpha=0.05)
+    for r, p_holm, significant in zip(rows, adjusted, rejected):
+        r["pooled_vs_dense"].update(p_holm=p_holm, worse_holm=significant and r["pooled_vs_dense"]["z"] > 0)
+
     # dense WER on the pooled split, from one run's dense decoding figures
     words = {split: sum(len(r.split()) for r in first["decoding"][split]["references"]) for split in POOLED}
     dense_pooled = sum(first["dense_wer"][s] * words[s] for s in POOLED) / sum(words.values())
-    lossless = {}
-    for arm in ARMS:
-        for seed in args.seeds:
-            if not any((arm, sparsity, seed) in runs for sparsity in args.sparsities):
-                continue                         # this arm has no run with this seed
-            best = 0.0
-            for sparsity in sorted(args.sparsities):
-                row = by_key.get((arm, sparsity, seed))
-                if row is None or row["pooled_vs_dense"]["worse"]:
-                    break
-                best = sparsity
-            lossless.setdefault(arm, []).append(best)
+    lossless = highest_lossless(args, runs, by_key, "worse")
+    lossless_holm = highest_lossless(args, runs, by_key, "worse_holm")
 
-    print(f"\n=== {args.steps} steps, batch 8, seeds {args.seeds}; WER in %, mean ± s.d. over seeds "
+    print(f"\n=== {args.steps} steps, batch {args.batch_size}, seeds {args.seeds}; WER in %, mean ± s.d. over seeds "
           f"(n = runs finished); dense: dev+test {100 * dense_pooled:.2f}, test-unseen "
           f"{100 * first['dense_wer']['test-unseen']:.2f}")
     print(f"{'arm':<10}{'sparsity':>9}{'n':>3}{'dev+test':>16}{'test-unseen':>16}{'reached at':>12}{'corr GMP':>10}"
@@ -185,26 +186,33 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
                   f"{'-' if math.isnan(reached[0]) else f'{reached[0]:.0f}':>12}"
                   f"{'-' if math.isnan(corr[0]) else f'{corr[0]:.2f}':>10}{loop[0]:8.0f}")
     print("\nMAPSSWE of spg against each baseline, per seed (pooled dev+test; + spg significantly better, "
-          "- significantly worse, = no significant difference):")
+          f"- significantly worse, = no significant difference; raw p < 0.05, then Holm over the table's "
+          f"{len(comparisons)} tests):")
     for sparsity in args.sparsities:
         cells = []
         for baseline in BASELINES:
-            if not any(c["sparsity"] == sparsity and c["baseline"] == baseline for c in comparisons):
+            chosen = [c for c in comparisons if c["sparsity"] == sparsity and c["baseline"] == baseline]
+            if not chosen:
                 continue
-            marks = "".join("=" if not c["pooled"]["significant"] else "+" if c["pooled"]["spg_better"] else "-"
-                            for c in comparisons if c["sparsity"] == sparsity and c["baseline"] == baseline)
-            cells.append(f"vs {baseline} {marks or '.'}")
+            raw = "".join(comparison_mark(c["pooled"], "significant") for c in chosen)
+            corrected = "".join(comparison_mark(c["pooled"], "significant_holm") for c in chosen)
+            cells.append(f"vs {baseline} {raw} (Holm {corrected})")
         print(f"  {100 * sparsity:.0f}%: " + ", ".join(cells))
     lowest = f"<{100 * min(args.sparsities):.0f}%"        # 0 in the JSON: not lossless at any measured sparsity
     print("highest lossless sparsity per seed (pooled dev+test, MAPSSWE against dense): "
           + "; ".join(f"{arm} " + ", ".join(f"{100 * s:.0f}%" if s else lowest for s in values)
                       for arm, values in lossless.items()))
+    print("  with Holm over the table's " + f"{len(rows)} tests against dense: "
+          + "; ".join(f"{arm} " + ", ".join(f"{100 * s:.0f}%" if s else lowest for s in values)
+                      for arm, values in lossless_holm.items()))
     loop = {arm: statistics.median(r["loop_seconds"] for r in rows if r["arm"] == arm) for arm in ARMS + ABLATIONS
             if any(r["arm"] == arm for r in rows)}
-    results = {"steps": args.steps, "batch_size": 8, "lr": args.lr, "seeds": args.seeds,
+    results = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
                "sparsities": args.sparsities, "arms": {arm: arm_options(arm, 0.7, args.lr) for arm in ARMS + ABLATIONS},
                "workers": args.workers, "dense_wer": first["dense_wer"], "dense_wer_pooled": dense_pooled,
                "summary": summary_rows, "comparisons": comparisons, "max_lossless": lossless,
+               "max_lossless_holm": lossless_holm, "multiple_comparisons": "Holm (1979) over each table: the "
+               "SPG-baseline tests of one split, and every run's test against dense",
                "max_lossless_note": "per seed; 0 = significantly worse than dense at every measured sparsity",
                "loop_seconds_median": loop, "runs": rows}
     if args.timing_steps:
@@ -264,6 +272,29 @@ def step_time_ratio(*, steps: int, rounds: int, passthrough: list[str]) -> tuple
     return statistics.median(spg_times) / statistics.median(plain_times), plain_times, spg_times
 
 
+def comparison_mark(test: dict, significant: str) -> str:
+    """+ spg significantly better, - significantly worse, = neither (by the `significant` key)."""
+    return "=" if not test[significant] else "+" if test["spg_better"] else "-"
+
+
+def highest_lossless(args, runs: dict, by_key: dict, worse: str) -> dict:
+    """{arm: [per seed, the highest sparsity at which the run and every lower-sparsity run of
+    the seed are not significantly worse than dense (by the `worse` key); 0 if none]}."""
+    lossless = {}
+    for arm in ARMS:
+        for seed in args.seeds:
+            if not any((arm, sparsity, seed) in runs for sparsity in args.sparsities):
+                continue                         # this arm has no run with this seed
+            best = 0.0
+            for sparsity in sorted(args.sparsities):
+                row = by_key.get((arm, sparsity, seed))
+                if row is None or row["pooled_vs_dense"][worse]:
+                    break
+                best = sparsity
+            lossless.setdefault(arm, []).append(best)
+    return lossless
+
+
 def pooled_against_dense(run: dict, dense_hyp: dict) -> dict:
     """MAPSSWE (alpha 0.05) of the run against dense on dev+test pooled."""
     references, hypotheses = pooled_decoding(run["decoding"])
@@ -282,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "runs" / "spg-experiment"))
     parser.add_argument("--results", default=str(REPO / "results" / "spg_experiment.json"))

@@ -62,14 +62,15 @@ def cluster_name(rule: str, mix: str, fold: bool, sparsity: float) -> str:
     return f"cluster-{rule}-{mix}{'-fold' if fold else ''}-{sparsity:g}"
 
 
-def jobs_of(part: str, out: Path, seeds, common: list[str]) -> list[Job]:
+def jobs_of(part: str, out: Path, seeds, common: list[str], l0_settings=tuple(L0_SETTINGS)) -> list[Job]:
     def seeded(seed: int) -> list[str]:
         return ["--seed", str(seed), *common]
 
     jobs: list[Job] = []
     if part == "l0":
         for seed in seeds:
-            for setting, options in L0_SETTINGS.items():
+            for setting in l0_settings:
+                options = L0_SETTINGS[setting]
                 source = out / f"{setting}-s{seed}"
                 jobs.append(Job(source, ["--method", "l0", "--sparsity", f"{L0_SPARSITY:g}", "--steps", str(L0_STEPS),
                                          "--save-every", "100", *options, *seeded(seed)]))
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--l0-settings", nargs="+", choices=list(L0_SETTINGS), default=list(L0_SETTINGS),
+                        help="the L0 gate settings to run (default all)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "runs" / "structured-experiment"))
     parser.add_argument("--results", default=str(REPO / "results" / "structured_experiment.json"))
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     common = ["--lr", "2e-4", "--dense-eval", str(out / "dense-decoding.json"), *passthrough]
     if not args.report:
         out.mkdir(parents=True, exist_ok=True)
-        jobs = [job for part in args.parts for job in jobs_of(part, out, args.seeds, common)]
+        jobs = [job for part in args.parts for job in jobs_of(part, out, args.seeds, common, args.l0_settings)]
         run_jobs(REPO, jobs, args.workers)
     require_finished_runs(out, [job.stem for part in PARTS for job in jobs_of(part, out, args.seeds, common)])
     from structured_report import report

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from reporting import POOLED, mean_sd, pooled_decoding, rounded
 
-from spg.wer import error_counts, mapsswe
+from spg.wer import error_counts, holm, mapsswe
+
 
 def wers(decoding: dict) -> dict:
     """{"pooled": dev+test WER, "test-unseen": WER} of one decoding."""
@@ -38,9 +39,25 @@ def compare(first: dict, second: dict) -> dict:
     return figures
 
 
-def mark(comparison: dict, split: str = "pooled") -> str:
+def mark(comparison: dict, split: str = "pooled", significant: str = "significant") -> str:
+    """+ first significantly better, - significantly worse, = neither; `significant` is the
+    raw ("significant") or the Holm-corrected ("significant_holm") decision."""
     c = comparison[split]
-    return "=" if not c["significant"] else "+" if c["first_better"] else "-"
+    return "=" if not c[significant] else "+" if c["first_better"] else "-"
+
+
+def marks(comparisons: list[dict], split: str = "pooled") -> str:
+    """The raw marks of `comparisons`, then the Holm-corrected ones: "+=+ (Holm +==)"."""
+    return ("".join(mark(c, split) for c in comparisons) + " (Holm "
+            + "".join(mark(c, split, "significant_holm") for c in comparisons) + ")")
+
+
+def add_holm(comparisons: list[dict]) -> None:
+    """Holm's correction over one table's tests, per split: adds p_holm and significant_holm."""
+    for split in ("pooled", "test-unseen"):
+        adjusted, rejected = holm([c[split]["p"] for c in comparisons], alpha=0.05)
+        for c, p_holm, significant in zip(comparisons, adjusted, rejected):
+            c[split].update(p_holm=p_holm, significant_holm=significant)
 
 
 def load(out: Path, name: str):
@@ -78,6 +95,7 @@ def l0_part(out: Path, seeds, settings, dense_decoding: dict) -> dict:
             if setting != settings[0] and l0_run and default:
                 comparisons.append({"first": setting, "second": settings[0], "seed": seed,
                                     **compare(l0_run["decoding"], default["decoding"])})
+    add_holm(comparisons)
     return {"runs": rows, "comparisons": comparisons}
 
 
@@ -99,6 +117,7 @@ def cluster_part(out: Path, names: list[tuple], dense_decoding: dict) -> dict:
             rows[-1]["fold_vs_no_fold"] = {
                 "clustered": compare(clustered, unfolded["decoding"]["clustered"]),
                 "magnitude": compare(magnitude, unfolded["decoding"]["magnitude"])}
+    add_holm([row["clustered_vs_magnitude"] for row in rows])
     return {"runs": rows}
 
 
@@ -122,6 +141,7 @@ def recovery_part(out: Path, seeds, sparsities, rules) -> dict:
                 if baseline:
                     comparisons.append({"first": rule, "second": "structured", "sparsity": sparsity, "seed": seed,
                                         **compare(tuned, baseline["decoding"])})
+    add_holm(comparisons)
     return {"runs": rows, "comparisons": comparisons}
 
 
@@ -160,10 +180,9 @@ def print_l0(part: dict, settings, unstructured: dict) -> list[dict]:
     for arm, figures in unstructured.items():
         print(f"{arm + ' (SPG experiment)':<26}{figures['n']:>2}{pct(figures['wer_pooled']):>16}"
               f"{pct(figures['wer_unseen']):>16}  (unstructured, zeros in dense shapes, same 300 steps and seeds)")
-    print("MAPSSWE per seed (pooled dev+test; test-unseen in brackets):")
+    print("MAPSSWE per seed, raw p < 0.05 and Holm over the table's tests (pooled dev+test; test-unseen after |):")
     for (first, second), comps in summarise(part["comparisons"], lambda c: (c["first"], c["second"])).items():
-        print(f"  {first} vs {second}: " + "".join(mark(c) for c in comps)
-              + " (" + "".join(mark(c, "test-unseen") for c in comps) + ")")
+        print(f"  {first} vs {second}: {marks(comps)} | {marks(comps, 'test-unseen')}")
     return summary
 
 
@@ -177,12 +196,13 @@ def print_cluster(part: dict) -> None:
         for rule in ("mean", "sum_out", "representative"):
             row = by_rule.get(rule)
             cells += f"{'-':>16}" if row is None else \
-                f"{100 * row['clustered']['pooled']:>13.2f} {mark(row['clustered_vs_magnitude'])} "
+                f"{100 * row['clustered']['pooled']:>12.2f} {mark(row['clustered_vs_magnitude'])}" \
+                f"{mark(row['clustered_vs_magnitude'], 'pooled', 'significant_holm')} "
         first = rows[0]
         print(f"{100 * sparsity:<8.0f}%{mix:<10}{'yes' if fold else 'no':<6}{cells}"
               f"{100 * first['magnitude']['pooled']:>10.2f}%{first['params_total'] / 1e6:8.2f}M"
               f"{first['forward_time_ratio']:6.2f}")
-    print("(+/-/=: MAPSSWE of the rule against magnitude, pooled dev+test)")
+    print("(+/-/=: MAPSSWE of the rule against magnitude, pooled dev+test: raw p < 0.05, then Holm over the table)")
     folds = [r for r in part["runs"] if "fold_vs_no_fold" in r]
     if folds:
         print("the bias fold against the same run without it (MAPSSWE, pooled; + the fold better): " + "; ".join(
@@ -203,8 +223,7 @@ def print_recovery(part: dict) -> list[dict]:
         print(f"{100 * sparsity:3.0f}% {arm:<16}{len(rows):>2}{pct(entry['wer_pooled']):>16}{pct(entry['wer_unseen']):>16}"
               + (f"   (data-free {pct(entry['data_free'])})" if not math.isnan(entry["data_free"][0]) else ""))
     for (sparsity, first), comps in summarise(part["comparisons"], lambda c: (c["sparsity"], c["first"])).items():
-        print(f"  {100 * sparsity:.0f}% {first} vs structured: " + "".join(mark(c) for c in comps)
-              + " (" + "".join(mark(c, "test-unseen") for c in comps) + ")")
+        print(f"  {100 * sparsity:.0f}% {first} vs structured: {marks(comps)} | {marks(comps, 'test-unseen')}")
     return summary
 
 
@@ -221,7 +240,8 @@ def report(args, out: Path) -> dict:
     dense = json.loads((out / "dense-decoding.json").read_text())["results"]
     dense_decoding = {split: {"references": dense[split]["references"], "hypotheses": dense[split]["hypotheses"]}
                       for split in (*POOLED, "test-unseen")}
-    settings = list(experiment.L0_SETTINGS)
+    chosen = getattr(args, "l0_settings", experiment.L0_SETTINGS)
+    settings = [setting for setting in experiment.L0_SETTINGS if setting in chosen]
     cluster_names = [(rule, mix, fold, s, experiment.cluster_name(rule, mix, fold, s))
                      for s in experiment.CLUSTER_SPARSITIES for mix in experiment.MIXES for fold in (False, True)
                      for rule in experiment.RULES]
