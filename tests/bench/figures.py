@@ -17,9 +17,16 @@ LABELS = {"spg": "SPG (authors' balance, default)", "spg-mean": "SPG, earlier se
 # the ablation arms (one ingredient of the default changed; at 70 % only, so not in the line plot)
 ABLATION_LABELS = {"spg-slow": "SPG, thresholds at the weights' lr", "spg-mean-fast": "SPG, mean CTC + eta', fast thresholds",
                    "spg-on-off": "SPG, on/off controller + resets"}
-MATRICES = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj",
-            "feed_forward.intermediate_dense", "feed_forward.output_dense")
-SHORT = ("q", "k", "v", "out", "fc1", "fc2")
+# the six prunable matrices of a block, by the last part of their name (wav2vec2's, Whisper's)
+SHORT_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "out", "intermediate_dense": "fc1",
+               "output_dense": "fc2", "fc1": "fc1", "fc2": "fc2"}
+
+
+def block_matrices(per_matrix: dict) -> list[str]:
+    """The matrix names of block 0 without the "encoder.layers.0." prefix, in table order
+    ("attention.q_proj", ... for wav2vec2; "self_attn.q_proj", ..., "fc2" for Whisper)."""
+    prefix = "encoder.layers.0."
+    return [name[len(prefix):] for name in per_matrix if name.startswith(prefix)]
 
 
 def _pyplot():
@@ -83,8 +90,11 @@ def plot_allocation(experiment: dict, sparsity: float = 0.7, path: Optional[Path
         raise ValueError(f"the experiment has no spg and gmp runs at sparsity {sparsity}")
     blocks = sorted({int(name.split(".")[2]) for name in spg[0]})
 
+    matrices = block_matrices(spg[0])
+    short = [SHORT_NAMES.get(m.rsplit(".", 1)[-1], m) for m in matrices]
+
     def grid(tables):
-        return [[100 * sum(t[f"encoder.layers.{b}.{m}"] for t in tables) / len(tables) for m in MATRICES]
+        return [[100 * sum(t[f"encoder.layers.{b}.{m}"] for t in tables) / len(tables) for m in matrices]
                 for b in blocks]
     learned, magnitude = grid(spg), grid(gmp)
     difference = [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(learned, magnitude)]
@@ -98,7 +108,7 @@ def plot_allocation(experiment: dict, sparsity: float = 0.7, path: Optional[Path
     for axes, (title, values, colours, vmin, vmax) in zip(all_axes, panels):
         image = axes.imshow(values, cmap=colours, vmin=vmin, vmax=vmax, aspect="auto")
         axes.set_title(title, fontsize=9)
-        axes.set_xticks(range(len(SHORT)), SHORT)
+        axes.set_xticks(range(len(short)), short)
         axes.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks])
         for y, row in enumerate(values):
             for x, value in enumerate(row):
