@@ -29,13 +29,14 @@ LEAVES = {
     "spg.config": "config-field checks shared by the model files' config classes",
     "spg.compress.interface": "what a method plugs into: the prunable-model interface and the training loop's Method hooks",
     "spg.whisper.audio": "Whisper's log-mel front end (the model's transcribe() computes it)",
+    "spg.compress.kmeans": "NumPy k-means (what spg.compress.merging clusters units with)",
 }
 # file -> the spg modules it may import (besides the standard library, numpy and torch)
 COPYABLE = {
     "spg.compress.self_pinching": {"spg.compress.interface"},
     "spg.compress.magnitude": {"spg.compress.interface"},
     "spg.compress.hardconcrete": {"spg.compress.interface"},
-    "spg.compress.kmeans": {"spg.compress.interface"},
+    "spg.compress.merging": {"spg.compress.kmeans"},
     "spg.wav2vec2.model": {"spg.config", "spg.compress.interface"},
     "spg.whisper.model": {"spg.config", "spg.whisper.audio", "spg.compress.interface"},
     "spg.whisper.ctc": {"spg.config", "spg.whisper.audio", "spg.whisper.model", "spg.compress.interface"},
