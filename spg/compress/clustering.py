@@ -40,6 +40,7 @@ README.md, "Data-free clustering", and results/whisper_cluster.json.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -153,13 +154,29 @@ def plan_kept_units(model: PrunableModel, sparsity: float, *, mixed: bool = Fals
     return _per_group(modules, _plan(modules, sparsity, mixed)[0])
 
 
+def value_bias_constant(weights: AttentionWeights) -> torch.Tensor:
+    """(D,) W_out · b_v: what the value biases add to EVERY output position. Exact for any
+    input, because each query's attention weights sum to 1 (softmax)."""
+    return weights.out_weight @ weights.v_bias
+
+
+def fold_value_bias(weights: AttentionWeights, before: AttentionWeights) -> AttentionWeights:
+    """A copy of `weights` whose out_bias also carries the value-bias constant that `before`
+    (the module before some heads were dropped or merged) had and these weights lost:
+    out_bias + W_out_before · b_v_before − W_out · b_v. Exact and data-free: the module's
+    output then differs from `before`'s only by the dropped heads' input-dependent part
+    (on a zero input, not at all). Ours, not in the papers."""
+    folded = weights.out_bias + value_bias_constant(before) - value_bias_constant(weights)
+    return dataclasses.replace(weights, out_bias=folded)
+
+
 def _to_tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=like.device, dtype=like.dtype)
 
 
 def _weights_from_units(module: _Module, units: merging.ModuleUnits, fold_bias: bool = False) -> ModuleWeights:
     """The module's new weights holding `units` (its output bias unchanged, or with
-    `fold_bias` an attention module's out bias corrected by `AttentionWeights.fold_value_bias`)."""
+    `fold_bias` an attention module's out bias corrected by `fold_value_bias`)."""
     source = module.source
     if not isinstance(source, AttentionUnits):
         like = source.fc1.weight
@@ -175,7 +192,7 @@ def _weights_from_units(module: _Module, units: merging.ModuleUnits, fold_bias: 
     weights = AttentionWeights(**{"k_bias": None, **tensors},
                                out_bias=source.out_proj.bias.detach().clone(),   # belongs to no head
                                qk_head_dims=[head_dim] * units.num_units, v_head_dims=[head_dim] * units.num_units)
-    return weights.fold_value_bias(source.weights()) if fold_bias else weights
+    return fold_value_bias(weights, source.weights()) if fold_bias else weights
 
 
 def record_compression(model: PrunableModel, new_model: PrunableModel, record: dict) -> dict:
@@ -205,7 +222,7 @@ def cluster_compress(model: PrunableModel, sparsity: float, *, merge: str = DEFA
     mixed: False, True (variances ranked over all modules, the paper's) or "per_kind" (ours:
         attention modules and FFNs ranked separately, each kind keeping its uniform budget).
     fold_bias: add a removed or merged head's constant output W_out[:, h] · b_v[h] to the
-        out bias (ours; exact and data-free, `AttentionWeights.fold_value_bias`).
+        out bias (ours; exact and data-free, `fold_value_bias`).
     seed, n_init: k-means seeding (every module uses the same seed).
 
     Returns (new_model, report). The input model is not modified. report (also stored in
@@ -253,7 +270,7 @@ def structured_magnitude_prune(model: PrunableModel, sparsity: float, *, mixed=F
         current = module.source.weights()
         if isinstance(current, AttentionWeights):
             kept_heads = current.keep_heads(keep)
-            weights[module.source.name] = kept_heads.fold_value_bias(current) if fold_bias else kept_heads
+            weights[module.source.name] = fold_value_bias(kept_heads, current) if fold_bias else kept_heads
         else:
             weights[module.source.name] = current.keep_units(keep)
     new_model = model.rebuild(weights)
@@ -324,7 +341,7 @@ def structured_magnitude_to_shapes(model: PrunableModel, shapes: dict[str, dict]
             qk_dims[head] = merging.largest_indices(qk_score.double().numpy(), qk_widths[rank]).tolist()
             v_dims[head] = merging.largest_indices(v_score.double().numpy(), v_widths[rank]).tolist()
         pruned = current.keep_head_dims(qk_dims, v_dims)
-        weights[name] = pruned.fold_value_bias(current) if fold_bias else pruned
+        weights[name] = fold_value_bias(pruned, current) if fold_bias else pruned
     new_model = model.rebuild(weights)
     record = {"method": "structured_magnitude_to_shapes", "fold_bias": bool(fold_bias),
               "sparsity": 1.0 - _prunable_count(new_model) / _prunable_count(model),
