@@ -4,8 +4,8 @@
 Reading
 -------
 Files are opened with `spg.files.open_regular_file`, which refuses anything but a regular
-file (a FIFO would block the reader for ever, `/dev/zero` never ends). `audio_info` and `read_audio_file` are ``soundfile.info`` and
-``soundfile.read`` without trusting a FLAC's STREAMINFO sample count, which libsndfile uses as
+file (a FIFO would block the reader for ever, `/dev/zero` never ends). `audio_info` and
+`read_audio_file` are ``soundfile.info`` and ``soundfile.read`` without trusting a FLAC's STREAMINFO sample count, which libsndfile uses as
 the length of the file: a header that says 1 s over 20 s of audio would silently cut it to
 1 s, and the legal count 0 ("unknown", FLAC format specification) would make the file
 2^63 - 1 samples long. So a FLAC is decoded to its real end: a count of 0 is replaced by the

@@ -10,7 +10,8 @@
 This module only tells the sources apart and hands each to its family: `spg.wav2vec2.io`
 (our format, HF folders, fairseq files), `spg.whisper.io` and `spg.whisper.ct2` (`load_whisper`).
 The reading itself is `spg.unpickler`'s (torch files through a restricted unpickler),
-`spg.safetensors`'s (by hand) and `spg.checkpoint`'s (our format, strict key checks). Every failure raises `CheckpointError`.
+`spg.safetensors`'s (by hand) and `spg.checkpoint`'s (our format, strict key checks). Every
+failure raises `CheckpointError`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Each method module is copied into an empty folder with `spg/compress/interface.py` (merging.py
 with `spg/compress/kmeans.py` instead), its one import line `from spg.compress.interface import`
-rewritten to `from interface import`, and run in a fresh interpreter that cannot import spg, on a toy problem that is not ours, with
-the module's own defaults:
+rewritten to `from interface import`, and run in a fresh interpreter that cannot import spg,
+on a toy problem that is not ours, with the module's own defaults:
 
   * self_pinching.py: SPG to 60 % on a 2-layer MLP regression (loss summed over the batch,
     as SPG's docstring says the default η assumes);
