@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import spg
-from spg.checkpoint import atomic_write
+from spg.files import atomic_write
 from spg.data import DEFAULT_VOCAB, read_corpus
 from spg.experiment import check_model_durations, evaluate
 from spg.training import check_output_paths, exit_code_of, naming_write_errors, sparsity_report

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from spg.compress import kmeans, self_pinching
+from spg.compress import merging, self_pinching
 from spg.experiment import DEFAULT_MODEL, REAL_RECORDINGS, REPO, WHISPER_EVAL_UTTERANCES, run_from_command_line
 from spg.training import exit_code_of
 
@@ -177,9 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--mixed-from", default=None,
                        help="SPG checkpoint to read per-matrix sparsities from (default: runs/spg-<sparsity>.pt)")
     group = parser.add_argument_group("cluster (data-free parameter clustering of heads and FFN neurons)")
-    group.add_argument("--merge", choices=list(kmeans.MERGE_RULES), default=kmeans.DEFAULT_MERGE,
+    group.add_argument("--merge", choices=list(merging.MERGE_RULES), default=merging.DEFAULT_MERGE,
                        help="how a cluster becomes one unit: mean (the paper's; default), sum_out or representative "
-                            "(ours; see spg/compress/kmeans.py)")
+                            "(ours; see spg/compress/merging.py)")
     group.add_argument("--mixed", action="store_true", help="variance-based mixed K per module")
     group.add_argument("--mixed-per-kind", action="store_true",
                        help="with --mixed: rank attention modules and FFNs separately (ours; each kind keeps its "

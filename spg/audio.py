@@ -3,9 +3,9 @@
 
 Reading
 -------
-`open_regular_file` refuses anything but a regular file (a FIFO would block the reader for
-ever, `/dev/zero` never ends). `audio_info` and `read_audio_file` are ``soundfile.info`` and
-``soundfile.read`` without trusting a FLAC's STREAMINFO sample count, which libsndfile uses as
+Files are opened with `spg.files.open_regular_file`, which refuses anything but a regular
+file (a FIFO would block the reader for ever, `/dev/zero` never ends). `audio_info` and
+`read_audio_file` are ``soundfile.info`` and ``soundfile.read`` without trusting a FLAC's STREAMINFO sample count, which libsndfile uses as
 the length of the file: a header that says 1 s over 20 s of audio would silently cut it to
 1 s, and the legal count 0 ("unknown", FLAC format specification) would make the file
 2^63 - 1 samples long. So a FLAC is decoded to its real end: a count of 0 is replaced by the
@@ -55,7 +55,6 @@ import functools
 import io
 import math
 import os
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import soundfile
+
+from spg.files import open_regular_file
 
 # Not specified by any standard; we use 32 zero crossings because a Kaiser window of that
 # length gives a transition band of ~0.16 x cutoff with ~80 dB stop-band attenuation (close
@@ -276,29 +277,6 @@ _MAX_FLAC_SAMPLES = 2**36 - 1
 _READ_BLOCK = 2**16
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
-def open_regular_file(path: str | os.PathLike) -> BinaryIO:
-    """Open `path` for binary reading, refusing (ValueError, not naming the path; callers add
-    it) anything but a regular file: a directory, a FIFO (reading would wait for a writer for
-    ever), a device such as /dev/zero (it never ends), a socket. Symlinks are followed. The
-    file is opened without blocking and checked on the open descriptor (fstat), so what is
-    checked is what is read. Raises OSError if it cannot be opened."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(descriptor)
-        raise ValueError(f"it is {_file_kind(mode)}, expected a regular file")
-    return os.fdopen(descriptor, "rb")
-
-
 def _streaminfo_samples(stream: BinaryIO) -> tuple[int, int]:
     """(offset of the 5 bytes that hold STREAMINFO's total samples, total samples) of a FLAC.
 
@@ -395,7 +373,7 @@ class AudioInfo:
 
 
 def audio_info(path: str | os.PathLike) -> AudioInfo:
-    """``soundfile.info`` of a regular file (see `open_regular_file`), except for a FLAC whose
+    """``soundfile.info`` of a regular file (see `spg.files.open_regular_file`), except for a FLAC whose
     STREAMINFO gives 0 samples, which the FLAC format allows ("unknown"): libsndfile takes that
     as 2^63 - 1, so it is counted by decoding the file instead (constant memory, time in
     proportion to its length). Other FLAC counts are taken from the header (reading only

@@ -37,7 +37,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from spg.audio import audio_info, check_resample, open_regular_file, read_audio_file, resample, resampled_length
+from spg.audio import audio_info, check_resample, read_audio_file, resample, resampled_length
+from spg.files import open_regular_file
 
 SAMPLE_RATE = 16_000
 # The 32-token character vocabulary of facebook/wav2vec2-base-960h (id 0 = CTC blank).
@@ -121,7 +122,7 @@ def read_transcript_lines(path: Path) -> list[str]:
     """The lines of a transcript file (line i is number i + 1), as UTF-8 (a leading byte-order
     mark is dropped). DataError naming the file for one that cannot be opened, is not a
     regular file (a FIFO would block for ever, /dev/zero never ends; see
-    `spg.audio.open_regular_file`), is larger than MAX_TRANSCRIPT_BYTES (checked before
+    `spg.files.open_regular_file`), is larger than MAX_TRANSCRIPT_BYTES (checked before
     reading, and no more than that is read if it grows), and naming the line and column for
     bytes that are not UTF-8."""
     try:

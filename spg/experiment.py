@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 import spg
-from spg.checkpoint import atomic_write, payload_bytes
+from spg.checkpoint import payload_bytes
+from spg.files import atomic_write
 from spg.compress import self_pinching
 from spg.compress.clustering import (cluster_compress, module_shapes, plan_kept_units, structured_magnitude_prune,
                                     structured_magnitude_to_shapes)
@@ -342,7 +343,7 @@ def prepare_output(args, out: Path, rank: int) -> None:
 
 def remove_stale_temporaries(paths: list[Path]) -> tuple[int, int]:
     """Delete `.NAME.XXXXXXXX.tmp` beside each of `paths`: the temporary files that
-    `spg.checkpoint.atomic_write` leaves when a save of NAME is killed. Only that exact pattern
+    `spg.files.atomic_write` leaves when a save of NAME is killed. Only that exact pattern
     (mkstemp's random part has no dot) for these names; returns (files, bytes)."""
     count = size = 0
     for path in paths:

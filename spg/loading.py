@@ -9,8 +9,9 @@
 
 This module only tells the sources apart and hands each to its family: `spg.wav2vec2.io`
 (our format, HF folders, fairseq files), `spg.whisper.io` and `spg.whisper.ct2` (`load_whisper`).
-The reading itself (safetensors by hand, a restricted unpickler, strict key checks) is
-`spg.checkpoint`'s. Every failure raises `CheckpointError`.
+The reading itself is `spg.unpickler`'s (torch files through a restricted unpickler),
+`spg.safetensors`'s (by hand) and `spg.checkpoint`'s (our format, strict key checks). Every
+failure raises `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from spg.checkpoint import FORMAT_NAMES, CheckpointError, check_finite, checkpoint_family, format_keys, read_torch_file
+from spg.checkpoint import FORMAT_NAMES, CheckpointError, check_finite, checkpoint_family, format_keys
+from spg.unpickler import read_torch_file
 from spg.wav2vec2 import io as wav2vec2_io
 from spg.wav2vec2.io import export_hf
 from spg.wav2vec2.model import Wav2Vec2CTC

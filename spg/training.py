@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from spg.data import (AudioCache, Batch, DataError, Utterance, encode_text, length_sorted_batches, make_targets,
                       normalize_waveform)
-from spg.checkpoint import CheckpointError, atomic_write, format_keys, non_finite_entries
+from spg.checkpoint import CheckpointError, format_keys, non_finite_entries, plain_data
+from spg.files import atomic_write
 from spg.compress.interface import Method, PrunableModel
 from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
 from spg.wer import corpus_scores, error_counts
@@ -369,32 +370,10 @@ def _uncreatable(folder: Path) -> Optional[str]:
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save through `spg.checkpoint.atomic_write` (temp file, fsync, rename onto `path`);
+    """torch.save through `spg.files.atomic_write` (temp file, fsync, rename onto `path`);
     an OSError (a full disk) names `path`, and the file already there stays as it was."""
     with naming_write_errors(path):
         atomic_write(os.fspath(path), lambda file: torch.save(obj, file))
-
-
-def plain_data(value, where: str = "state"):
-    """`value` made of what torch.load(weights_only=True) reads back (tensors, bool, int,
-    float, str, None, and lists, tuples and dicts of them): NumPy scalars and arrays are
-    converted; anything else is a TypeError naming where it is (a bug in whoever stored it)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return value
-    if isinstance(value, dict):
-        return {plain_data(key, f"{where} key"): plain_data(item, f"{where}[{key!r}]") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [plain_data(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    module = type(value).__module__.split(".")[0]
-    if module == "numpy":
-        import numpy as np
-        if isinstance(value, np.ndarray):
-            return torch.from_numpy(value.copy())
-        if isinstance(value, np.generic):
-            return value.item()
-    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}; a resume state holds "
-                    "only tensors, bool, int, float, str, None, lists, tuples and dicts")
 
 
 RESUME_STATE_KEYS = ("model", "optimizer", "method", "step", "epoch", "position", "skipped", "history",

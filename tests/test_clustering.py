@@ -1,4 +1,4 @@
-"""Tests for parameter clustering (spg.compress.kmeans Part 2 and spg.compress.clustering, arXiv 2606.11836)
+"""Tests for parameter clustering (spg.compress.merging and spg.compress.clustering, arXiv 2606.11836)
 and its structured magnitude pruning baseline."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spg
-from spg.compress import kmeans
+from spg.compress import merging
 from spg.compress.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune
 from spg.wav2vec2 import surgery
 from test_surgery import HEAD_DIM, logits, tiny_model
@@ -28,12 +28,12 @@ FFN_UNIT = 2 * HIDDEN + 1                                   # fc1 row + bias, fc
     (12, 0.375, 8),     # 7.5 (7.499999... in floating point) rounds half up
 ])
 def test_kept_units_formula(n: int, s: float, k: int) -> None:
-    assert kmeans.kept_units(n, s) == k
+    assert merging.kept_units(n, s) == k
 
 
 def test_kept_units_rejects_bad_sparsity() -> None:
     with pytest.raises(ValueError):
-        kmeans.kept_units(12, 1.5)
+        merging.kept_units(12, 1.5)
 
 
 # --- unit layouts and merging --------------------------------------------------------
@@ -43,37 +43,37 @@ def test_unit_layouts_round_trip() -> None:
     q, k, v = (rng.normal(size=(HEADS * HEAD_DIM, HIDDEN)) for _ in range(3))
     qb, kb, vb = (rng.normal(size=HEADS * HEAD_DIM) for _ in range(3))
     out = rng.normal(size=(HIDDEN, HEADS * HEAD_DIM))
-    units = kmeans.attention_head_units(q, qb, k, kb, v, vb, out, HEADS)
+    units = merging.attention_head_units(q, qb, k, kb, v, vb, out, HEADS)
     assert units.input_side.shape == (HEADS, 3 * HEAD_DIM * (HIDDEN + 1))
     assert units.unit_size == ATTENTION_UNIT
     # Head 1 = its rows of q (first) and its columns of out.
     np.testing.assert_array_equal(units.input_side[1, :HEAD_DIM * HIDDEN], q[HEAD_DIM:2 * HEAD_DIM].ravel())
     np.testing.assert_array_equal(units.output_side[1], out[:, HEAD_DIM:2 * HEAD_DIM].T.ravel())
-    back = kmeans.attention_weights_from_units(units, HIDDEN)
+    back = merging.attention_weights_from_units(units, HIDDEN)
     for name, value in dict(q_weight=q, q_bias=qb, k_weight=k, k_bias=kb, v_weight=v, v_bias=vb,
                             out_weight=out).items():
         np.testing.assert_array_equal(back[name], value)
 
     fc1, b1, fc2 = rng.normal(size=(FFN, HIDDEN)), rng.normal(size=FFN), rng.normal(size=(HIDDEN, FFN))
-    units = kmeans.ffn_neuron_units(fc1, b1, fc2)
+    units = merging.ffn_neuron_units(fc1, b1, fc2)
     assert units.unit_size == FFN_UNIT
-    back = kmeans.ffn_weights_from_units(units)
+    back = merging.ffn_weights_from_units(units)
     np.testing.assert_array_equal(back["fc1_weight"], fc1)
     np.testing.assert_array_equal(back["fc1_bias"], b1)
     np.testing.assert_array_equal(back["fc2_weight"], fc2)
 
 
 def test_merge_rules_by_hand() -> None:
-    units = kmeans.ModuleUnits(input_side=[[0.0, 2.0], [2.0, 4.0], [5.0, 5.0]],
+    units = merging.ModuleUnits(input_side=[[0.0, 2.0], [2.0, 4.0], [5.0, 5.0]],
                                output_side=[[1.0], [3.0], [7.0]])
-    mean = kmeans.merge_units(units, np.array([0, 0, 1]), "mean")
+    mean = merging.merge_units(units, np.array([0, 0, 1]), "mean")
     np.testing.assert_array_equal(mean.input_side, [[1.0, 3.0], [5.0, 5.0]])
     np.testing.assert_array_equal(mean.output_side, [[2.0], [7.0]])
-    summed = kmeans.merge_units(units, np.array([0, 0, 1]), "sum_out")
+    summed = merging.merge_units(units, np.array([0, 0, 1]), "sum_out")
     np.testing.assert_array_equal(summed.input_side, [[1.0, 3.0], [5.0, 5.0]])
     np.testing.assert_array_equal(summed.output_side, [[4.0], [7.0]])
     with pytest.raises(ValueError, match="merge rule"):
-        kmeans.merge_units(units, np.array([0, 0, 1]), "median")
+        merging.merge_units(units, np.array([0, 0, 1]), "median")
 
 
 # --- merging exact duplicates reproduces the model -----------------------------------
@@ -148,8 +148,8 @@ def test_mixed_kept_units_rule_and_parameter_count() -> None:
     unit_sizes = [4 * 64 * 768 + 3 * 64, 2 * 768 + 1] * 12
     for sparsity in (0.1, 0.3, 0.5, 0.7):
         variances = rng.uniform(size=24).tolist()
-        ks, groups = kmeans.mixed_kept_units(num_units, unit_sizes, variances, sparsity)
-        base = [kmeans.kept_units(n, sparsity) for n in num_units]
+        ks, groups = merging.mixed_kept_units(num_units, unit_sizes, variances, sparsity)
+        base = [merging.kept_units(n, sparsity) for n in num_units]
         assert groups.count("low") == groups.count("mid") == groups.count("high") == 8
         order = np.argsort(variances)
         assert {groups[m] for m in order[:8]} == {"low"} and {groups[m] for m in order[16:]} == {"high"}
@@ -185,9 +185,9 @@ def test_mixed_model_has_the_uniform_parameter_count() -> None:
 # --- structured magnitude baseline ---------------------------------------------------
 
 def test_largest_norm_units() -> None:
-    units = kmeans.ModuleUnits(input_side=[[1.0], [5.0], [0.0], [3.0]], output_side=[[0.0], [0.0], [4.0], [0.0]])
-    assert kmeans.largest_norm_units(units, 2).tolist() == [1, 2]      # norms 1, 5, 4, 3
-    assert kmeans.largest_norm_units(units, 0).tolist() == []
+    units = merging.ModuleUnits(input_side=[[1.0], [5.0], [0.0], [3.0]], output_side=[[0.0], [0.0], [4.0], [0.0]])
+    assert merging.largest_norm_units(units, 2).tolist() == [1, 2]      # norms 1, 5, 4, 3
+    assert merging.largest_norm_units(units, 0).tolist() == []
 
 
 def test_structured_magnitude_keeps_largest_norm_units() -> None:
@@ -232,10 +232,10 @@ def test_one_default_merge_rule_everywhere():
 
     import train
     from spg.compress import clustering
-    assert inspect.signature(kmeans.merge_units).parameters["rule"].default == kmeans.DEFAULT_MERGE
-    assert inspect.signature(kmeans.cluster_units).parameters["merge"].default == kmeans.DEFAULT_MERGE
-    assert inspect.signature(clustering.cluster_compress).parameters["merge"].default == kmeans.DEFAULT_MERGE
-    assert train.parse_args(["--method", "cluster", "--sparsity", "0.3"]).merge == kmeans.DEFAULT_MERGE == "mean"
+    assert inspect.signature(merging.merge_units).parameters["rule"].default == merging.DEFAULT_MERGE
+    assert inspect.signature(merging.cluster_units).parameters["merge"].default == merging.DEFAULT_MERGE
+    assert inspect.signature(clustering.cluster_compress).parameters["merge"].default == merging.DEFAULT_MERGE
+    assert train.parse_args(["--method", "cluster", "--sparsity", "0.3"]).merge == merging.DEFAULT_MERGE == "mean"
 
 
 # --- issue 16: the variants labelled as ours ------------------------------------------
@@ -243,30 +243,30 @@ def test_one_default_merge_rule_everywhere():
 def test_representative_rule_by_hand_and_exact_on_duplicates() -> None:
     """The member nearest the centroid is kept unchanged (ties: lower index); on clusters of
     exact duplicates it equals every other rule's unit."""
-    units = kmeans.ModuleUnits(input_side=[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [9.0, 9.0]],
+    units = merging.ModuleUnits(input_side=[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [9.0, 9.0]],
                                output_side=[[0.0], [1.0], [2.0], [5.0]])
-    chosen = kmeans.merge_units(units, np.array([0, 0, 0, 1]), "representative")
+    chosen = merging.merge_units(units, np.array([0, 0, 0, 1]), "representative")
     # cluster 0's centroid is (4/3, 0 | 1): unit 1 (1, 0 | 1) is nearest
     np.testing.assert_array_equal(chosen.input_side, [[1.0, 0.0], [9.0, 9.0]])
     np.testing.assert_array_equal(chosen.output_side, [[1.0], [5.0]])
-    tie = kmeans.merge_units(kmeans.ModuleUnits([[0.0], [2.0]], [[0.0], [0.0]]), np.array([0, 0]), "representative")
+    tie = merging.merge_units(merging.ModuleUnits([[0.0], [2.0]], [[0.0], [0.0]]), np.array([0, 0]), "representative")
     np.testing.assert_array_equal(tie.input_side, [[0.0]])               # both at distance 1: the lower index
-    duplicates = kmeans.ModuleUnits(input_side=[[1.0, 2.0], [1.0, 2.0], [4.0, 1.0]], output_side=[[3.0], [3.0], [2.0]])
+    duplicates = merging.ModuleUnits(input_side=[[1.0, 2.0], [1.0, 2.0], [4.0, 1.0]], output_side=[[3.0], [3.0], [2.0]])
     labels = np.array([0, 0, 1])
     for rule in ("mean", "representative"):
-        merged = kmeans.merge_units(duplicates, labels, rule)
+        merged = merging.merge_units(duplicates, labels, rule)
         np.testing.assert_array_equal(merged.input_side, [[1.0, 2.0], [4.0, 1.0]])
         np.testing.assert_array_equal(merged.output_side, [[3.0], [2.0]])
 
 
 def test_min_similarity_merges_only_tight_clusters() -> None:
-    units = kmeans.ModuleUnits(input_side=[[1.0, 0.0], [1.0, 0.01], [1.0, 0.0], [0.0, 1.0]],
+    units = merging.ModuleUnits(input_side=[[1.0, 0.0], [1.0, 0.01], [1.0, 0.0], [0.0, 1.0]],
                                output_side=[[1.0], [1.0], [1.0], [1.0]])
     labels = np.array([0, 0, 1, 1])      # cluster 0: nearly parallel; cluster 1: orthogonal members
-    merged = kmeans.merge_units(units, labels, "mean", min_similarity=0.99)
+    merged = merging.merge_units(units, labels, "mean", min_similarity=0.99)
     np.testing.assert_allclose(merged.input_side[0], [1.0, 0.005])       # merged (mean)
     np.testing.assert_array_equal(merged.input_side[1], [1.0, 0.0])      # kept its representative (tie: lower index)
-    everything = kmeans.merge_units(units, labels, "mean")
+    everything = merging.merge_units(units, labels, "mean")
     np.testing.assert_allclose(everything.input_side[1], [0.5, 0.5])
 
 
@@ -296,12 +296,12 @@ def test_mixed_per_kind_keeps_each_kinds_uniform_budget() -> None:
     sizes = [400, 400, 400, 10, 10, 10]
     variances = [1.0, 2.0, 3.0, 10.0, 20.0, 30.0]      # every FFN above every head: ranked together,
     kinds = ["heads"] * 3 + ["ffn_units"] * 3           # the heads would only pay
-    ks, groups = kmeans.mixed_kept_units_per_kind(num_units, sizes, variances, 0.5, kinds)
+    ks, groups = merging.mixed_kept_units_per_kind(num_units, sizes, variances, 0.5, kinds)
     assert groups == ["low", "mid", "high"] * 2
     for members in (range(3), range(3, 6)):
-        uniform = sum(kmeans.kept_units(num_units[m], 0.5) * sizes[m] for m in members)
+        uniform = sum(merging.kept_units(num_units[m], 0.5) * sizes[m] for m in members)
         assert abs(sum(ks[m] * sizes[m] for m in members) - uniform) <= max(sizes[m] for m in members)
-    together, _ = kmeans.mixed_kept_units(num_units, sizes, variances, 0.5)
+    together, _ = merging.mixed_kept_units(num_units, sizes, variances, 0.5)
     assert together[:3] != ks[:3]                      # ranked together, the split between kinds moves
 
 
@@ -328,7 +328,7 @@ def test_structured_magnitude_to_shapes_hits_exactly_the_requested_sizes() -> No
     assert record["sparsity"] == pytest.approx(1 - kept / total) and record["sparsity"] > 0
     assert torch.isfinite(logits(pruned)).all()
     # the strongest head gets the widest budget, and inside it the largest-norm dims survive
-    head_norms = np.linalg.norm(kmeans.attention_head_units(
+    head_norms = np.linalg.norm(merging.attention_head_units(
         *[t.detach().double().numpy() for t in (model.encoder.layers[0].attention.q_proj.weight,
                                                  model.encoder.layers[0].attention.q_proj.bias,
                                                  model.encoder.layers[0].attention.k_proj.weight,

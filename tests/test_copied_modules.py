@@ -1,15 +1,17 @@
 """Copy a module and it works (issue 26).
 
-Each method module is copied into an empty folder with `spg/compress/interface.py`, its one
-import line `from spg.compress.interface import` rewritten to `from interface import`, and
-run in a fresh interpreter that cannot import spg, on a toy problem that is not ours, with
-the module's own defaults:
+Each method module is copied into an empty folder with `spg/compress/interface.py` (merging.py
+with `spg/compress/kmeans.py` instead), its one import line `from spg.compress.interface import`
+rewritten to `from interface import`, and run in a fresh interpreter that cannot import spg,
+on a toy problem that is not ours, with the module's own defaults:
 
   * self_pinching.py: SPG to 60 % on a 2-layer MLP regression (loss summed over the batch,
     as SPG's docstring says the default η assumes);
   * hardconcrete.py: L0 gates on the inputs of a linear regression with a target-sparsity
     Lagrangian: they must drop the useless inputs and keep the useful ones;
-  * kmeans.py: k-means on 2-D points against scikit-learn and the hand-computed centroids.
+  * kmeans.py: k-means on 2-D points against scikit-learn and the hand-computed centroids;
+  * merging.py: a NumPy MLP whose hidden neurons come in exact copies, merged back to one
+    neuron per copy group with "sum_out": the same function with fewer neurons.
 
 Plus the exact equivalence SPG's docstring states for a mean-reduced loss.
 """
@@ -29,17 +31,16 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 COMPRESS = REPO / "spg" / "compress"
-IMPORT_LINE = "from spg.compress.interface import"
-
-
-def copy_alone(folder: Path, module: str) -> Path:
-    """Copy spg/compress/<module>.py and interface.py into `folder`, rewriting only the
-    interface import line; check that the copies import nothing else of spg."""
+def copy_alone(folder: Path, module: str, needs: str = "interface") -> Path:
+    """Copy spg/compress/<module>.py and the one spg file it needs (spg/compress/<needs>.py)
+    into `folder`, rewriting only the import line `from spg.compress.<needs> import`; check
+    that the copies import nothing else of spg."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (module, "interface"):
+    import_line = f"from spg.compress.{needs} import"
+    for name in (module, needs):
         text = (COMPRESS / f"{name}.py").read_text(encoding="utf-8")
-        assert text.count(IMPORT_LINE) <= 1, f"{name}.py: more than one interface import line"
-        text = text.replace(IMPORT_LINE, "from interface import")
+        assert text.count(import_line) <= 1, f"{name}.py: more than one {needs} import line"
+        text = text.replace(import_line, f"from {needs} import")
         for node in ast.walk(ast.parse(text)):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
@@ -279,3 +280,47 @@ def test_copied_kmeans_matches_scikit_learn_and_the_hand_computed_centroids(tmp_
     order = np.lexsort(centers.T[::-1])
     reference_order = np.lexsort(reference.cluster_centers_.T[::-1])
     np.testing.assert_allclose(centers[order], reference.cluster_centers_[reference_order], atol=1e-9)
+
+
+# --- merging.py -----------------------------------------------------------------------------
+
+MERGING_TOY = r'''
+import json
+import numpy as np
+from merging import cluster_units, ffn_neuron_units, ffn_weights_from_units, kept_units
+
+rng = np.random.default_rng(0)
+D, DISTINCT, COPIES = 5, 6, [3, 2, 3, 2, 3, 2]          # 15 hidden neurons, 6 distinct ones
+fc1, bias = rng.normal(size=(DISTINCT, D)), rng.normal(size=DISTINCT)
+out = rng.normal(size=(D, DISTINCT))
+copy_of = np.repeat(np.arange(DISTINCT), COPIES)
+# each copy of neuron n writes out[:, n] / copies, so the copies together write what n would
+fc2 = out[:, copy_of] / np.array(COPIES)[copy_of]
+
+
+def mlp(x, w1, b1, w2):
+    return np.maximum(x @ w1.T + b1, 0.0) @ w2.T
+
+
+units = ffn_neuron_units(fc1[copy_of], bias[copy_of], fc2)
+k = kept_units(units.num_units, 0.6)                    # round(15 x 0.4) = 6
+merged, labels, inertia = cluster_units(units, k, merge="sum_out", seed=0)
+weights = ffn_weights_from_units(merged)
+x = rng.normal(size=(64, D))
+print(json.dumps({"k": k, "inertia": inertia, "labels": labels.tolist(), "copy_of": copy_of.tolist(),
+                  "shapes": [list(weights[name].shape) for name in ("fc1_weight", "fc1_bias", "fc2_weight")],
+                  "error": float(np.abs(mlp(x, weights["fc1_weight"], weights["fc1_bias"], weights["fc2_weight"])
+                                        - mlp(x, fc1[copy_of], bias[copy_of], fc2)).max())}))
+'''
+
+
+def test_copied_merging_folds_exact_copies_into_one_neuron_each(tmp_path):
+    """k-means finds the six groups of copies (inertia 0 up to rounding); "sum_out" gives each merged
+    neuron the sum of its copies' output columns, so the 6-neuron MLP computes the 15-neuron one."""
+    result = run_copy(copy_alone(tmp_path / "copy", "merging", needs="kmeans"), MERGING_TOY)
+    assert result["k"] == 6 and result["inertia"] < 1e-24           # 0 up to the rounding of the means
+    labels, copy_of = np.array(result["labels"]), np.array(result["copy_of"])
+    # the clusters are the copy groups (up to numbering)
+    assert all(len(set(labels[copy_of == n])) == 1 for n in range(6)) and len(set(labels)) == 6
+    assert result["shapes"] == [[6, 5], [6], [5, 6]]
+    assert result["error"] < 1e-12

@@ -29,8 +29,9 @@ from test_whisper import ct2_variables_from_hf, write_ct2_folder, write_model_bi
 from test_whisper import tiny_hf_model as tiny_hf_whisper
 
 import spg
-from spg.checkpoint import (MAX_PARAMETERS, CheckpointError, _Refused, _RestrictedPickleModule,
-                            check_parameter_budget, check_torch_file, read_safetensors, read_torch_file, to_plain)
+from spg.checkpoint import MAX_PARAMETERS, CheckpointError, check_parameter_budget
+from spg.safetensors import read_safetensors
+from spg.unpickler import _Refused, _RestrictedPickleModule, check_torch_file, read_torch_file, to_plain
 from spg.loading import load, save
 from spg.wav2vec2 import io as wav2vec2_io
 from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC, preset
@@ -119,7 +120,7 @@ def test_crafted_numpy_dtypes_are_refused_without_reading_memory(tmp_path):
     for name, payload in CRAFTED_DTYPES.items():
         as_fairseq_file(tmp_path / f"{name}.pt", payload, zip_format=True)
         paths.append(str(tmp_path / f"{name}.pt"))
-    script = ("import sys\nimport spg\nfrom spg.checkpoint import read_torch_file, to_plain\n"
+    script = ("import sys\nimport spg\nfrom spg.unpickler import read_torch_file, to_plain\n"
               "for path in sys.argv[1:]:\n"
               "    try:\n"
               "        to_plain(read_torch_file(path)[0])\n"

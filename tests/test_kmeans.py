@@ -1,4 +1,4 @@
-"""Tests for the k-means part of spg.compress.kmeans (scikit-learn is only a reference here)."""
+"""Tests for spg.compress.kmeans (scikit-learn is only a reference here)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,10 @@
    docstring, so importing a submodule brings nothing else with it.)
 4. The top: `spg.experiment` (building, running and summarising one experiment) is what the
    front ends train.py and evaluate.py call; no module of spg imports it.
+5. A method module imports at most one shared spg module (`interface.py`, or for merging.py
+   `kmeans.py`), so a copy of it takes at most one other file.
+6. The file layer (our checkpoint format, the unpickler, safetensors, HF weight files, atomic
+   writes) imports no other spg module: no model, no method, no training loop.
 """
 
 from __future__ import annotations
@@ -29,19 +33,25 @@ LEAVES = {
     "spg.config": "config-field checks shared by the model files' config classes",
     "spg.compress.interface": "what a method plugs into: the prunable-model interface and the training loop's Method hooks",
     "spg.whisper.audio": "Whisper's log-mel front end (the model's transcribe() computes it)",
+    "spg.compress.kmeans": "NumPy k-means (what spg.compress.merging clusters units with)",
 }
 # file -> the spg modules it may import (besides the standard library, numpy and torch)
 COPYABLE = {
     "spg.compress.self_pinching": {"spg.compress.interface"},
     "spg.compress.magnitude": {"spg.compress.interface"},
     "spg.compress.hardconcrete": {"spg.compress.interface"},
-    "spg.compress.kmeans": {"spg.compress.interface"},
+    "spg.compress.merging": {"spg.compress.kmeans"},
     "spg.wav2vec2.model": {"spg.config", "spg.compress.interface"},
     "spg.whisper.model": {"spg.config", "spg.whisper.audio", "spg.compress.interface"},
     "spg.whisper.ctc": {"spg.config", "spg.whisper.audio", "spg.whisper.model", "spg.compress.interface"},
     **{leaf: set() for leaf in LEAVES},
 }
 THIRD_PARTY_ALLOWED = {"numpy", "torch"}
+# the method modules (copied out with at most one other file)
+METHOD_MODULES = {"spg.compress.self_pinching", "spg.compress.magnitude", "spg.compress.hardconcrete",
+                  "spg.compress.kmeans", "spg.compress.merging"}
+# reading and writing files, below every model family
+FILE_LAYER = {"spg.checkpoint", "spg.unpickler", "spg.safetensors", "spg.hf_weights", "spg.files"}
 # modules only the front ends (train.py, evaluate.py) import
 TOP = {"spg.experiment"}
 
@@ -208,6 +218,15 @@ def layout_problems(root: Path) -> list[str]:
             problems.append(f"{name}: should import only the standard library, numpy, torch"
                             + (f" and {', '.join(sorted(allowed))}" if allowed else "")
                             + f"; also imports {', '.join(extra_spg + extra_external)}")
+    for name in sorted(METHOD_MODULES & set(graph)):
+        shared = sorted(graph[name].spg - {name})
+        if len(shared) > 1:
+            problems.append(f"{name}: a method module imports at most one shared spg module; "
+                            f"imports {', '.join(shared)}")
+    for name in sorted(FILE_LAYER & set(graph)):
+        outside = sorted(graph[name].spg - FILE_LAYER)
+        if outside:
+            problems.append(f"{name}: the file layer imports only itself; also imports {', '.join(outside)}")
     for name, (path, tree) in sorted(modules.items()):
         if path.name == "__init__.py" and name != "spg":
             code = [node for node in tree.body
@@ -226,6 +245,7 @@ def test_every_module_parses_and_the_rules_see_the_whole_package():
     modules = parse_package(SPG)
     assert {"spg", "spg.checkpoint", "spg.loading", "spg.training"} <= set(modules)
     assert set(COPYABLE) <= set(modules) and TOP <= set(modules)
+    assert METHOD_MODULES <= set(COPYABLE) <= set(modules) and FILE_LAYER <= set(modules)
 
 
 # --- the checker itself, on small made-up packages ------------------------------------------
@@ -289,3 +309,23 @@ def test_a_module_that_imports_the_top_is_found(tmp_path):
     problems = layout_problems(root)
     assert "spg.training: imports spg.experiment, which only the front ends (train.py, evaluate.py) may import" \
         in problems
+
+
+def test_a_method_module_that_imports_two_shared_modules_is_found(tmp_path):
+    root = write_package(tmp_path, {
+        "compress/interface.py": "", "compress/kmeans.py": "",
+        "compress/merging.py": "from spg.compress import kmeans\nfrom spg.compress.interface import Method\n",
+    })
+    assert ("spg.compress.merging: a method module imports at most one shared spg module; imports "
+            "spg.compress.interface, spg.compress.kmeans") in layout_problems(root)
+
+
+def test_a_file_layer_module_that_imports_a_model_is_found(tmp_path):
+    root = write_package(tmp_path, {
+        "files.py": "", "wav2vec2/model.py": "",
+        "checkpoint.py": "from spg.files import atomic_write\n",
+        "unpickler.py": "def f():\n    from spg.wav2vec2 import model\n",
+    })
+    problems = layout_problems(root)
+    assert "spg.unpickler: the file layer imports only itself; also imports spg.wav2vec2.model" in problems
+    assert not any(p.startswith("spg.checkpoint:") for p in problems)

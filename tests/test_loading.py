@@ -15,7 +15,7 @@ import torch
 from transformers import HubertConfig, HubertForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
 
 import spg
-from spg.checkpoint import read_safetensors
+from spg.safetensors import read_safetensors, write_safetensors
 from spg.loading import CheckpointError, export_hf, load, save
 from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
@@ -443,7 +443,7 @@ def test_safetensors_reader_dtypes(tmp_path):
     tensors = {"f16": torch.randn(3, 2).half(), "bf16": torch.randn(4).bfloat16(), "f64": torch.randn(2).double(),
                "i64": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "empty": torch.zeros(0, 3)}
     with open(tmp_path / "t.safetensors", "wb") as file:
-        spg.checkpoint.write_safetensors(file, tensors, {"format": "pt"})
+        write_safetensors(file, tensors, {"format": "pt"})
     from safetensors.torch import load_file   # the reference reader
     for read in (read_safetensors(tmp_path / "t.safetensors")[0], load_file(tmp_path / "t.safetensors")):
         assert read.keys() == tensors.keys()

@@ -11,12 +11,13 @@ One implementation for every model family: it sees a model only through
 self-attention and one FFN per block) and Whisper (encoder self-attention and FFN; decoder
 self-attention, cross-attention and FFN: 20 modules in tiny.en) are compressed alike, each
 module on its own. This module is the thin glue between the two halves:
-  * spg.compress.kmeans (numpy only): unit vectors, k-means, merge rules, how many units to keep;
+  * spg.compress.merging (numpy only): unit vectors, merge rules, how many units to keep, with
+    the k-means of spg.compress.kmeans;
   * the model's `rebuild`: building the smaller model from given weights.
 
 A head is the d rows of W_q, W_k, W_v (and their biases) plus the d columns of W_out; a
-neuron is row n of fc1 (and its bias) plus column n of fc2 (spg.compress.kmeans, Part 2).
-A model whose k_proj has no bias (Whisper) hands `spg.compress.kmeans` zeros for it (they add
+neuron is row n of fc1 (and its bias) plus column n of fc2 (spg.compress.merging).
+A model whose k_proj has no bias (Whisper) hands `spg.compress.merging` zeros for it (they add
 nothing to the distances k-means sees, merge to zeros under both rules and are dropped again),
 and a head then counts 4·d·D + 2·d parameters for the mixed-K budget. out_proj and fc2 biases
 belong to no unit and are kept unchanged.
@@ -39,13 +40,14 @@ README.md, "Data-free clustering", and results/whisper_cluster.json.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from spg.compress import kmeans
+from spg.compress import merging
 from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwardWeights, ModuleWeights,
                                     PrunableModel, StructuredUnits)
 
@@ -57,7 +59,7 @@ __all__ = ["DEFAULT_MERGE", "cluster_compress", "structured_magnitude_prune", "p
 # shipped model"): 35.78 % vs 37.63 % (sum_out) at 30 %, 47.09 % vs 59.39 % at 50 %.
 # On relative logit error (tests/bench/merge_error.py) sum_out was slightly lower on a partly
 # trained snapshot (0.127 vs 0.148 at 30 %), so the margin depends on the model: re-measure.
-DEFAULT_MERGE = kmeans.DEFAULT_MERGE
+DEFAULT_MERGE = merging.DEFAULT_MERGE
 
 PAPER = "arXiv 2606.11836"
 
@@ -67,7 +69,7 @@ class _Module:
     """One attention module or FFN, as numpy units."""
 
     source: StructuredUnits
-    units: kmeans.ModuleUnits
+    units: merging.ModuleUnits
     unit_size: int                  # parameters per unit (for the mixed-K budget)
     variance: float                 # variance of the module's weight matrices
 
@@ -79,19 +81,19 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 def _read_module(source: StructuredUnits) -> _Module:
     if not isinstance(source, AttentionUnits):
         fc1, fc2 = source.fc1, source.fc2
-        units = kmeans.ffn_neuron_units(_numpy(fc1.weight), _numpy(fc1.bias), _numpy(fc2.weight))
-        return _Module(source, units, units.unit_size, kmeans.weight_variance(_numpy(fc1.weight), _numpy(fc2.weight)))
+        units = merging.ffn_neuron_units(_numpy(fc1.weight), _numpy(fc1.bias), _numpy(fc2.weight))
+        return _Module(source, units, units.unit_size, merging.weight_variance(_numpy(fc1.weight), _numpy(fc2.weight)))
     widths = set(source.qk_head_dims) | set(source.v_head_dims)
     if len(widths) > 1:
         raise ValueError(f"{source.name}: heads of different widths {list(source.qk_head_dims)} / "
                          f"{list(source.v_head_dims)} cannot be compared as units; compress a model with whole heads")
     q, k, v, out = source.q_proj, source.k_proj, source.v_proj, source.out_proj
     k_bias = _numpy(k.bias) if k.bias is not None else np.zeros(k.weight.shape[0])
-    units = kmeans.attention_head_units(_numpy(q.weight), _numpy(q.bias), _numpy(k.weight), k_bias,
+    units = merging.attention_head_units(_numpy(q.weight), _numpy(q.bias), _numpy(k.weight), k_bias,
                                         _numpy(v.weight), _numpy(v.bias), _numpy(out.weight), source.num_heads)
     d, hidden = source.head_dim, source.hidden_size
     unit_size = units.unit_size if k.bias is not None else 4 * d * hidden + 2 * d
-    variance = kmeans.weight_variance(_numpy(q.weight), _numpy(k.weight), _numpy(v.weight), _numpy(out.weight))
+    variance = merging.weight_variance(_numpy(q.weight), _numpy(k.weight), _numpy(v.weight), _numpy(out.weight))
     return _Module(source, units, unit_size, variance)
 
 
@@ -110,12 +112,12 @@ def _plan(modules: list[_Module], sparsity: float, mixed) -> tuple[list[int], Op
         raise ValueError(f"mixed must be one of {MIXED_RANKINGS}; got {mixed!r}")
     num_units = [m.units.num_units for m in modules]
     if not mixed:
-        return [kmeans.kept_units(n, sparsity) for n in num_units], None
+        return [merging.kept_units(n, sparsity) for n in num_units], None
     sizes, variances = [m.unit_size for m in modules], [m.variance for m in modules]
     if mixed == "per_kind":
-        return kmeans.mixed_kept_units_per_kind(num_units, sizes, variances, sparsity,
+        return merging.mixed_kept_units_per_kind(num_units, sizes, variances, sparsity,
                                                 [m.source.group for m in modules])
-    return kmeans.mixed_kept_units(num_units, sizes, variances, sparsity)
+    return merging.mixed_kept_units(num_units, sizes, variances, sparsity)
 
 
 def _per_group(modules: list[_Module], values: list) -> dict[str, list]:
@@ -152,29 +154,45 @@ def plan_kept_units(model: PrunableModel, sparsity: float, *, mixed: bool = Fals
     return _per_group(modules, _plan(modules, sparsity, mixed)[0])
 
 
+def value_bias_constant(weights: AttentionWeights) -> torch.Tensor:
+    """(D,) W_out · b_v: what the value biases add to EVERY output position. Exact for any
+    input, because each query's attention weights sum to 1 (softmax)."""
+    return weights.out_weight @ weights.v_bias
+
+
+def fold_value_bias(weights: AttentionWeights, before: AttentionWeights) -> AttentionWeights:
+    """A copy of `weights` whose out_bias also carries the value-bias constant that `before`
+    (the module before some heads were dropped or merged) had and these weights lost:
+    out_bias + W_out_before · b_v_before − W_out · b_v. Exact and data-free: the module's
+    output then differs from `before`'s only by the dropped heads' input-dependent part
+    (on a zero input, not at all). Ours, not in the papers."""
+    folded = weights.out_bias + value_bias_constant(before) - value_bias_constant(weights)
+    return dataclasses.replace(weights, out_bias=folded)
+
+
 def _to_tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=like.device, dtype=like.dtype)
 
 
-def _weights_from_units(module: _Module, units: kmeans.ModuleUnits, fold_bias: bool = False) -> ModuleWeights:
+def _weights_from_units(module: _Module, units: merging.ModuleUnits, fold_bias: bool = False) -> ModuleWeights:
     """The module's new weights holding `units` (its output bias unchanged, or with
-    `fold_bias` an attention module's out bias corrected by `AttentionWeights.fold_value_bias`)."""
+    `fold_bias` an attention module's out bias corrected by `fold_value_bias`)."""
     source = module.source
     if not isinstance(source, AttentionUnits):
         like = source.fc1.weight
-        arrays = kmeans.ffn_weights_from_units(units)
+        arrays = merging.ffn_weights_from_units(units)
         return FeedForwardWeights(**{name: _to_tensor(value, like) for name, value in arrays.items()},
                                   fc2_bias=source.fc2.bias.detach().clone())     # belongs to no neuron
     like = source.q_proj.weight
-    arrays = kmeans.attention_weights_from_units(units, source.hidden_size)
+    arrays = merging.attention_weights_from_units(units, source.hidden_size)
     head_dim = arrays["q_weight"].shape[0] // units.num_units if units.num_units else 0
     tensors = {name: _to_tensor(value, like) for name, value in arrays.items()}
     if source.k_proj.bias is None:
-        del tensors["k_bias"]                                   # the zeros handed to kmeans
+        del tensors["k_bias"]                                   # the zeros handed to merging
     weights = AttentionWeights(**{"k_bias": None, **tensors},
                                out_bias=source.out_proj.bias.detach().clone(),   # belongs to no head
                                qk_head_dims=[head_dim] * units.num_units, v_head_dims=[head_dim] * units.num_units)
-    return weights.fold_value_bias(source.weights()) if fold_bias else weights
+    return fold_value_bias(weights, source.weights()) if fold_bias else weights
 
 
 def record_compression(model: PrunableModel, new_model: PrunableModel, record: dict) -> dict:
@@ -195,16 +213,16 @@ def cluster_compress(model: PrunableModel, sparsity: float, *, merge: str = DEFA
 
     sparsity: s; every module keeps K = round(N * (1 - s)) units, or the variance-based
         mixed K when `mixed` (over all modules together, see
-        `spg.compress.kmeans.mixed_kept_units`), or the given `ks` ({group: [K per layer]},
+        `spg.compress.merging.mixed_kept_units`), or the given `ks` ({group: [K per layer]},
         e.g. a report's "kept"; then `mixed` is ignored).
     merge: "mean" (the centroid, the paper's), "sum_out" (input sides averaged, output sides
         summed; ours) or "representative" (the member nearest the centroid; ours); see
-        `spg.compress.kmeans.merge_units`, which also explains `min_similarity` (ours: merge
+        `spg.compress.merging.merge_units`, which also explains `min_similarity` (ours: merge
         only clusters whose members are that cosine-similar to their centroid).
     mixed: False, True (variances ranked over all modules, the paper's) or "per_kind" (ours:
         attention modules and FFNs ranked separately, each kind keeping its uniform budget).
     fold_bias: add a removed or merged head's constant output W_out[:, h] · b_v[h] to the
-        out bias (ours; exact and data-free, `AttentionWeights.fold_value_bias`).
+        out bias (ours; exact and data-free, `fold_value_bias`).
     seed, n_init: k-means seeding (every module uses the same seed).
 
     Returns (new_model, report). The input model is not modified. report (also stored in
@@ -212,13 +230,13 @@ def cluster_compress(model: PrunableModel, sparsity: float, *, merge: str = DEFA
     "merge", "mixed", "seed", "kept": {group: [K per layer]}, "units_before": same layout,
     "inertia": same layout, "variance_group" (mixed only), "params_before", "params_after"}.
     """
-    if merge not in kmeans.MERGE_RULES:
-        raise ValueError(f"merge must be one of {kmeans.MERGE_RULES}; got {merge!r}")
+    if merge not in merging.MERGE_RULES:
+        raise ValueError(f"merge must be one of {merging.MERGE_RULES}; got {merge!r}")
     modules = _modules(model)
     kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     new_units, inertias = [], []
     for module, k in zip(modules, kept):
-        merged, _labels, inertia = kmeans.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init,
+        merged, _labels, inertia = merging.cluster_units(module.units, k, merge=merge, seed=seed, n_init=n_init,
                                                         min_similarity=min_similarity)
         new_units.append(merged)
         inertias.append(inertia)
@@ -248,11 +266,11 @@ def structured_magnitude_prune(model: PrunableModel, sparsity: float, *, mixed=F
     kept, groups = _kept_per_module(modules, sparsity, mixed, ks)
     weights: dict[str, ModuleWeights] = {}
     for module, k in zip(modules, kept):
-        keep = kmeans.largest_norm_units(module.units, k).tolist()
+        keep = merging.largest_norm_units(module.units, k).tolist()
         current = module.source.weights()
         if isinstance(current, AttentionWeights):
             kept_heads = current.keep_heads(keep)
-            weights[module.source.name] = kept_heads.fold_value_bias(current) if fold_bias else kept_heads
+            weights[module.source.name] = fold_value_bias(kept_heads, current) if fold_bias else kept_heads
         else:
             weights[module.source.name] = current.keep_units(keep)
     new_model = model.rebuild(weights)
@@ -302,7 +320,7 @@ def structured_magnitude_to_shapes(model: PrunableModel, shapes: dict[str, dict]
             raise ValueError(f"the target structure has no module {name}")
         target, current = shapes[name], source.weights()
         if not isinstance(source, AttentionUnits):
-            weights[name] = current.keep_units(kmeans.largest_norm_units(module.units, int(target["units"])).tolist())
+            weights[name] = current.keep_units(merging.largest_norm_units(module.units, int(target["units"])).tolist())
             continue
         qk_widths = sorted(target["qk_head_dims"], reverse=True)
         v_widths = sorted(target["v_head_dims"], reverse=True)
@@ -310,7 +328,7 @@ def structured_magnitude_to_shapes(model: PrunableModel, shapes: dict[str, dict]
             raise ValueError(f"{name}: the target structure {target} does not fit {current.num_heads} heads of "
                              f"{source.head_dim}")
         norms = np.linalg.norm(module.units.vectors(), axis=1)
-        heads = kmeans.largest_indices(norms, len(qk_widths)).tolist()
+        heads = merging.largest_indices(norms, len(qk_widths)).tolist()
         by_strength = sorted(heads, key=lambda h: (-norms[h], h))
         qk_dims, v_dims = [[] for _ in range(current.num_heads)], [[] for _ in range(current.num_heads)]
         qk_slices, v_slices = source.qk_slices(), source.v_slices()
@@ -320,10 +338,10 @@ def structured_magnitude_to_shapes(model: PrunableModel, shapes: dict[str, dict]
                 + current.q_bias[rows].square() + (0 if current.k_bias is None else current.k_bias[rows].square())
             v_score = current.v_weight[columns].square().sum(1) + current.v_bias[columns].square() \
                 + current.out_weight[:, columns].square().sum(0)
-            qk_dims[head] = kmeans.largest_indices(qk_score.double().numpy(), qk_widths[rank]).tolist()
-            v_dims[head] = kmeans.largest_indices(v_score.double().numpy(), v_widths[rank]).tolist()
+            qk_dims[head] = merging.largest_indices(qk_score.double().numpy(), qk_widths[rank]).tolist()
+            v_dims[head] = merging.largest_indices(v_score.double().numpy(), v_widths[rank]).tolist()
         pruned = current.keep_head_dims(qk_dims, v_dims)
-        weights[name] = pruned.fold_value_bias(current) if fold_bias else pruned
+        weights[name] = fold_value_bias(pruned, current) if fold_bias else pruned
     new_model = model.rebuild(weights)
     record = {"method": "structured_magnitude_to_shapes", "fold_bias": bool(fold_bias),
               "sparsity": 1.0 - _prunable_count(new_model) / _prunable_count(model),

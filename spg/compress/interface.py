@@ -1,12 +1,19 @@
-"""What a compression method plugs into: the model it compresses and the training loop.
+"""What a compression method plugs into: the training loop and the model it compresses.
 
 The one module that the method modules (`self_pinching`, `magnitude`, `hardconcrete`, `l0`,
 `clustering`) share with the models and the loop (`spg.training`); it imports only torch, so
 a method module copied out of spg needs this file and nothing else.
 
-1. **A prunable model** (`PrunableModel`; `spg.wav2vec2.model.Wav2Vec2CTC` and
-   `spg.whisper.model.Whisper` implement it) offers
-     * `prunable_linears()`: every weight matrix the unstructured methods prune, by name;
+1. **What every method needs** (all an unstructured method such as SPG uses):
+     * `Method`: the training loop's hooks, which a method overrides;
+     * `OptimizerSettings`: the optimiser settings `Method.parameter_groups` may read;
+     * `PrunableModel`: what a model offers, first of all `prunable_linears()`, every weight
+       matrix the unstructured methods prune, by name.
+   (`spg.wav2vec2.model.Wav2Vec2CTC`, `spg.whisper.model.Whisper` and `spg.whisper.ctc.WhisperCTC`
+   implement `PrunableModel`.)
+
+2. **Structured units**, for the methods that remove heads and neurons (L0, clustering,
+   structured magnitude):
      * `structured_units()`: every attention module (`AttentionUnits`: its q/k/v/out
        projections and the per-head widths, so head h is a known slice of each) and every
        feed-forward network (`FeedForwardUnits`: fc1/fc2, one unit per hidden neuron), each
@@ -16,8 +23,6 @@ a method module copied out of spg needs this file and nothing else.
      * `rebuild({name: AttentionWeights | FeedForwardWeights})`: a NEW model whose listed
        modules hold the given weights, at whatever sizes they have (fewer heads, narrower
        heads where the family allows it, fewer FFN neurons); everything else is copied.
-   `keep_units` and `keep_head_dims` below build on those two for the common case of
-   keeping chosen heads / head dims / neurons.
 
    The units, in the packed layout both families use (head 0's dims, then head 1's, ...):
      * attention head h: its query/key dims (rows of W_q and W_k and their biases; shared by
@@ -27,25 +32,108 @@ a method module copied out of spg needs this file and nothing else.
    The out_proj and fc2 biases belong to no unit and are always kept, so a module with zero
    heads (or neurons) is valid: its output is that bias alone.
 
-2. **The training loop's hooks** (`Method`, `OptimizerSettings`).
+3. `keep_units` and `keep_head_dims`: a model keeping chosen heads / head dims / neurons,
+   built on `structured_units()` and `rebuild()`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Method", "OptimizerSettings", "AttentionWeights", "FeedForwardWeights", "AttentionUnits",
-           "FeedForwardUnits", "StructuredUnits", "ModuleWeights", "PrunableModel", "head_slices", "keep_units",
+__all__ = ["Method", "OptimizerSettings", "PrunableModel", "AttentionWeights", "FeedForwardWeights",
+           "AttentionUnits", "FeedForwardUnits", "StructuredUnits", "ModuleWeights", "head_slices", "keep_units",
            "keep_head_dims"]
 
 
 # ========================================================================================
-# 1. A prunable model
+# 1. What every method needs: the training loop's hooks and the prunable model
+# ========================================================================================
+
+class OptimizerSettings(Protocol):
+    """The optimiser settings a method may read (`spg.training.TrainConfig` has them)."""
+    lr: float
+    weight_decay: float
+
+
+class Method:
+    """Plain fine-tuning, no compression. Compression methods subclass this.
+
+    The loop calls, in order: `attach` once (before a resumed checkpoint is loaded, so that
+    gates/masks exist and their state is restored into them), `parameter_groups` once, then
+    per step `before_step` -> forward -> `extra_loss` -> backward/optimiser step ->
+    `after_step`, and `finish` once when the last step is done (not when a run stops early
+    to be resumed). A parameter group may carry "clip_grad": False to be left out of the
+    gradient-norm clipping."""
+
+    name = "dense"
+
+    def attach(self, model: nn.Module) -> None:
+        """Prepare `model` before training (add gates, prune and fix masks, ...)."""
+
+    def parameter_groups(self, model: nn.Module, config: OptimizerSettings) -> list[dict]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        return [{"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def before_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called before the forward pass of step `step` (0-based), e.g. to set a temperature."""
+
+    def extra_loss(self, model: nn.Module, step: int, total_steps: int) -> Optional[torch.Tensor]:
+        return None
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int,
+                   optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+        """Called after every optimiser step (`step` = steps done); returns figures for the
+        progress bar. `optimizer` is the loop's, for methods that must touch its state."""
+        return {}
+
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last step: turn the trained model into the deliverable."""
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Trainable modules the method keeps outside the model (e.g. L0 gates applied by hooks).
+        Data-parallel training wraps them with the model so DDP broadcasts and averages them too."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PrunableModel(Protocol):
+    """What a model family offers the compression methods. The unstructured methods (SPG,
+    UMP, GMP, mixed) use only `prunable_linears()` and `compression`; the structured ones (L0,
+    clustering, structured magnitude) also `structured_units()` and `rebuild()`, whose types
+    are section 2's."""
+
+    compression: dict           # free-form record of how the model was compressed (saved with it)
+
+    def prunable_linears(self) -> list[tuple[str, nn.Linear]]:
+        """Every prunable weight matrix as (name, module), layer by layer."""
+
+    def num_parameters(self, nonzero_only: bool = False) -> int:
+        """Number of parameters (or of non-zero ones)."""
+
+    def structured_units(self) -> list[StructuredUnits]:
+        """Every attention module and FFN, layer by layer (within a layer: attention
+        modules first, then the FFN)."""
+
+    def rebuild(self, weights: Mapping[str, ModuleWeights]) -> "PrunableModel":
+        """A new model whose modules named in `weights` hold those weights at their sizes
+        (heads, per-head widths, neurons; zero included); all else copied, the argument
+        untouched; same device, dtype, train/eval mode and a copy of `compression`."""
+
+
+# ========================================================================================
+# 2. Structured units: attention heads and FFN neurons
 # ========================================================================================
 
 def head_slices(widths: Sequence[int]) -> list[slice]:
@@ -107,20 +195,6 @@ class AttentionWeights:
             actual = tuple(tensor.shape)
             if actual != shape:
                 raise ValueError(f"attention {name} has shape {actual}, expected {shape}")
-
-    def value_bias_constant(self) -> torch.Tensor:
-        """(D,) W_out · b_v: what the value biases add to EVERY output position. Exact for any
-        input, because each query's attention weights sum to 1 (softmax)."""
-        return self.out_weight @ self.v_bias
-
-    def fold_value_bias(self, before: "AttentionWeights") -> "AttentionWeights":
-        """A copy whose out_bias also carries the value-bias constant that `before` (the
-        module before some heads were dropped or merged) had and these weights lost:
-        out_bias + W_out_before · b_v_before − W_out · b_v. Exact and data-free: the module's
-        output then differs from `before`'s only by the dropped heads' input-dependent part
-        (on a zero input, not at all). Ours, not in the papers."""
-        folded = self.out_bias + before.value_bias_constant() - self.value_bias_constant()
-        return dataclasses.replace(self, out_bias=folded)
 
     def keep_head_dims(self, qk_dims: Sequence[Sequence[int]], v_dims: Sequence[Sequence[int]]) -> "AttentionWeights":
         """Keep, for every head h, the query/key dims `qk_dims[h]` (rows of W_q and W_k and
@@ -311,26 +385,9 @@ StructuredUnits = Union[AttentionUnits, FeedForwardUnits]
 ModuleWeights = Union[AttentionWeights, FeedForwardWeights]
 
 
-class PrunableModel(Protocol):
-    """What a model family offers the compression methods (see the module docstring)."""
-
-    compression: dict           # free-form record of how the model was compressed (saved with it)
-
-    def prunable_linears(self) -> list[tuple[str, nn.Linear]]:
-        """Every prunable weight matrix as (name, module), layer by layer."""
-
-    def structured_units(self) -> list[StructuredUnits]:
-        """Every attention module and FFN, layer by layer (within a layer: attention
-        modules first, then the FFN)."""
-
-    def rebuild(self, weights: Mapping[str, ModuleWeights]) -> "PrunableModel":
-        """A new model whose modules named in `weights` hold those weights at their sizes
-        (heads, per-head widths, neurons; zero included); all else copied, the argument
-        untouched; same device, dtype, train/eval mode and a copy of `compression`."""
-
-    def num_parameters(self, nonzero_only: bool = False) -> int:
-        """Number of parameters (or of non-zero ones)."""
-
+# ========================================================================================
+# 3. Keeping chosen units of a model
+# ========================================================================================
 
 def _units_named(model: PrunableModel, names) -> dict[str, StructuredUnits]:
     units = {u.name: u for u in model.structured_units()}
@@ -362,63 +419,3 @@ def keep_head_dims(model: PrunableModel,
     units = _units_named(model, dims)
     weights = {name: units[name].weights().keep_head_dims(qk, v) for name, (qk, v) in dims.items()}
     return model.rebuild(weights)
-
-
-# ========================================================================================
-# 2. The training loop's hooks
-# ========================================================================================
-
-
-class OptimizerSettings(Protocol):
-    """The optimiser settings a method may read (`spg.training.TrainConfig` has them)."""
-    lr: float
-    weight_decay: float
-
-
-class Method:
-    """Plain fine-tuning, no compression. Compression methods subclass this.
-
-    The loop calls, in order: `attach` once (before a resumed checkpoint is loaded, so that
-    gates/masks exist and their state is restored into them), `parameter_groups` once, then
-    per step `before_step` -> forward -> `extra_loss` -> backward/optimiser step ->
-    `after_step`, and `finish` once when the last step is done (not when a run stops early
-    to be resumed). A parameter group may carry "clip_grad": False to be left out of the
-    gradient-norm clipping."""
-
-    name = "dense"
-
-    def attach(self, model: nn.Module) -> None:
-        """Prepare `model` before training (add gates, prune and fix masks, ...)."""
-
-    def parameter_groups(self, model: nn.Module, config: OptimizerSettings) -> list[dict]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        return [{"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
-
-    def before_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """Called before the forward pass of step `step` (0-based), e.g. to set a temperature."""
-
-    def extra_loss(self, model: nn.Module, step: int, total_steps: int) -> Optional[torch.Tensor]:
-        return None
-
-    def after_step(self, model: nn.Module, step: int, total_steps: int,
-                   optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-        """Called after every optimiser step (`step` = steps done); returns figures for the
-        progress bar. `optimizer` is the loop's, for methods that must touch its state."""
-        return {}
-
-    def finish(self, model: nn.Module) -> None:
-        """Called once after the last step: turn the trained model into the deliverable."""
-
-    def trainable_modules(self) -> list[nn.Module]:
-        """Trainable modules the method keeps outside the model (e.g. L0 gates applied by hooks).
-        Data-parallel training wraps them with the model so DDP broadcasts and averages them too."""
-        return []
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

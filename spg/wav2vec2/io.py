@@ -8,8 +8,9 @@
 
 All three formats hold the same network, `spg.wav2vec2.model.Wav2Vec2CTC`; only key names and
 the place the config lives differ. This module translates configs and key names; reading the
-files safely (safetensors by hand, a restricted unpickler for fairseq's pickles), strict key
-checking and atomic writes are `spg.checkpoint`'s. `spg.load` (in `spg.loading`) tells the
+files safely is `spg.safetensors`'s (by hand), `spg.unpickler`'s (a restricted unpickler for
+fairseq's pickles) and `spg.hf_weights`'s; strict key checking is `spg.checkpoint`'s and atomic
+writes `spg.files`'. `spg.load` (in `spg.loading`) tells the
 formats and the model families apart. Every failure raises `CheckpointError`.
 
 Sections: 1. our format   2. Hugging Face folders   3. fairseq
@@ -25,9 +26,12 @@ from typing import Any, Optional, Union
 
 import torch
 
-from spg.checkpoint import (MAX_LAYERS, CheckpointError, atomic_write, check_layer_budget, check_parameter_budget,
-                            install_state_dict, read_checkpoint, read_hf_weights, read_json, short_repr, to_plain,
-                            write_checkpoint, write_safetensors)
+from spg.checkpoint import (MAX_LAYERS, CheckpointError, check_layer_budget, check_parameter_budget, install_state_dict,
+                            read_checkpoint, read_json, short_repr, write_checkpoint)
+from spg.files import atomic_write
+from spg.hf_weights import read_hf_weights
+from spg.safetensors import write_safetensors
+from spg.unpickler import to_plain
 from spg.wav2vec2.model import DEFAULT_VOCAB, ModelConfig, Wav2Vec2CTC
 
 __all__ = ["save", "export_hf", "from_spg_checkpoint", "load_hf_folder", "from_fairseq_checkpoint",

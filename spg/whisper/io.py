@@ -1,7 +1,8 @@
 """Whisper checkpoints: Hugging Face folders (`WhisperForConditionalGeneration`), our own file
 (`save_whisper`: the one format `spg.save` writes for every family, see `spg.checkpoint`) and
 the models known by name. CTranslate2 folders are `spg.whisper.ct2`'s; `spg.loading.load_whisper`
-(and `spg.load`) tell the sources apart. Reading and checking the weights is `spg.checkpoint`'s.
+(and `spg.load`) tell the sources apart. Reading the weights is `spg.hf_weights`'s,
+checking them `spg.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from spg.checkpoint import (CheckpointError, atomic_write, check_layer_budget, check_parameter_budget,
-                            check_torch_file, first_line, install_state_dict, read_checkpoint, read_hf_weights,
-                            read_json, write_checkpoint)
+from spg.checkpoint import (CheckpointError, check_layer_budget, check_parameter_budget, first_line, install_state_dict,
+                            read_checkpoint, read_json, write_checkpoint)
+from spg.files import atomic_write
+from spg.hf_weights import read_hf_weights
+from spg.unpickler import check_torch_file
 from spg.whisper.ctc import WhisperCTC, WhisperCTCConfig
 from spg.whisper.model import Whisper, WhisperConfig
 from spg.whisper.tokenizer import WhisperTokenizer, load_tokenizer

@@ -15,10 +15,10 @@ Module and parameter names mirror Hugging Face's `WhisperForConditionalGeneratio
 files.
 
 What is shared with `spg.wav2vec2.model` and what is not, and why:
-  * shared: the checkpoint plumbing of `spg.checkpoint` (safetensors / state-dict readers,
-    `CheckpointError`, strict key checking, atomic writes), the config checks of `spg.config`,
-    and the conventions (HF field names, per-layer size lists so a compressed model rebuilds
-    from its saved config);
+  * shared: the checkpoint plumbing of `spg.checkpoint` (`CheckpointError`, strict key
+    checking), `spg.hf_weights` (safetensors / state-dict readers) and `spg.files` (atomic
+    writes), the config checks of `spg.config`, and the conventions (HF field names,
+    per-layer size lists so a compressed model rebuilds from its saved config);
   * not shared: the network blocks. `spg.wav2vec2.model.Attention` is bidirectional self-attention with
     a bias on q, k and v and per-head widths; Whisper's k_proj has no bias, the decoder needs
     cross-attention, a causal mask and a KV cache, and the HF key layout differs (fc1/fc2 on the

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
 from spg.compress.clustering import plan_kept_units  # noqa: E402
-from spg.compress import kmeans  # noqa: E402
+from spg.compress import merging  # noqa: E402
 from spg.corpus import build_corpus  # noqa: E402
 from spg.data import read_audio, read_corpus  # noqa: E402
 from spg.wav2vec2 import surgery  # noqa: E402
@@ -66,9 +66,9 @@ def main(argv=None) -> int:
         dropped[sparsity] = set()
         for block in range(config.num_hidden_layers):
             a = surgery.block_weights(model, block).attention
-            units = kmeans.attention_head_units(*(t.detach().double().numpy() for t in (
+            units = merging.attention_head_units(*(t.detach().double().numpy() for t in (
                 a.q_weight, a.q_bias, a.k_weight, a.k_bias, a.v_weight, a.v_bias, a.out_weight)), a.num_heads)
-            keep = set(kmeans.largest_norm_units(units, kept[block]).tolist())
+            keep = set(merging.largest_norm_units(units, kept[block]).tolist())
             dropped[sparsity] |= {(block, h) for h in range(heads) if h not in keep}
     print(f"{'block':>5}{'head':>5}{'||c_h||':>10}{'||m_h||':>10}{'||m_h - c_h||':>15}{'fold helps':>12}{'dropped at':>12}")
     helps = {0.3: [], 0.5: []}

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import spg  # noqa: E402
-from spg.checkpoint import atomic_write  # noqa: E402
+from spg.files import atomic_write  # noqa: E402
 from spg.compress.clustering import cluster_compress, plan_kept_units, structured_magnitude_prune  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
 from spg.wer import error_counts, mapsswe  # noqa: E402

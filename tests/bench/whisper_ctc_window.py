@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
-from spg.checkpoint import atomic_write  # noqa: E402
+from spg.files import atomic_write  # noqa: E402
 from spg.corpus import build_corpus  # noqa: E402
 from spg.data import read_audio, read_corpus  # noqa: E402
 from spg.text import normalize_english  # noqa: E402

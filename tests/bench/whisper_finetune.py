@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
-from spg.checkpoint import atomic_write  # noqa: E402
+from spg.files import atomic_write  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
 from spg.wer import error_counts, mapsswe  # noqa: E402
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder  # noqa: E402

@@ -66,7 +66,7 @@ def jobs_of(out: Path, levels: dict) -> list[Job]:
 
 
 def report(out: Path, levels: dict, results: Path) -> dict:
-    from spg.checkpoint import atomic_write
+    from spg.files import atomic_write
     from spg.wer import error_counts, mapsswe
     from reporting import mean_sd, pooled_decoding, rounded
 
