@@ -109,7 +109,8 @@ def test_clustering_demo_warns_with_the_measured_numbers():
                        r"significantly worse \(MAPSSWE p = ([\de.-]+)\), and also behind magnitude at the uniform "
                        r"sizes used here \(([\d.]+)%\)", words)
     assert quoted, words
-    runs = {(r["sparsity"], r["mix"], r["fold"], r["rule"]): r for r in results("structured_experiment.json")["cluster"]["runs"]}
+    runs = {(r["sparsity"], r["mix"], r["fold"], r["rule"]): r
+            for r in results("structured_experiment.json")["cluster"]["runs"]}
     mixed, uniform = runs[(0.3, "mixed", False, "mean")], runs[(0.3, "uniform", False, "mean")]
     test = mixed["clustered_vs_magnitude"]["pooled"]
     assert test["significant"] and not test["first_better"]
