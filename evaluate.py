@@ -31,7 +31,7 @@ import torch
 import spg
 from spg.files import atomic_write
 from spg.data import DEFAULT_VOCAB, read_corpus
-from spg.experiment import check_model_durations, evaluate
+from spg.experiment import HelpFormatter, check_model_durations, evaluate
 from spg.training import check_output_paths, exit_code_of, naming_write_errors, sparsity_report
 from spg.wer import mapsswe
 from spg.whisper.evaluation import is_transcription_folder, read_transcription_folder
@@ -84,20 +84,31 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """evaluate.py's options; --help shows each one's default (spg.experiment.HelpFormatter)."""
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="any checkpoint spg.load accepts, or a named model such as whisper-tiny.en (default: "
+                             f"{DEFAULT_MODEL.relative_to(REPO)})")
+    parser.add_argument("--data", default=None,
+                        help="LibriSpeech-layout corpus root, or a folder of recordings with a `transcription` file "
+                             "(default: built-in corpus)")
+    parser.add_argument("--split", default="test", help="the split to score (ignored for a folder of recordings)")
+    parser.add_argument("--compare", default=None,
+                        help="a second model to decode the same utterances and test against (MAPSSWE; default: none)")
+    parser.add_argument("--json", default=None,
+                        help="write the figures and per-utterance transcripts here (default: none)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-seconds", type=positive_seconds, default=60.0,
+                        help="refuse utterances longer than this (seconds; Whisper: at most 30); default %(default)g")
+    return parser
+
+
 def main(argv=None) -> int:
     """Exit code 0; 2 for a usage error (also --json naming --model's or --compare's file, or a
     folder); 1 with one line "evaluate.py: error: ..." for a bad file, bad data or a full disk;
     130 with one line after Ctrl-C. Anything else is a bug and keeps its traceback."""
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="any checkpoint spg.load accepts")
-    parser.add_argument("--data", default=None, help="LibriSpeech-layout corpus root (default: built-in corpus)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--compare", default=None, help="a second model to test against (MAPSSWE)")
-    parser.add_argument("--json", default=None, help="write the figures and per-utterance transcripts here")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-seconds", type=positive_seconds, default=60.0,
-                        help="refuse utterances longer than this (seconds; Whisper: at most 30); default %(default)g")
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         torch.device(args.device)

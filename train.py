@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or compress a wav2vec2/HuBERT CTC model.
+r"""Train or compress a wav2vec2/HuBERT CTC model.
 
     python train.py --sparsity 0.6                # SPG: prune the shipped model to 60 % while fine-tuning
     python train.py --sparsity 0.6 --method ump   # baseline: uniform magnitude pruning + fixed-mask fine-tuning
@@ -31,7 +31,10 @@ import time
 import torch
 
 from spg.compress import merging, self_pinching
-from spg.experiment import DEFAULT_MODEL, REAL_RECORDINGS, REPO, WHISPER_EVAL_UTTERANCES, run_from_command_line
+from spg.compress.hardconcrete import InitDropRates
+from spg.compress.l0 import GATE_LR, TARGET_WARMUP_FRACTION
+from spg.experiment import (DEFAULT_MODEL, REAL_RECORDINGS, REPO, WHISPER_EVAL_UTTERANCES, HelpFormatter,
+                            run_from_command_line)
 from spg.training import exit_code_of
 
 METHODS = ("dense", "spg", "ump", "gmp", "mixed", "cluster", "l0", "structured")
@@ -86,25 +89,29 @@ FRACTION = number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 FINITE = number(float, lambda v: True, "a finite number")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's options; --help shows each one's default (spg.experiment.HelpFormatter)."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None, help=f"checkpoint to start from (default: {DEFAULT_MODEL.relative_to(REPO)})")
     parser.add_argument("--init", choices=["tiny", "whisper-tiny.en", "whisper-base"], default=None,
                         help="start from a new model instead of a checkpoint: tiny = a randomly initialised "
                              "wav2vec2 preset; whisper-tiny.en / whisper-base = that pretrained Whisper encoder "
-                             "with a new CTC head (drawn with --seed) over the character vocabulary")
+                             "with a new CTC head (drawn with --seed) over the character vocabulary (default: none, "
+                             "start from --model)")
     parser.add_argument("--data", default=None, help="LibriSpeech-layout corpus root (default: built-in corpus)")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--dev-split", default="dev")
+    parser.add_argument("--train-split", default="train", help="the split to train on")
+    parser.add_argument("--dev-split", default="dev",
+                        help="the split scored by --eval-every during training and with the test splits after it")
     parser.add_argument("--test-split", default="test", help="comma-separated; the built-in corpus adds test-unseen")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="default: spg when --sparsity > 0, dense when it is 0")
     parser.add_argument("--sparsity", type=FRACTION, default=0.0,
                         help="target global sparsity of the prunable matrices (0 = dense training)")
-    parser.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS)
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8)
-    parser.add_argument("--lr", type=POSITIVE, default=2e-4)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=DEFAULT_STEPS, help="optimiser steps")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8,
+                        help="utterances per step (per process under torchrun)")
+    parser.add_argument("--lr", type=POSITIVE, default=2e-4,
+                        help="peak learning rate of the weights (AdamW; linear warm-up, then linear decay to 0)")
     parser.add_argument("--warmup", type=FRACTION, default=0.1, help="warm-up fraction of the steps, in [0, 1)")
     parser.add_argument("--weight-decay", type=NON_NEGATIVE, default=None,
                         help="default 0 (the SPG authors' code) for dense, spg, ump, gmp and mixed on wav2vec2/HuBERT; "
@@ -118,18 +125,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default for l0 and cluster --epochs)")
     parser.add_argument("--train-feature-extractor", action="store_true",
                         help="also train the conv front end (default: frozen and cached)")
-    parser.add_argument("--dropout", type=FRACTION, default=None, help="override every dropout probability")
+    parser.add_argument("--dropout", type=FRACTION, default=None,
+                        help="override every dropout probability (default: the model's own)")
     parser.add_argument("--out", default=None, help="output checkpoint (default: runs/<method>-<sparsity>.pt)")
     parser.add_argument("--half", action="store_true", help="store the output weights as float16")
-    parser.add_argument("--json", default=None, help="write the summary figures to this JSON file")
+    parser.add_argument("--json", default=None, help="write the summary figures to this JSON file (default: none)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from <out>.state, with the same settings (only --stop-after, --save-every, "
                              "--eval-every, --json, --device, --feature-cache, --dense-eval, --half, --dev-split, "
                              "--test-split, --eval-utterances and --max-seconds may change)")
     parser.add_argument("--stop-after", type=POSITIVE_INT, default=None,
-                        help="stop this call after N steps (resume later)")
-    parser.add_argument("--save-every", type=COUNT, default=200, help="0: only at the end")
-    parser.add_argument("--eval-every", type=COUNT, default=0, help="0: no evaluation during training")
+                        help="stop this call after N steps and resume later (default: run all --steps)")
+    parser.add_argument("--save-every", type=COUNT, default=200,
+                        help="write the resume state <out>.state every N steps and at the end (0: only at the end)")
+    parser.add_argument("--eval-every", type=COUNT, default=0,
+                        help="score --dev-split every N steps (0: no evaluation during training)")
     parser.add_argument("--max-seconds", type=POSITIVE, default=60.0,
                         help="refuse utterances longer than this (seconds; Whisper: at most 30); default %(default)g")
     parser.add_argument("--feature-cache", default=None,
@@ -139,9 +149,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="JSON file holding the dense model's decoding of dev/test; reused when it matches "
                              "the model's weights, config and vocabulary and the utterances (ids, transcripts and "
                              "audio contents), written otherwise (for sweeps); a file that is not such a cache is "
-                             "refused")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=COUNT, default=0)
+                             "refused (default: none, decode in every run)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--seed", type=COUNT, default=0,
+                        help="random seed: batch order and dropout, L0 gates, k-means, --init's new weights")
     group = parser.add_argument_group("SPG (self-pinching gates)")
     group.add_argument("--eta-raw", type=NON_NEGATIVE, default=None,
                        help="penalty weight eta times the count of kept weights, the paper's form (default for "
@@ -186,12 +197,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "uniform budget)")
     group.add_argument("--min-similarity", type=FRACTION, default=None,
                        help="merge a cluster only when every member has at least this cosine similarity to its "
-                            "centroid, else keep its representative (ours)")
+                            "centroid, else keep its representative (ours; default: none, merge every cluster)")
     group.add_argument("--fold-bias", action="store_true",
                        help="fold removed or merged heads' constant output W_out[:, h] b_v[h] into the out bias "
                             "(ours; exact, data-free; also for the structured magnitude baseline)")
     group.add_argument("--epochs", type=COUNT, default=0,
-                       help="optional recovery fine-tuning epochs after clustering (the paper uses 3)")
+                       help="optional recovery fine-tuning epochs after clustering (the paper uses 3; 0: none)")
     group.add_argument("--eval-utterances", type=POSITIVE_INT, default=WHISPER_EVAL_UTTERANCES,
                        help="Whisper: score the first N utterances of each --test-split (default %(default)s), "
                             "plus the real recordings in "
@@ -204,18 +215,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--ste", action="store_true", help="binary masks forward, relaxed gates backward")
     group.add_argument("--gate-lr", type=per_gate_type("a number > 0", lambda v: v > 0), default=None,
                        help="learning rate per gate type, e.g. heads=0.02 (types heads, qk_dims, v_dims, ffn; "
-                            "the others keep 0.1)")
+                            f"default: {GATE_LR:g} for every type)")
     group.add_argument("--init-drop", type=per_gate_type("a number in (0, 1)", lambda v: 0 < v < 1), default=None,
-                       help="initial drop rate per gate type, e.g. heads=0.001,ffn=0.5 (the others keep 0.01)")
+                       help="initial drop rate per gate type, e.g. heads=0.001,ffn=0.5 (default: "
+                            + ", ".join(f"{name} {getattr(InitDropRates(), name):g}" for name in ("heads", "qk_dims",
+                                                                                                 "v_dims", "ffn"))
+                            + ")")
     group.add_argument("--target-ramp", type=FRACTION, default=None,
-                       help="share of the steps over which the target sparsity ramps up from 0 (default 0.5; "
-                            "DPHuBERT 0.1)")
+                       help="share of the steps over which the target sparsity ramps up from 0 (default "
+                            f"{TARGET_WARMUP_FRACTION:g}; DPHuBERT 0.1)")
     group.add_argument("--min-heads", type=COUNT, default=0,
                        help="keep at least this many heads in every attention module (ours; default 0)")
     group.add_argument("--dims-only", action="store_true",
                        help="no head gates: a head goes only when all its value dims do (ours)")
     group.add_argument("--distill", action="store_true",
                        help="add layer-wise hidden-state distillation (L1 + cosine) from the dense model")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")

@@ -15,6 +15,7 @@ family adds one recipe there.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import datetime
@@ -42,7 +43,7 @@ from spg.compress.clustering import (cluster_compress, module_shapes, plan_kept_
 from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
 from spg.loading import whisper_ctc_from_pretrained
-from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
+from spg.data import DEFAULT_VOCAB, check_durations, read_audio, read_corpus
 from spg.training import (Objective, TrainConfig, UsageError, check_output_paths, check_resume_settings,
                           distributed_rank, evaluate_corpus, file_digest, load_resume_state, naming_write_errors,
                           sparsity_report, tensors_digest, train)
@@ -59,6 +60,19 @@ REAL_RECORDINGS = tuple(REPO / "tests" / "data" / name for name in ("librivox", 
 # Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
 # scored on the real recordings and the first 50 utterances of each --test-split.
 WHISPER_EVAL_UTTERANCES = 50
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' --help: the module docstring as written, and every option's default after
+    its help text unless the text already names it ("default: off" for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is False:
+            return f"{text} (default: off)"
+        return text if action.default is None else f"{text} (default: %(default)s)"
 
 
 @dataclass(frozen=True)
@@ -479,6 +493,8 @@ def run_ctc(args, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, 
     method = build_method(args, model)   # before training: `mixed` and `structured` may refuse early
     # the size of the model we start from (cluster reports it even for a random --init model)
     dense_size = None if args.init and args.method != "cluster" or rank != 0 else file_sizes(model, out)
+    if rank == 0:
+        announce_setup(args, model, train_set, {"dev": dev_set, **test_sets}, device)
     before = {} if args.init or rank != 0 else \
         evaluate_dense(model, {"dev": dev_set, **test_sets}, device, args.dense_eval)
     model, dense_copy = structured_start(args, model)
@@ -499,8 +515,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     decoding) and print the summary. `dev_set` is what `--eval-every` scores."""
     rank = distributed_rank()[0]
 
-    feature_cache = args.feature_cache or \
-        (str(REPO / "runs" / "feature-cache") if args.data is None and objective is None else None)
+    feature_cache = feature_cache_folder(args, objective)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                          weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
@@ -569,6 +584,7 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     print_summary(summary)
     if args.json:
         write_json(args.json, summary)
+    print_files_left(args, out, None if args.train_feature_extractor else feature_cache)
     return 0
 
 
@@ -697,7 +713,157 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
           f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
     if args.json:
         write_json(args.json, summary)
+    print_files_left(args, out, None)
     return 0
+
+
+def feature_cache_folder(args, objective: Optional[Objective] = None) -> Optional[str]:
+    """Where training keeps the frozen front end's features between runs: --feature-cache, else
+    runs/feature-cache for the built-in corpus (CTC training), else nowhere (memory only)."""
+    if args.feature_cache:
+        return args.feature_cache
+    return str(REPO / "runs" / "feature-cache") if args.data is None and objective is None else None
+
+
+def trains(args) -> bool:
+    """Whether this run trains (every method but cluster, which trains only with --epochs)."""
+    return args.method != "cluster" or bool(args.epochs)
+
+
+def seconds_per_audio_second(model, device: torch.device) -> tuple[float, float]:
+    """(full forward, front end alone) seconds per second of audio on `device`, measured on 10 s
+    of random audio (the faster of two timed runs after a warm-up)."""
+    wave = family_of(model).forward_inputs(model)[0].to(device)
+    audio_seconds = wave.shape[-1] / 16000
+    was_training = model.training
+    model.eval()
+    timings = []
+    with torch.inference_mode():
+        for run in (lambda: model(wave), lambda: model.extract_features(wave)):
+            run()
+            laps = []
+            for _ in range(2):
+                begin = time.perf_counter()
+                run()
+                laps.append(time.perf_counter() - begin)
+            timings.append(min(laps) / audio_seconds)
+    model.train(was_training)
+    return timings[0], timings[1]
+
+
+def read_seconds_per_audio_second(utterances, *, sample: int = 8) -> float:
+    """Seconds to read one second of audio from disk, measured on the first `sample` utterances."""
+    probe = list(utterances[:sample])
+    begin = time.perf_counter()
+    for utterance in probe:
+        read_audio(utterance)
+    return (time.perf_counter() - begin) / max(1e-9, sum(u.seconds for u in probe))
+
+
+def setup_work(args, train_set, evaluation_sets: dict, feature_cache: Optional[str]) -> dict:
+    """What a wav2vec2/HuBERT run does before its first step: {"decode": the splits it decodes
+    with the starting model (none for --init or a --dense-eval file that exists: then it is
+    reused when it matches), "features": whether it computes the frozen front end's features
+    of the train split (not when it trains the front end, does not train, the corpus is too
+    large to cache, or the cache folder already holds features), "kept": where those features
+    are kept for later runs (None: in memory only)}."""
+    decode = {} if args.init or args.dense_eval and Path(args.dense_eval).exists() else evaluation_sets
+    small = sum(u.seconds for u in train_set) / 3600 <= TrainConfig.max_cached_hours
+    cached = feature_cache is not None and Path(feature_cache).is_dir() and \
+        any(Path(feature_cache).glob("features-*.pt"))
+    features = trains(args) and not args.train_feature_extractor and small and not cached
+    return {"decode": decode, "features": features, "kept": feature_cache}
+
+
+def announce_setup(args, model, train_set, evaluation_sets: dict, device: torch.device) -> Optional[str]:
+    """Print (and return) one line before the long work that precedes the first step on a
+    fresh clone: decoding the splits with the starting model and caching the front end's
+    features, with an estimate of the time measured on this machine; which of it is a one-off
+    and where it is kept. Nothing when there is no such work."""
+    # run_cluster's recovery fine-tuning keeps its features in memory only
+    folder = feature_cache_folder(args) if args.method != "cluster" else None
+    work = setup_work(args, train_set, evaluation_sets, folder)
+    decode, features = work["decode"], work["features"]
+    if not decode and not features:
+        return None
+    minutes = lambda data: sum(u.seconds for u in data) / 60  # noqa: E731
+    decode_seconds = 60 * sum(minutes(data) for data in decode.values())
+    amount = lambda m: f"{m:.1f} min" if m < 10 else f"{m:.0f} min"  # noqa: E731
+    parts = []
+    if decode:
+        splits = list(decode)
+        parts.append(f"decoding the starting model on {', '.join(splits[:-1]) + ' and ' if len(splits) > 1 else ''}"
+                     f"{splits[-1]} ({sum(len(d) for d in decode.values()):,} utterances, "
+                     f"{amount(decode_seconds / 60)} of audio)")
+    if features:
+        parts.append(f"computing the frozen front end's features of {len(train_set):,} training utterances "
+                     f"({amount(minutes(train_set))} of audio)")
+    line = "before the first step: " + " and ".join(parts)
+    if device.type == "cpu":
+        full, front_end = seconds_per_audio_second(model, device)
+        reading = read_seconds_per_audio_second(train_set or next(iter(decode.values())))
+        estimate = (full + reading) * decode_seconds + \
+            ((front_end + reading) * minutes(train_set) * 60 if features else 0.0)
+        line += ", under a minute on this machine" if estimate < 60 else \
+            f", about {round(estimate / 60)} min on this machine"
+    kept = []
+    if features and work["kept"]:
+        kept.append(f"the features are a one-off, cached in {work['kept']} for later runs on this corpus")
+    elif features:
+        kept.append("the features are kept in memory for this run only (--feature-cache FOLDER keeps them)")
+    if decode and args.dense_eval:
+        kept.append(f"the decoding is a one-off, kept in {args.dense_eval}")
+    elif decode:
+        kept.append("the decoding is repeated by every run (--dense-eval FILE keeps it)")
+    line += "; " + "; ".join(kept)
+    print(line, flush=True)
+    return line
+
+
+def display_path(path) -> str:
+    """`path` relative to the working directory when it lies below it, else as given (a
+    name such as whisper-tiny.en stays as it is)."""
+    if not Path(path).exists():
+        return str(path)
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def files_left(args, out: Path, feature_cache: Optional[str]) -> list[tuple[Path, int, str]]:
+    """(path, bytes, what it is and how to remove it) of every file or folder this run left:
+    the output model, its resume state, the feature cache, the --dense-eval cache, --json."""
+    def size(path: Path) -> int:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size
+
+    shown = display_path
+    command = f"python {shown(REPO / 'evaluate.py')} --model {shown(out)}" + \
+        ("" if args.init else f" --compare {shown(args.model) if args.model else shown(DEFAULT_MODEL)}")
+    candidates = [
+        (out, f"the output model; score it with {command}"),
+        (state_path(out), f"resume state, needed only for --resume: rm {shown(state_path(out))}"),
+        (Path(feature_cache) if feature_cache else None,
+         f"front-end features, kept for later runs on this corpus: rm -r {shown(Path(feature_cache or '.'))}"),
+        (Path(args.dense_eval) if args.dense_eval else None,
+         "the starting model's decoding (--dense-eval), kept for later runs: "
+         f"rm {shown(Path(args.dense_eval or '.'))}"),
+        (Path(args.json) if args.json else None, "the summary figures (--json)"),
+    ]
+    return [(path, size(path), what) for path, what in candidates if path is not None and path.exists()]
+
+
+def print_files_left(args, out: Path, feature_cache: Optional[str]) -> None:
+    """The files this run left (`files_left`), one line each with its size and how to remove it."""
+    left = files_left(args, out, feature_cache)
+    if not left:
+        return
+    print("files left by this run:")
+    names = [display_path(path) + ("/" if path.is_dir() else "") for path, _, _ in left]
+    width = max(len(name) for name in names)
+    for name, (_, bytes_, what) in zip(names, left):
+        amount = f"{bytes_ / 1e6:.1f} MB" if bytes_ >= 100_000 else f"{bytes_ / 1e3:.1f} kB"
+        print(f"  {name:<{width}} {amount:>9}  {what}")
 
 
 def evaluate_dense(model: Wav2Vec2CTC, evaluation_sets: dict, device: torch.device,
