@@ -66,6 +66,7 @@ class CTCObjective(Objective):
     def prepare(self, model: CTCModel, audio: AudioCache, config: TrainConfig, device: torch.device,
                 in_memory: bool, progress: bool) -> None:
         check_labels_avoid_blank(audio.utterances, model.vocab, model.blank_id)
+        self.features = None            # an objective passed to several runs keeps none of the last one's
         if self.frozen and config.cache_features and in_memory:
             self.features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress)
 

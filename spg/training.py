@@ -488,12 +488,16 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
           device: torch.device = torch.device("cpu"),
           checkpoint_path: Optional[str | Path] = None, resume: bool = False,
           dev_utterances: Optional[Sequence[Utterance]] = None,
-          on_eval: Optional[Callable[[int, float], None]] = None,
           progress: bool = True, stop_after_steps: Optional[int] = None,
           settings: Optional[dict] = None) -> TrainResult:
     """Fine-tune `model` for `config.steps` optimiser steps on `objective`'s loss (the model
     family's: `spg.ctc_training.CTCObjective()` for a CTC model, `spg.whisper.training.
     WhisperObjective()` for Whisper) plus `method`'s loss.
+
+    The `Method` hooks (`spg.compress.interface`), in the order the loop calls them:
+    `attach` once; `parameter_groups` for the optimiser; `load_state_dict` on resume; per
+    step `before_step`, `extra_loss` (in `TrainingStep`), `after_step`; `state_dict` with
+    every checkpoint; `finish` once the last step is done.
 
     `checkpoint_path` receives a resumable checkpoint every `config.save_every` steps and at
     the end; with `resume=True` training continues from it. `stop_after_steps` ends this call
@@ -513,173 +517,259 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
     started = time.time()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-
-    state = None
-    if resume:
-        if checkpoint_path is None:
-            raise FileNotFoundError("--resume given but there is no checkpoint path")
-        state = load_resume_state(checkpoint_path, map_location=device)
+    state = read_resume_state(checkpoint_path, device) if resume else None
 
     objective.freeze(model, config)
     # built before the resume check, which compares its hyperparameters with the stored ones; the
     # methods restore their state into the parameters it holds
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
+    optimizer = build_optimizer(model, method, config)
     if state is not None:
         check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings,
                               optimizer=optimizer)
-        try:
-            model.load_state_dict(state["model"])     # before caching features: they depend on the weights
-            method.load_state_dict(state["method"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{checkpoint_path}: its model or method state does not fit this model and "
-                                  f"method: {str(error).splitlines()[0] if str(error) else repr(error)}") from None
+        restore_weights(state, model, method, checkpoint_path)   # before caching features: they depend on them
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
     audio = AudioCache(train_utterances, keep=small_corpus)
-    # DDP broadcasts rank 0's parameters and buffers now (before features are cached from them)
-    # and averages gradients in backward(); the standard PyTorch recipe, nothing home-made.
-    network = TrainingStep(model, method, objective, audio)
-    if world_size > 1:
-        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True)
+    network = data_parallel(TrainingStep(model, method, objective, audio), device, world_size)
     objective.prepare(model, audio, config, device, in_memory=small_corpus, progress=progress)
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
-
-    step, epoch, position, skipped = 0, 0, 0, 0
-    history: list[dict] = []
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"].cpu())
-            random.setstate(state["python_rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{checkpoint_path}: its optimiser or RNG state does not fit this run: "
-                                  f"{str(error).splitlines()[0] if str(error) else repr(error)}") from None
-        step, epoch, position, skipped = state["step"], state["epoch"], state["position"], state["skipped"]
-        history = state["history"]
-    saved_step = step if state is not None else None
+    loop = LoopState() if state is None else restore_loop(state, optimizer, checkpoint_path)
     if world_size > 1:
-        torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)   # own dropout/SpecAugment per rank
-
-    def save_checkpoint() -> None:
-        nonlocal saved_step
-        if checkpoint_path is None or rank != 0:
-            return
-        # only plain data and tensors: load_resume_state reads it back with weights_only=True
-        atomic_torch_save(plain_data({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-            "step": step, "epoch": epoch, "position": position, "skipped": skipped, "history": history,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "train_config": asdict(config), "method_name": method.name, "settings": settings,
-            **objective.checkpoint_entries(model),
-        }), checkpoint_path)
-        saved_step = step
-
-    # Finiteness of the weights after every optimiser step: one sum per parameter, stacked
-    # (a NaN or inf anywhere makes the total non-finite), then a single isfinite; only when
-    # that fails is each parameter looked at, to name the first broken one (a finite total
-    # that overflowed is a false alarm and training goes on).
-    checked = [p for group in optimizer.param_groups for p in group["params"]]
-    names = {id(p): n for n, p in model.named_parameters()}
-    for i, module in enumerate(method.trainable_modules()):
-        names.update({id(p): f"{method.name} module {i}: {n}" for n, p in module.named_parameters()})
-
-    def check_weights_finite() -> None:
-        if not checked:
-            return
-        with torch.no_grad():
-            total = torch.stack([p.detach().sum(dtype=torch.float32).to(device) for p in checked]).sum()
-        if bool(torch.isfinite(total)):
-            return
-        for index, parameter in enumerate(checked):
-            bad = int((~torch.isfinite(parameter.detach())).sum())
-            if bad:
-                name = names.get(id(parameter), f"optimiser parameter {index}")
-                kept = (f"the last checkpoint, {checkpoint_path} at step {saved_step}, was left as it was"
-                        if checkpoint_path is not None and saved_step is not None else "no checkpoint was written")
-                raise NonFiniteWeightsError(
-                    f"step {step - 1}: the weights are no longer finite after its optimiser step: {name} has {bad} "
-                    f"NaN/inf of {parameter.numel()} values (lr {optimizer.param_groups[0]['lr']:.3g}); "
-                    f"training stopped and {kept}; try a lower --lr")
+        torch.manual_seed(config.seed * 1_000_003 + loop.step * 1009 + rank)   # own dropout/SpecAugment per rank
+    check_weights_finite = FiniteWeightsCheck(model, method, optimizer, device)
 
     objective.train_mode(model)
-    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
+    bar = tqdm(total=config.steps, initial=loop.step, desc=method.name, disable=not progress or rank != 0,
                dynamic_ncols=True)
-    end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
-    loop_started, first_step = time.time(), step
+    end_step = config.steps if stop_after_steps is None else min(config.steps, loop.step + stop_after_steps)
+    loop_started, first_step = time.time(), loop.step
     try:
-        while step < end_step:
-            batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
-                                            seed=config.seed * 100_003 + epoch)
-            if len(batches) < world_size:
-                raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
-                                 f"use a smaller batch size or more data")
+        while loop.step < end_step:
+            batches = epoch_batches(audio, config, loop.epoch, world_size)
             # Every rank shuffles identically and takes its own slot of each group of world_size batches.
-            while position + world_size <= len(batches) and step < end_step:
-                indices = batches[position + rank]
-                position += world_size
-                factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-                method.before_step(model, step, config.steps)
-                loss, extra = network(indices, step, config.steps)
-                total = loss if extra is None else loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
-                if not _all_ranks_agree(bool(torch.isfinite(total)), device):
-                    skipped += 1
-                    first_ids = [audio.utterances[i].id for i in indices[:3]]
-                    bar.write(f"step {step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
-                    step += 1
-                    bar.update(1)
+            while loop.position + world_size <= len(batches) and loop.step < end_step:
+                indices = batches[loop.position + rank]
+                loop.position += world_size
+                done = optimizer_step(network, model, method, optimizer, audio, indices, loop, config, device, bar)
+                if done is None:       # a non-finite loss: the step is counted, nothing else happens
                     continue
-                total.backward()
-                gradient_norm = torch.nn.utils.clip_grad_norm_(      # grad_clip 0: the norm only, no clipping
-                    [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
-                    config.grad_clip if config.grad_clip > 0 else float("inf"))
-                unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
-                if not torch.isfinite(gradient_norm) or \
-                        not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped):
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    bar.write(f"step {step}: non-finite gradient; update skipped")
-                else:
-                    optimizer.step()
-                step += 1
-                shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
-                shown.update(method.after_step(model, step, config.steps, optimizer=optimizer))
-                check_weights_finite()
+                loss, shown = done
+                check_weights_finite(loop, optimizer, checkpoint_path)
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                if step - first_step == ESTIMATE_AFTER_STEPS and end_step - step > ESTIMATE_AFTER_STEPS and rank == 0 \
-                        and progress:
-                    bar.write(time_estimate(time.time() - loop_started, step - first_step, end_step - step))
-                if step % 10 == 0 or step == config.steps:
-                    history.append({"step": step, "loss": loss.item(),
-                                    **{k: v for k, v in shown.items() if k != "loss"}})
-                if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:
-                    dev_wer = objective.dev_wer(model, dev_audio, device)
-                    history.append({"step": step, "dev_wer": dev_wer})
-                    bar.write(f"step {step}: dev WER {100 * dev_wer:.2f}%")
-                    if on_eval is not None:
-                        on_eval(step, dev_wer)
-                    objective.train_mode(model)
-                if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
-                    save_checkpoint()
-            if position + world_size > len(batches):
-                epoch, position = epoch + 1, 0
+                if loop.step - first_step == ESTIMATE_AFTER_STEPS and end_step - loop.step > ESTIMATE_AFTER_STEPS \
+                        and rank == 0 and progress:
+                    bar.write(time_estimate(time.time() - loop_started, loop.step - first_step, end_step - loop.step))
+                if loop.step % 10 == 0 or loop.step == config.steps:
+                    loop.history.append({"step": loop.step, "loss": loss.item(),
+                                         **{k: v for k, v in shown.items() if k != "loss"}})
+                if config.eval_every and dev_audio is not None and loop.step % config.eval_every == 0 and rank == 0:
+                    evaluate_dev(objective, model, dev_audio, device, loop, bar)
+                if config.save_every and loop.step % config.save_every == 0:
+                    save_resume_state(checkpoint_path, rank, loop, model, optimizer, method, objective, config,
+                                      settings)
+            if loop.position + world_size > len(batches):
+                loop.epoch, loop.position = loop.epoch + 1, 0
     finally:
         bar.close()        # also when training stops with an error: its line then starts clean
     loop_seconds = time.time() - loop_started
-    save_checkpoint()
-    if step >= config.steps:
+    save_resume_state(checkpoint_path, rank, loop, model, optimizer, method, objective, config, settings)
+    if loop.step >= config.steps:
         method.finish(model)
     model.eval()
-    return TrainResult(steps_done=step, skipped_steps=skipped, seconds=time.time() - started,
-                       loop_seconds=loop_seconds, history=history)
+    return TrainResult(steps_done=loop.step, skipped_steps=loop.skipped, seconds=time.time() - started,
+                       loop_seconds=loop_seconds, history=loop.history)
+
+
+# --- the loop's steps, in the order `train` takes them -----------------------------------------
+
+@dataclass
+class LoopState:
+    """Where the loop is. With the weights, the optimiser, the RNGs and the method's state it
+    is what a resume state holds (`save_resume_state`)."""
+    step: int = 0                  # optimiser steps done (skipped ones included)
+    epoch: int = 0
+    position: int = 0              # batches of this epoch already taken, by all ranks together
+    skipped: int = 0               # steps whose loss or gradient was not finite
+    history: list[dict] = field(default_factory=list)
+    saved_step: Optional[int] = None   # the step of the checkpoint last written or resumed from
+
+
+def read_resume_state(checkpoint_path: Optional[str | Path], device: torch.device) -> dict:
+    """`load_resume_state` of `checkpoint_path`, which `resume=True` requires."""
+    if checkpoint_path is None:
+        raise FileNotFoundError("--resume given but there is no checkpoint path")
+    return load_resume_state(checkpoint_path, map_location=device)
+
+
+def build_optimizer(model: nn.Module, method: Method, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (the SPG paper's optimiser) over the method's parameter groups (`Method.
+    parameter_groups`: the model's weights, and the method's own parameters with their
+    settings); each group keeps its `base_lr`, which the schedule scales before every step."""
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return optimizer
+
+
+def restore_weights(state: dict, model: nn.Module, method: Method, path: str | Path) -> None:
+    """The model's weights and the method's state from a resume state (CheckpointError when
+    they do not fit this model and method)."""
+    try:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its model or method state does not fit this model and "
+                              f"method: {error_line(error)}") from None
+
+
+def restore_loop(state: dict, optimizer: torch.optim.Optimizer, path: str | Path) -> LoopState:
+    """The optimiser, both RNGs and the loop's position from a resume state."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        random.setstate(state["python_rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its optimiser or RNG state does not fit this run: "
+                              f"{error_line(error)}") from None
+    return LoopState(step=state["step"], epoch=state["epoch"], position=state["position"],
+                     skipped=state["skipped"], history=state["history"], saved_step=state["step"])
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its repr when it has none), for a one-line CheckpointError."""
+    return str(error).splitlines()[0] if str(error) else repr(error)
+
+
+def data_parallel(step: TrainingStep, device: torch.device, world_size: int) -> nn.Module:
+    """`step` wrapped in PyTorch DDP when there are several ranks, else `step` itself. DDP
+    broadcasts rank 0's parameters and buffers now (before features are cached from them) and
+    averages gradients in backward(); the standard PyTorch recipe, nothing home-made."""
+    if world_size == 1:
+        return step
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+class FiniteWeightsCheck:
+    """Raises NonFiniteWeightsError, naming the first broken parameter, when a weight stops
+    being finite after an optimiser step.
+
+    One sum per parameter, stacked (a NaN or inf anywhere makes the total non-finite), then a
+    single isfinite; only when that fails is each parameter looked at (a finite total that
+    overflowed is a false alarm and training goes on)."""
+
+    def __init__(self, model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device = device
+        self.checked = [p for group in optimizer.param_groups for p in group["params"]]
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        for i, module in enumerate(method.trainable_modules()):
+            self.names.update({id(p): f"{method.name} module {i}: {n}" for n, p in module.named_parameters()})
+
+    def __call__(self, loop: LoopState, optimizer: torch.optim.Optimizer,
+                 checkpoint_path: Optional[str | Path]) -> None:
+        if not self.checked:
+            return
+        with torch.no_grad():
+            total = torch.stack([p.detach().sum(dtype=torch.float32).to(self.device) for p in self.checked]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        for index, parameter in enumerate(self.checked):
+            bad = int((~torch.isfinite(parameter.detach())).sum())
+            if bad:
+                name = self.names.get(id(parameter), f"optimiser parameter {index}")
+                kept = (f"the last checkpoint, {checkpoint_path} at step {loop.saved_step}, was left as it was"
+                        if checkpoint_path is not None and loop.saved_step is not None else "no checkpoint was written")
+                raise NonFiniteWeightsError(
+                    f"step {loop.step - 1}: the weights are no longer finite after its optimiser step: {name} has "
+                    f"{bad} NaN/inf of {parameter.numel()} values (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                    f"training stopped and {kept}; try a lower --lr")
+
+
+def epoch_batches(audio: AudioCache, config: TrainConfig, epoch: int, world_size: int) -> list[list[int]]:
+    """This epoch's batches of utterance indices: length-sorted, shuffled with a seed of
+    `config.seed` and `epoch` (identical on every rank, and again on resume)."""
+    batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
+                                    seed=config.seed * 100_003 + epoch)
+    if len(batches) < world_size:
+        raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
+                         f"use a smaller batch size or more data")
+    return batches
+
+
+def optimizer_step(network: nn.Module, model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
+                   audio: AudioCache, indices: Sequence[int], loop: LoopState, config: TrainConfig,
+                   device: torch.device, bar: tqdm) -> Optional[tuple[torch.Tensor, dict]]:
+    """One step on one batch: the scheduled learning rate, `Method.before_step`, the forward
+    (`TrainingStep`: objective loss + `Method.extra_loss`), backward, gradient clipping, the
+    AdamW update, `Method.after_step`; `loop.step` advances. Returns (the objective's loss,
+    what the progress bar shows), or None when the loss was not finite on some rank: then
+    every rank skips the step (a rank that skipped backward() would leave DDP's all-reduce
+    hanging). A non-finite gradient skips the update only."""
+    factor = learning_rate_factor(loop.step, config.steps, config.warmup_fraction)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    method.before_step(model, loop.step, config.steps)
+    loss, extra = network(indices, loop.step, config.steps)
+    total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    if not _all_ranks_agree(bool(torch.isfinite(total)), device):
+        loop.skipped += 1
+        first_ids = [audio.utterances[i].id for i in indices[:3]]
+        bar.write(f"step {loop.step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
+        loop.step += 1
+        bar.update(1)
+        return None
+    total.backward()
+    if clip_gradients(optimizer, config.grad_clip):
+        optimizer.step()
+    else:
+        loop.skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        bar.write(f"step {loop.step}: non-finite gradient; update skipped")
+    loop.step += 1
+    shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
+    shown.update(method.after_step(model, loop.step, config.steps, optimizer=optimizer))
+    return loss, shown
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, grad_clip: float) -> bool:
+    """Clip the gradients of the groups that allow it (`clip_grad`, default True) to a total
+    norm of `grad_clip` (0: the norm only, no clipping); True when every gradient is finite."""
+    gradient_norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
+        grad_clip if grad_clip > 0 else float("inf"))
+    unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
+    return bool(torch.isfinite(gradient_norm)) and \
+        all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped)
+
+
+def evaluate_dev(objective: Objective, model: nn.Module, dev_audio: AudioCache, device: torch.device,
+                 loop: LoopState, bar: tqdm) -> None:
+    """`config.eval_every`: the objective's dev WER, into the history and on the progress bar."""
+    dev_wer = objective.dev_wer(model, dev_audio, device)
+    loop.history.append({"step": loop.step, "dev_wer": dev_wer})
+    bar.write(f"step {loop.step}: dev WER {100 * dev_wer:.2f}%")
+    objective.train_mode(model)
+
+
+def save_resume_state(path: Optional[str | Path], rank: int, loop: LoopState, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, method: Method, objective: Objective,
+                      config: TrainConfig, settings: Optional[dict]) -> None:
+    """Write the resume state to `path` atomically (rank 0 only; nothing without a path):
+    only plain data and tensors, so `load_resume_state` reads it back with weights_only=True.
+    The objective adds what says which model the weights belong to (`checkpoint_entries`)."""
+    if path is None or rank != 0:
+        return
+    atomic_torch_save(plain_data({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+        "step": loop.step, "epoch": loop.epoch, "position": loop.position, "skipped": loop.skipped,
+        "history": loop.history, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "train_config": asdict(config), "method_name": method.name, "settings": settings,
+        **objective.checkpoint_entries(model),
+    }), path)
+    loop.saved_step = loop.step
 
 
 # ----------------------------------------------------------------------------------------

@@ -100,6 +100,19 @@ def test_feature_cache_on_disk_is_reused_and_keyed_on_the_weights(tmp_path):
     assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
 
 
+def test_one_ctc_objective_serves_several_runs(tmp_path):
+    """An objective passed to a second run keeps nothing of the first (its cached features)."""
+    utterances = tiny_corpus(tmp_path)
+    frozen = TrainConfig(steps=2, batch_size=3, lr=1e-3, save_every=0)
+    trained = TrainConfig(steps=2, batch_size=3, lr=1e-3, save_every=0, freeze_feature_extractor=False)
+    shared, reused, fresh = CTCObjective(), tiny_model(), tiny_model()
+    train(tiny_model(), utterances, frozen, objective=shared, progress=False)
+    train(reused, utterances, trained, objective=shared, progress=False)
+    train(fresh, utterances, trained, objective=CTCObjective(), progress=False)
+    for (name, a), b in zip(state_of(reused).items(), state_of(fresh).values()):
+        assert torch.equal(a, b), name
+
+
 class Planted:
     """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""
 
