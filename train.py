@@ -30,9 +30,9 @@ import time
 
 import torch
 
+from spg.command_line import exit_code_of
 from spg.compress import kmeans, self_pinching
 from spg.experiment import DEFAULT_MODEL, REAL_RECORDINGS, REPO, WHISPER_EVAL_UTTERANCES, run_from_command_line
-from spg.training import exit_code_of
 
 METHODS = ("dense", "spg", "ump", "gmp", "mixed", "cluster", "l0", "structured")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step

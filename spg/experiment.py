@@ -35,16 +35,17 @@ import torch.distributed as dist
 
 import spg
 from spg.checkpoint import atomic_write, payload_bytes
+from spg.command_line import UsageError, check_output_paths
 from spg.compress import self_pinching
 from spg.compress.clustering import (cluster_compress, module_shapes, plan_kept_units, structured_magnitude_prune,
                                     structured_magnitude_to_shapes)
 from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
+from spg.ctc_training import CTCObjective, evaluate_corpus, file_digest, tensors_digest
 from spg.loading import whisper_ctc_from_pretrained
 from spg.data import DEFAULT_VOCAB, check_durations, read_corpus
-from spg.ctc_training import CTCObjective, evaluate_corpus, file_digest, tensors_digest
-from spg.training import (Objective, TrainConfig, UsageError, check_output_paths, check_resume_settings,
-                          distributed_rank, load_resume_state, naming_write_errors, sparsity_report, train)
+from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, load_resume_state,
+                          naming_write_errors, sparsity_report, train)
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
@@ -271,7 +272,7 @@ def setup_distributed(args) -> tuple[int, torch.device]:
 
 
 def run_from_command_line(args, started: float) -> int:
-    """train.py's run (under torchrun: in the process group), for `spg.training.exit_code_of`."""
+    """train.py's run (under torchrun: in the process group), for `spg.command_line.exit_code_of`."""
     rank, device = setup_distributed(args)
     try:
         return run(args, rank, device, started)
@@ -402,7 +403,7 @@ def run_family(args, model, rank: int, device: torch.device, started: float) -> 
 def naming_interruption(args, out: Path, started: float):
     """Re-raise Ctrl-C as KeyboardInterrupt("interrupted; resume with --resume (...)") when this
     run saved (or resumed) a state, else KeyboardInterrupt("interrupted"): the line that
-    `spg.training.exit_code_of` prints."""
+    `spg.command_line.exit_code_of` prints."""
     try:
         yield
     except KeyboardInterrupt:

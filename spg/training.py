@@ -31,11 +31,10 @@ import errno
 import os
 import pickle
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spg.data import AudioCache, DataError, Utterance, length_sorted_batches
+from spg.data import AudioCache, Utterance, length_sorted_batches
 from spg.checkpoint import CheckpointError, atomic_write, format_keys, non_finite_entries
 from spg.compress.interface import Method, PrunableModel
 
@@ -114,11 +113,6 @@ class ResumeMismatchError(ValueError):
     """`resume=True` with settings other than the ones the resume state was written with."""
 
 
-class UsageError(ValueError):
-    """Options that cannot work together or with the files they name (two options naming the
-    same file, an output that is a folder, a --dense-eval file that is not a cache): exit 2."""
-
-
 class NonFiniteWeightsError(RuntimeError):
     """The weights stopped being finite during training (the run is stopped, nothing saved)."""
 
@@ -147,48 +141,6 @@ def naming_write_errors(path: str | Path):
             if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
                 reason += f" ({error.filename})"
         raise OSError(error.errno, f"cannot write {path}: {reason}") from raised
-
-
-def check_output_paths(inputs: dict, outputs: dict, output_folders: Optional[dict] = None) -> None:
-    """Before any work, a UsageError naming the options (labels of the dicts, which map a label
-    to a path or None) when an output would destroy a file or could not be written: an output
-    file (`outputs`) or folder (`output_folders`) that is the same file as another output or
-    an existing input (resolved paths compared, and os.path.samefile where both exist, so
-    symlinks and hard links count); an output file that is an existing folder, or an output
-    folder that is an existing file; an output whose folder cannot be created (a file or an
-    unwritable folder on its way)."""
-    output_folders = output_folders or {}
-    written = {label: Path(path) for label, path in {**outputs, **output_folders}.items() if path is not None}
-    existing_inputs = {label: Path(path) for label, path in inputs.items() if path is not None and Path(path).exists()}
-    for label, path in written.items():
-        folder = label in output_folders
-        if path.is_dir() and not folder:
-            raise UsageError(f"{label} {path} is an existing folder; expected a file name")
-        if path.exists() and folder and not path.is_dir():
-            raise UsageError(f"{label} {path} is an existing file; expected a folder")
-        blocker = _uncreatable(path if folder else path.parent)
-        if blocker:
-            raise UsageError(f"{label} {path}: its folder cannot be created ({blocker})")
-    others = list(written.items()) + list(existing_inputs.items())
-    for index, (label, path) in enumerate(written.items()):
-        for other, other_path in others[index + 1:]:
-            if path.resolve() == other_path.resolve() or \
-                    path.exists() and other_path.exists() and os.path.samefile(path, other_path):
-                raise UsageError(f"{label} and {other} name the same file ({path}), which {label} would "
-                                 f"overwrite; give {label} another path")
-
-
-def _uncreatable(folder: Path) -> Optional[str]:
-    """Why `folder` cannot be created or written to (its nearest existing ancestor is a file or
-    not writable), or None when it can."""
-    ancestor = folder
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{ancestor} is a file"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{ancestor} is not writable"
-    return None
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -368,45 +320,6 @@ def check_resume_settings(state: dict, path: str | Path, config: Optional[TrainC
             f"run (only --stop-after, --save-every, --eval-every, --json, --device, --feature-cache, --dense-eval, "
             f"--half, --dev-split, --test-split, --eval-utterances and --max-seconds may change): "
             + "; ".join(differences))
-
-
-def failure_message(error: BaseException) -> Optional[tuple[int, str]]:
-    """(exit code, one line) for an error a command-line user can cause and fix (a bad file or
-    argument, a full disk, diverged training); None for anything else, which is a bug and
-    keeps its traceback. Exit code 2: the command line contradicts a file (a resume with
-    other settings, a `UsageError`); 1: the rest."""
-    if isinstance(error, (ResumeMismatchError, UsageError)):
-        return 2, str(error)
-    if isinstance(error, (CheckpointError, DataError, NonFiniteWeightsError)):
-        return 1, str(error)
-    if isinstance(error, OSError):
-        if error.errno is not None and error.strerror:
-            text = error.strerror
-            if error.filename is not None:
-                text += f": {error.filename}"
-            if getattr(error, "filename2", None) is not None:
-                text += f" -> {error.filename2}"
-            return 1, text
-        return 1, str(error) or type(error).__name__
-    return None
-
-
-def exit_code_of(program: str, run: Callable[[], int]) -> int:
-    """`run()`'s exit code; for an expected error (see `failure_message`) one line
-    "PROGRAM: error: ..." on stderr and its exit code instead; for Ctrl-C (KeyboardInterrupt)
-    one line "PROGRAM: interrupted..." (its message, if any) and 130. Bugs keep their traceback."""
-    try:
-        return run()
-    except KeyboardInterrupt as interrupt:
-        print(f"\n{program}: {interrupt.args[0] if interrupt.args else 'interrupted'}", file=sys.stderr)
-        return 130
-    except Exception as error:
-        failure = failure_message(error)
-        if failure is None:
-            raise
-        code, text = failure
-        print(f"{program}: error: {' '.join(text.splitlines())}", file=sys.stderr)
-        return code
 
 
 def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
