@@ -77,10 +77,10 @@ class Objective:
 
     `spg.ctc_training.CTCObjective` is the CTC one (wav2vec2/HuBERT, Whisper's encoder with a
     CTC head); `spg.whisper.training.WhisperObjective` gives Whisper its teacher-forced decoder
-    loss. The loop calls `freeze` once before the
-    model is wrapped for data parallelism (a frozen parameter must not be registered with
-    DDP), `prepare` once after (e.g. to cache features), then `loss` every step,
-    `train_mode` whenever the model goes back to training, and `dev_wer` for `eval_every`."""
+    loss. The loop calls `freeze` once before the model is wrapped for data parallelism (a
+    frozen parameter must not be registered with DDP), `prepare` once after (e.g. to cache
+    features), then `loss` every step, `train_mode` whenever the model goes back to training,
+    `dev_wer` for `eval_every`, and `checkpoint_entries` with every checkpoint."""
 
     def freeze(self, model: nn.Module, config: TrainConfig) -> None:
         """Set requires_grad=False on whatever `config` says is not trained."""
