@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 import spg
-from spg.files import atomic_write
+from spg.command_line import check_output_paths, exit_code_of
 from spg.data import DEFAULT_VOCAB, read_corpus
 from spg.experiment import HelpFormatter, check_model_durations, evaluate
-from spg.training import check_output_paths, exit_code_of, naming_write_errors, sparsity_report
+from spg.files import atomic_write
+from spg.training import naming_write_errors, sparsity_report
 from spg.wer import mapsswe
 from spg.whisper.evaluation import is_transcription_folder, read_transcription_folder
 from spg.whisper.io import NAMED_MODELS, named_model_folder

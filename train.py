@@ -30,12 +30,12 @@ import time
 
 import torch
 
+from spg.command_line import exit_code_of
 from spg.compress import merging, self_pinching
 from spg.compress.hardconcrete import InitDropRates
 from spg.compress.l0 import GATE_LR, TARGET_WARMUP_FRACTION
 from spg.experiment import (DEFAULT_MODEL, REAL_RECORDINGS, REPO, WHISPER_EVAL_UTTERANCES, HelpFormatter,
                             run_from_command_line)
-from spg.training import exit_code_of
 
 METHODS = ("dense", "spg", "ump", "gmp", "mixed", "cluster", "l0", "structured")
 # The default run must finish in 10 minutes on 2 CPU cores: ~0.6 s per cached-feature SPG step

@@ -36,17 +36,18 @@ import torch.distributed as dist
 
 import spg
 from spg.checkpoint import payload_bytes
+from spg.command_line import UsageError, check_output_paths
 from spg.files import atomic_write
 from spg.compress import self_pinching
 from spg.compress.clustering import (cluster_compress, module_shapes, plan_kept_units, structured_magnitude_prune,
                                     structured_magnitude_to_shapes)
 from spg.compress.interface import AttentionUnits, Method
 from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
+from spg.ctc_training import CTCObjective, evaluate_corpus, file_digest, tensors_digest
 from spg.loading import whisper_ctc_from_pretrained
 from spg.data import DEFAULT_VOCAB, check_durations, read_audio, read_corpus
-from spg.training import (Objective, TrainConfig, UsageError, check_output_paths, check_resume_settings,
-                          distributed_rank, evaluate_corpus, file_digest, load_resume_state, naming_write_errors,
-                          sparsity_report, tensors_digest, train)
+from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, load_resume_state,
+                          naming_write_errors, sparsity_report, train)
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
@@ -286,7 +287,7 @@ def setup_distributed(args) -> tuple[int, torch.device]:
 
 
 def run_from_command_line(args, started: float) -> int:
-    """train.py's run (under torchrun: in the process group), for `spg.training.exit_code_of`."""
+    """train.py's run (under torchrun: in the process group), for `spg.command_line.exit_code_of`."""
     rank, device = setup_distributed(args)
     try:
         return run(args, rank, device, started)
@@ -417,7 +418,7 @@ def run_family(args, model, rank: int, device: torch.device, started: float) -> 
 def naming_interruption(args, out: Path, started: float):
     """Re-raise Ctrl-C as KeyboardInterrupt("interrupted; resume with --resume (...)") when this
     run saved (or resumed) a state, else KeyboardInterrupt("interrupted"): the line that
-    `spg.training.exit_code_of` prints."""
+    `spg.command_line.exit_code_of` prints."""
     try:
         yield
     except KeyboardInterrupt:
@@ -525,7 +526,8 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
     reference = global_magnitude_allocation(model, args.sparsity) if isinstance(method, self_pinching.SPG) else None
     result = train(model, train_set, config, method=method, device=device,
                    checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args),
-                   dev_utterances=dev_set, stop_after_steps=args.stop_after, objective=objective)
+                   dev_utterances=dev_set, stop_after_steps=args.stop_after,
+                   objective=objective or CTCObjective())
     if rank != 0:
         return 0
     if result.steps_done < args.steps:
@@ -657,8 +659,8 @@ def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluati
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
                              weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed,
                              grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
-        history = train(clustered, train_set, config, device=device, checkpoint_path=state_path(out),
-                        resume=args.resume, settings=run_settings(args)).history
+        history = train(clustered, train_set, config, objective=CTCObjective(), device=device,
+                        checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args)).history
         clustered.cpu()
         results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
                                  for name, data in evaluation_sets.items()}

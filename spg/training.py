@@ -3,8 +3,9 @@
 This is the glue module: unlike the algorithm modules it imports several siblings. A
 compression method plugs in through a small `Method` object (`spg.compress.interface`: extra
 loss, extra parameter groups, a hook after each step, its own resumable state), and the
-model family through an `Objective` (CTC for wav2vec2/HuBERT here; Whisper's decoder
-cross-entropy in `spg.whisper.training`); the loop itself never changes.
+model family through an `Objective` (CTC for wav2vec2/HuBERT and Whisper's encoder with a
+CTC head in `spg.ctc_training`; Whisper's decoder cross-entropy in `spg.whisper.training`);
+the loop itself never changes and imports no model family.
 
 What the loop guarantees:
   * AdamW with linear warm-up then linear decay to 0 (the SPG paper's schedule);
@@ -16,8 +17,8 @@ What the loop guarantees:
     the method's state. A resume state holds only tensors and plain data and is read with
     `torch.load(weights_only=True)` (nothing in it is executed); a resume whose settings
     differ from the stored ones is refused (`ResumeMismatchError`), naming each one;
-  * optional frozen, cached feature extractor (the papers never prune it, and caching its
-    output roughly halves the cost of a training step on CPU);
+  * the objective may freeze part of the model before training (CTC: the conv front end,
+    which the papers never prune, and cache its outputs);
   * data-parallel training with PyTorch DDP when `torch.distributed` is initialised (e.g.
     under `torchrun`): every rank sees different batches, gradients are averaged by DDP, so
     weights, gates and a method's controller stay identical on every rank.
@@ -27,30 +28,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import pickle
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from spg.data import (AudioCache, Batch, DataError, Utterance, encode_text, length_sorted_batches, make_targets,
-                      normalize_waveform)
+from spg.data import AudioCache, Utterance, length_sorted_batches
 from spg.checkpoint import CheckpointError, format_keys, non_finite_entries, plain_data
 from spg.files import atomic_write
 from spg.compress.interface import Method, PrunableModel
-from spg.wav2vec2.model import Wav2Vec2CTC, ctc_greedy_decode
-from spg.wer import corpus_scores, error_counts
 
 
 @dataclass
@@ -81,11 +76,12 @@ class TrainConfig:
 class Objective:
     """How the loop turns a list of utterance indices into a loss, for one model family.
 
-    `CTCObjective` (below) is the wav2vec2/HuBERT one; `spg.whisper.training.WhisperObjective`
-    gives Whisper its teacher-forced decoder loss. The loop calls `freeze` once before the
-    model is wrapped for data parallelism (a frozen parameter must not be registered with
-    DDP), `prepare` once after (e.g. to cache features), then `loss` every step,
-    `train_mode` whenever the model goes back to training, and `dev_wer` for `eval_every`."""
+    `spg.ctc_training.CTCObjective` is the CTC one (wav2vec2/HuBERT, Whisper's encoder with a
+    CTC head); `spg.whisper.training.WhisperObjective` gives Whisper its teacher-forced decoder
+    loss. The loop calls `freeze` once before the model is wrapped for data parallelism (a
+    frozen parameter must not be registered with DDP), `prepare` once after (e.g. to cache
+    features), then `loss` every step, `train_mode` whenever the model goes back to training,
+    `dev_wer` for `eval_every`, and `checkpoint_entries` with every checkpoint."""
 
     def freeze(self, model: nn.Module, config: TrainConfig) -> None:
         """Set requires_grad=False on whatever `config` says is not trained."""
@@ -103,185 +99,11 @@ class Objective:
     def dev_wer(self, model: nn.Module, audio: AudioCache, device: torch.device) -> float:
         raise NotImplementedError
 
-
-class CTCObjective(Objective):
-    """CTC on a `Wav2Vec2CTC` (reduced as `TrainConfig.loss_reduction` says), with the conv
-    front end optionally frozen and its outputs cached (`freeze_feature_extractor`,
-    `cache_features`)."""
-
-    def __init__(self) -> None:
-        self.features: Optional[FeatureCache] = None
-        self.frozen = False
-        self.reduction = "mean"
-
-    def freeze(self, model: Wav2Vec2CTC, config: TrainConfig) -> None:
-        self.reduction = config.loss_reduction
-        self.frozen = config.freeze_feature_extractor
-        if self.frozen:
-            for parameter in model.feature_extractor.parameters():
-                parameter.requires_grad_(False)
-
-    def prepare(self, model: Wav2Vec2CTC, audio: AudioCache, config: TrainConfig, device: torch.device,
-                in_memory: bool, progress: bool) -> None:
-        check_labels_avoid_blank(audio.utterances, model.vocab, model.blank_id)
-        if self.frozen and config.cache_features and in_memory:
-            self.features = FeatureCache(model, audio, device, folder=config.feature_cache_dir, progress=progress)
-
-    def loss(self, model: Wav2Vec2CTC, audio: AudioCache, indices: Sequence[int],
-             device: torch.device) -> torch.Tensor:
-        if self.features is None:
-            batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab)
-            logits, frame_lengths = forward_batch(model, batch, device)
-        else:
-            batch = _labels_only(audio, indices, model.vocab)
-            logits, frame_lengths = forward_batch(model, batch, device, self.features.batch(indices))
-        return ctc_loss(logits, frame_lengths, batch, self.reduction, blank=model.blank_id)
-
-    def train_mode(self, model: Wav2Vec2CTC) -> None:
-        model.train()
-        if self.frozen:
-            model.feature_extractor.eval()     # no dropout/norm updates in the frozen front end
-
-    def dev_wer(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device) -> float:
-        hypotheses = transcribe_corpus(model, audio, device=device, progress=False)
-        return error_counts([u.transcript for u in audio.utterances], hypotheses).rate
-
-
-# ----------------------------------------------------------------------------------------
-# Features and batches
-# ----------------------------------------------------------------------------------------
-
-class FeatureCache:
-    """Frozen feature-extractor outputs, computed once per utterance and kept as float16.
-
-    With `folder`, the features are also stored on disk under a key made of the front end's
-    weights and the audio files' names and contents (SHA-256 of their bytes: a file replaced
-    with the same size and modification time still gives a new key), so repeated runs on the
-    same corpus (a sparsity sweep) skip the recomputation; any change gives a new key."""
-
-    def __init__(self, model: Wav2Vec2CTC, audio: AudioCache, device: torch.device, desc: str = "caching features",
-                 folder: Optional[str | Path] = None, progress: bool = True):
-        path = None if folder is None else Path(folder) / f"features-{_feature_key(model, audio)}.pt"
-        if path is not None and path.exists():
-            self.features = torch.load(path, weights_only=True)
-            return
-        self.features: list[torch.Tensor] = []
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            for index in tqdm(range(len(audio.utterances)), desc=desc, leave=False, disable=not progress):
-                waveform = audio.waveform(index)
-                if model.config.do_normalize:
-                    waveform = normalize_waveform(waveform)
-                wave = torch.from_numpy(waveform)[None].to(device)
-                self.features.append(model.extract_features(wave)[0].to("cpu", torch.float16))  # (T, C)
-        model.train(was_training)
-        if path is not None:
-            atomic_torch_save(self.features, path)
-
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        frames = max(self.features[i].shape[0] for i in indices)
-        channels = self.features[indices[0]].shape[1]
-        out = torch.zeros(len(indices), frames, channels)                        # (B, T, C)
-        for row, i in enumerate(indices):
-            out[row, :self.features[i].shape[0]] = self.features[i].float()
-        return out
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names and float32 values: equal for equal weights, whatever their dtype on disk."""
-    digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes. Hashing the built-in corpus's 3,500 files (153 MB) takes
-    about 0.2-0.3 s on one core when they are in the page cache."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _feature_key(model: Wav2Vec2CTC, audio: AudioCache) -> str:
-    """A digest of everything the cached features depend on: the front end's weights, the
-    normalisation, and every audio file's name, content and length."""
-    digest = hashlib.sha256(tensors_digest(model.feature_extractor.state_dict()).encode())
-    digest.update(repr(model.config.do_normalize).encode())
-    for utterance in audio.utterances:
-        digest.update(f"{utterance.audio_path}|{file_digest(utterance.audio_path)}|{utterance.num_samples}".encode())
-    return digest.hexdigest()[:20]
-
-
-def forward_batch(model: Wav2Vec2CTC, batch: Batch, device: torch.device,
-                  features: Optional[torch.Tensor] = None):
-    lengths = batch.lengths.to(device)
-    if features is not None:
-        return model(None, lengths, features=features.to(device))
-    return model(batch.waveforms.to(device), lengths)
-
-
-def ctc_loss(logits: torch.Tensor, frame_lengths: torch.Tensor, batch: Batch, reduction: str = "mean", *,
-             blank: int = 0) -> torch.Tensor:
-    """CTC over a batch with blank id `blank` (pass the model's `blank_id`; 0 is the default
-    vocabulary's): "mean" divides each utterance's loss by its target length and averages over
-    the batch (HF `ctc_loss_reduction="mean"`); "sum" adds the utterances' losses (HF "sum").
-    A target equal to the blank is a ValueError (CTC cannot emit it as a label)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if bool((batch.targets == blank).any()):
-        raise ValueError(f"a target of batch {batch.ids[:3]}... is the CTC blank id {blank}")
-    log_probs = logits.float().log_softmax(-1).transpose(0, 1)                   # (T, B, V)
-    return F.ctc_loss(log_probs, batch.targets.to(logits.device), frame_lengths,
-                      batch.target_lengths.to(logits.device), blank=blank, reduction=reduction, zero_infinity=True)
-
-
-def check_labels_avoid_blank(utterances: Sequence[Utterance], vocab: Sequence[str], blank_id: int) -> None:
-    """DataError naming the first transcript that contains the vocabulary's CTC blank token as
-    a character (a space, when the blank is the word delimiter `|`): CTC can never emit its
-    blank as a label, so training on it would be silently wrong. A blank such as `<pad>` or
-    `[PAD]` is never a character and passes."""
-    token = vocab[blank_id]
-    if len(token) != 1:                  # encode_text maps single characters only
-        return
-    character = " " if token == "|" else token
-    for utterance in utterances:
-        if blank_id in encode_text(utterance.transcript, vocab):
-            raise DataError(f"{utterance.audio_path}: the transcript of {utterance.id} contains {character!r}, "
-                            f"which is the model's CTC blank ({token!r}, pad_token_id {blank_id}); CTC cannot "
-                            "learn a label equal to its blank: use a vocabulary whose pad token is not a character")
-
-
-# ----------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int = 16,
-                      device: torch.device = torch.device("cpu"), progress: bool = True,
-                      desc: str = "decoding") -> list[str]:
-    """Greedy CTC transcripts of every utterance in `audio`, in corpus order.
-
-    Group-norm ("base") models normalise each conv channel over the whole (padded) time
-    axis, so batching changes their output; like HF's reference recipe we decode them one
-    utterance at a time. Layer-norm models are exact under padding and are batched."""
-    was_training = model.training
-    model.eval()
-    if getattr(model.config, "feat_extract_norm", None) == "group":
-        batch_size = 1
-    batches = length_sorted_batches(audio.utterances, batch_size=batch_size)
-    hypotheses: list[str] = [""] * len(audio.utterances)
-    for indices in tqdm(batches, desc=desc, leave=False, disable=not progress):
-        batch = audio.batch(indices, normalize=model.config.do_normalize, vocab=model.vocab)
-        logits, frame_lengths = forward_batch(model, batch, device)
-        for index, text in zip(indices, ctc_greedy_decode(logits, frame_lengths, model.vocab, model.blank_id)):
-            hypotheses[index] = text
-    model.train(was_training)
-    return hypotheses
+    def checkpoint_entries(self, model: nn.Module) -> dict:
+        """Plain data the resume state stores beside the weights to say which model they belong
+        to (the families' objectives store the model's config and vocabulary as "config" and
+        "vocab"); none by default."""
+        return {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,11 +112,6 @@ def transcribe_corpus(model: Wav2Vec2CTC, audio: AudioCache, *, batch_size: int 
 
 class ResumeMismatchError(ValueError):
     """`resume=True` with settings other than the ones the resume state was written with."""
-
-
-class UsageError(ValueError):
-    """Options that cannot work together or with the files they name (two options naming the
-    same file, an output that is a folder, a --dense-eval file that is not a cache): exit 2."""
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -325,48 +142,6 @@ def naming_write_errors(path: str | Path):
             if error.filename is not None and os.fspath(error.filename) != os.fspath(path):
                 reason += f" ({error.filename})"
         raise OSError(error.errno, f"cannot write {path}: {reason}") from raised
-
-
-def check_output_paths(inputs: dict, outputs: dict, output_folders: Optional[dict] = None) -> None:
-    """Before any work, a UsageError naming the options (labels of the dicts, which map a label
-    to a path or None) when an output would destroy a file or could not be written: an output
-    file (`outputs`) or folder (`output_folders`) that is the same file as another output or
-    an existing input (resolved paths compared, and os.path.samefile where both exist, so
-    symlinks and hard links count); an output file that is an existing folder, or an output
-    folder that is an existing file; an output whose folder cannot be created (a file or an
-    unwritable folder on its way)."""
-    output_folders = output_folders or {}
-    written = {label: Path(path) for label, path in {**outputs, **output_folders}.items() if path is not None}
-    existing_inputs = {label: Path(path) for label, path in inputs.items() if path is not None and Path(path).exists()}
-    for label, path in written.items():
-        folder = label in output_folders
-        if path.is_dir() and not folder:
-            raise UsageError(f"{label} {path} is an existing folder; expected a file name")
-        if path.exists() and folder and not path.is_dir():
-            raise UsageError(f"{label} {path} is an existing file; expected a folder")
-        blocker = _uncreatable(path if folder else path.parent)
-        if blocker:
-            raise UsageError(f"{label} {path}: its folder cannot be created ({blocker})")
-    others = list(written.items()) + list(existing_inputs.items())
-    for index, (label, path) in enumerate(written.items()):
-        for other, other_path in others[index + 1:]:
-            if path.resolve() == other_path.resolve() or \
-                    path.exists() and other_path.exists() and os.path.samefile(path, other_path):
-                raise UsageError(f"{label} and {other} name the same file ({path}), which {label} would "
-                                 f"overwrite; give {label} another path")
-
-
-def _uncreatable(folder: Path) -> Optional[str]:
-    """Why `folder` cannot be created or written to (its nearest existing ancestor is a file or
-    not writable), or None when it can."""
-    ancestor = folder
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{ancestor} is a file"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{ancestor} is not writable"
-    return None
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -526,45 +301,6 @@ def check_resume_settings(state: dict, path: str | Path, config: Optional[TrainC
             + "; ".join(differences))
 
 
-def failure_message(error: BaseException) -> Optional[tuple[int, str]]:
-    """(exit code, one line) for an error a command-line user can cause and fix (a bad file or
-    argument, a full disk, diverged training); None for anything else, which is a bug and
-    keeps its traceback. Exit code 2: the command line contradicts a file (a resume with
-    other settings, a `UsageError`); 1: the rest."""
-    if isinstance(error, (ResumeMismatchError, UsageError)):
-        return 2, str(error)
-    if isinstance(error, (CheckpointError, DataError, NonFiniteWeightsError)):
-        return 1, str(error)
-    if isinstance(error, OSError):
-        if error.errno is not None and error.strerror:
-            text = error.strerror
-            if error.filename is not None:
-                text += f": {error.filename}"
-            if getattr(error, "filename2", None) is not None:
-                text += f" -> {error.filename2}"
-            return 1, text
-        return 1, str(error) or type(error).__name__
-    return None
-
-
-def exit_code_of(program: str, run: Callable[[], int]) -> int:
-    """`run()`'s exit code; for an expected error (see `failure_message`) one line
-    "PROGRAM: error: ..." on stderr and its exit code instead; for Ctrl-C (KeyboardInterrupt)
-    one line "PROGRAM: interrupted..." (its message, if any) and 130. Bugs keep their traceback."""
-    try:
-        return run()
-    except KeyboardInterrupt as interrupt:
-        print(f"\n{program}: {interrupt.args[0] if interrupt.args else 'interrupted'}", file=sys.stderr)
-        return 130
-    except Exception as error:
-        failure = failure_message(error)
-        if failure is None:
-            raise
-        code, text = failure
-        print(f"{program}: error: {' '.join(text.splitlines())}", file=sys.stderr)
-        return code
-
-
 def learning_rate_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
     """Linear warm-up to 1 over the first `warmup_fraction` of steps, then linear decay to 0."""
     warmup = max(1, int(round(warmup_fraction * total_steps)))
@@ -640,15 +376,20 @@ def time_estimate(seconds: float, steps_done: int, steps_left: int) -> str:
 
 
 def train(model: nn.Module, train_utterances: Sequence[Utterance], config: TrainConfig, *,
-          method: Optional[Method] = None, objective: Optional[Objective] = None,
+          objective: Objective, method: Optional[Method] = None,
           device: torch.device = torch.device("cpu"),
           checkpoint_path: Optional[str | Path] = None, resume: bool = False,
           dev_utterances: Optional[Sequence[Utterance]] = None,
-          on_eval: Optional[Callable[[int, float], None]] = None,
           progress: bool = True, stop_after_steps: Optional[int] = None,
           settings: Optional[dict] = None) -> TrainResult:
-    """Fine-tune `model` for `config.steps` optimiser steps on `objective`'s loss (default
-    `CTCObjective()`: a wav2vec2/HuBERT CTC model) plus `method`'s loss.
+    """Fine-tune `model` for `config.steps` optimiser steps on `objective`'s loss (the model
+    family's: `spg.ctc_training.CTCObjective()` for a CTC model, `spg.whisper.training.
+    WhisperObjective()` for Whisper) plus `method`'s loss.
+
+    The `Method` hooks (`spg.compress.interface`), in the order the loop calls them:
+    `attach` once; `parameter_groups` for the optimiser; `load_state_dict` on resume; per
+    step `before_step`, `extra_loss` (in `TrainingStep`), `after_step`; `state_dict` with
+    every checkpoint; `finish` once the last step is done.
 
     `checkpoint_path` receives a resumable checkpoint every `config.save_every` steps and at
     the end; with `resume=True` training continues from it. `stop_after_steps` ends this call
@@ -662,189 +403,265 @@ def train(model: nn.Module, train_utterances: Sequence[Utterance], config: Train
     step consumes `world_size` batches of `config.batch_size`, one per rank, and DDP averages
     the gradients. Only rank 0 writes checkpoints, evaluates and shows progress."""
     method = method or Method()
-    objective = objective or CTCObjective()
     rank, world_size = distributed_rank()
     model.to(device)
     method.attach(model)
     started = time.time()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-
-    state = None
-    if resume:
-        if checkpoint_path is None:
-            raise FileNotFoundError("--resume given but there is no checkpoint path")
-        state = load_resume_state(checkpoint_path, map_location=device)
+    state = read_resume_state(checkpoint_path, device) if resume else None
 
     objective.freeze(model, config)
     # built before the resume check, which compares its hyperparameters with the stored ones; the
     # methods restore their state into the parameters it holds
-    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
+    optimizer = build_optimizer(model, method, config)
     if state is not None:
         check_resume_settings(state, checkpoint_path, config, method_name=method.name, settings=settings,
                               optimizer=optimizer)
-        try:
-            model.load_state_dict(state["model"])     # before caching features: they depend on the weights
-            method.load_state_dict(state["method"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{checkpoint_path}: its model or method state does not fit this model and "
-                                  f"method: {str(error).splitlines()[0] if str(error) else repr(error)}") from None
+        restore_weights(state, model, method, checkpoint_path)   # before caching features: they depend on them
     # Keeping a corpus in memory pays off for the built-in 2 h; LibriSpeech train-clean-100 would
     # need ~11 GB of int16 audio and ~18 GB of fp16 features, so large corpora stream from disk.
     small_corpus = sum(u.seconds for u in train_utterances) / 3600 <= config.max_cached_hours
     audio = AudioCache(train_utterances, keep=small_corpus)
-    # DDP broadcasts rank 0's parameters and buffers now (before features are cached from them)
-    # and averages gradients in backward(); the standard PyTorch recipe, nothing home-made.
-    network = TrainingStep(model, method, objective, audio)
-    if world_size > 1:
-        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=True)
+    network = data_parallel(TrainingStep(model, method, objective, audio), device, world_size)
     objective.prepare(model, audio, config, device, in_memory=small_corpus, progress=progress)
     dev_audio = AudioCache(dev_utterances) if dev_utterances else None
-
-    step, epoch, position, skipped = 0, 0, 0, 0
-    history: list[dict] = []
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"].cpu())
-            random.setstate(state["python_rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{checkpoint_path}: its optimiser or RNG state does not fit this run: "
-                                  f"{str(error).splitlines()[0] if str(error) else repr(error)}") from None
-        step, epoch, position, skipped = state["step"], state["epoch"], state["position"], state["skipped"]
-        history = state["history"]
-    saved_step = step if state is not None else None
+    loop = LoopState() if state is None else restore_loop(state, optimizer, checkpoint_path)
     if world_size > 1:
-        torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)   # own dropout/SpecAugment per rank
-
-    def save_checkpoint() -> None:
-        nonlocal saved_step
-        if checkpoint_path is None or rank != 0:
-            return
-        # only plain data and tensors: load_resume_state reads it back with weights_only=True
-        atomic_torch_save(plain_data({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-            "step": step, "epoch": epoch, "position": position, "skipped": skipped, "history": history,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "train_config": asdict(config), "method_name": method.name, "settings": settings,
-            "config": model.config.to_dict(), "vocab": getattr(model, "vocab", None),
-        }), checkpoint_path)
-        saved_step = step
-
-    # Finiteness of the weights after every optimiser step: one sum per parameter, stacked
-    # (a NaN or inf anywhere makes the total non-finite), then a single isfinite; only when
-    # that fails is each parameter looked at, to name the first broken one (a finite total
-    # that overflowed is a false alarm and training goes on).
-    checked = [p for group in optimizer.param_groups for p in group["params"]]
-    names = {id(p): n for n, p in model.named_parameters()}
-    for i, module in enumerate(method.trainable_modules()):
-        names.update({id(p): f"{method.name} module {i}: {n}" for n, p in module.named_parameters()})
-
-    def check_weights_finite() -> None:
-        if not checked:
-            return
-        with torch.no_grad():
-            total = torch.stack([p.detach().sum(dtype=torch.float32).to(device) for p in checked]).sum()
-        if bool(torch.isfinite(total)):
-            return
-        for index, parameter in enumerate(checked):
-            bad = int((~torch.isfinite(parameter.detach())).sum())
-            if bad:
-                name = names.get(id(parameter), f"optimiser parameter {index}")
-                kept = (f"the last checkpoint, {checkpoint_path} at step {saved_step}, was left as it was"
-                        if checkpoint_path is not None and saved_step is not None else "no checkpoint was written")
-                raise NonFiniteWeightsError(
-                    f"step {step - 1}: the weights are no longer finite after its optimiser step: {name} has {bad} "
-                    f"NaN/inf of {parameter.numel()} values (lr {optimizer.param_groups[0]['lr']:.3g}); "
-                    f"training stopped and {kept}; try a lower --lr")
+        torch.manual_seed(config.seed * 1_000_003 + loop.step * 1009 + rank)   # own dropout/SpecAugment per rank
+    check_weights_finite = FiniteWeightsCheck(model, method, optimizer, device)
 
     objective.train_mode(model)
-    bar = tqdm(total=config.steps, initial=step, desc=method.name, disable=not progress or rank != 0,
+    bar = tqdm(total=config.steps, initial=loop.step, desc=method.name, disable=not progress or rank != 0,
                dynamic_ncols=True)
-    end_step = config.steps if stop_after_steps is None else min(config.steps, step + stop_after_steps)
-    loop_started, first_step = time.time(), step
+    end_step = config.steps if stop_after_steps is None else min(config.steps, loop.step + stop_after_steps)
+    loop_started, first_step = time.time(), loop.step
     try:
-        while step < end_step:
-            batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
-                                            seed=config.seed * 100_003 + epoch)
-            if len(batches) < world_size:
-                raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
-                                 f"use a smaller batch size or more data")
+        while loop.step < end_step:
+            batches = epoch_batches(audio, config, loop.epoch, world_size)
             # Every rank shuffles identically and takes its own slot of each group of world_size batches.
-            while position + world_size <= len(batches) and step < end_step:
-                indices = batches[position + rank]
-                position += world_size
-                factor = learning_rate_factor(step, config.steps, config.warmup_fraction)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-                method.before_step(model, step, config.steps)
-                loss, extra = network(indices, step, config.steps)
-                total = loss if extra is None else loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                # Ranks skip together: a rank that skipped backward() would leave DDP's all-reduce hanging.
-                if not _all_ranks_agree(bool(torch.isfinite(total)), device):
-                    skipped += 1
-                    first_ids = [audio.utterances[i].id for i in indices[:3]]
-                    bar.write(f"step {step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
-                    step += 1
-                    bar.update(1)
+            while loop.position + world_size <= len(batches) and loop.step < end_step:
+                indices = batches[loop.position + rank]
+                loop.position += world_size
+                done = optimizer_step(network, model, method, optimizer, audio, indices, loop, config, device, bar)
+                if done is None:       # a non-finite loss: the step is counted, nothing else happens
                     continue
-                total.backward()
-                gradient_norm = torch.nn.utils.clip_grad_norm_(      # grad_clip 0: the norm only, no clipping
-                    [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
-                    config.grad_clip if config.grad_clip > 0 else float("inf"))
-                unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
-                if not torch.isfinite(gradient_norm) or \
-                        not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped):
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    bar.write(f"step {step}: non-finite gradient; update skipped")
-                else:
-                    optimizer.step()
-                step += 1
-                shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
-                shown.update(method.after_step(model, step, config.steps, optimizer=optimizer))
-                check_weights_finite()
+                loss, shown = done
+                check_weights_finite(loop, optimizer, checkpoint_path)
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                if step - first_step == ESTIMATE_AFTER_STEPS and end_step - step > ESTIMATE_AFTER_STEPS and rank == 0 \
-                        and progress:
-                    bar.write(time_estimate(time.time() - loop_started, step - first_step, end_step - step))
-                if step % 10 == 0 or step == config.steps:
-                    history.append({"step": step, "loss": loss.item(),
-                                    **{k: v for k, v in shown.items() if k != "loss"}})
-                if config.eval_every and dev_audio is not None and step % config.eval_every == 0 and rank == 0:
-                    dev_wer = objective.dev_wer(model, dev_audio, device)
-                    history.append({"step": step, "dev_wer": dev_wer})
-                    bar.write(f"step {step}: dev WER {100 * dev_wer:.2f}%")
-                    if on_eval is not None:
-                        on_eval(step, dev_wer)
-                    objective.train_mode(model)
-                if checkpoint_path is not None and config.save_every and step % config.save_every == 0:
-                    save_checkpoint()
-            if position + world_size > len(batches):
-                epoch, position = epoch + 1, 0
+                if loop.step - first_step == ESTIMATE_AFTER_STEPS and end_step - loop.step > ESTIMATE_AFTER_STEPS \
+                        and rank == 0 and progress:
+                    bar.write(time_estimate(time.time() - loop_started, loop.step - first_step, end_step - loop.step))
+                if loop.step % 10 == 0 or loop.step == config.steps:
+                    loop.history.append({"step": loop.step, "loss": loss.item(),
+                                         **{k: v for k, v in shown.items() if k != "loss"}})
+                if config.eval_every and dev_audio is not None and loop.step % config.eval_every == 0 and rank == 0:
+                    evaluate_dev(objective, model, dev_audio, device, loop, bar)
+                if config.save_every and loop.step % config.save_every == 0:
+                    save_resume_state(checkpoint_path, rank, loop, model, optimizer, method, objective, config,
+                                      settings)
+            if loop.position + world_size > len(batches):
+                loop.epoch, loop.position = loop.epoch + 1, 0
     finally:
         bar.close()        # also when training stops with an error: its line then starts clean
     loop_seconds = time.time() - loop_started
-    save_checkpoint()
-    if step >= config.steps:
+    save_resume_state(checkpoint_path, rank, loop, model, optimizer, method, objective, config, settings)
+    if loop.step >= config.steps:
         method.finish(model)
     model.eval()
-    return TrainResult(steps_done=step, skipped_steps=skipped, seconds=time.time() - started,
-                       loop_seconds=loop_seconds, history=history)
+    return TrainResult(steps_done=loop.step, skipped_steps=loop.skipped, seconds=time.time() - started,
+                       loop_seconds=loop_seconds, history=loop.history)
 
 
-def _labels_only(audio: AudioCache, indices: Sequence[int], vocab: Sequence[str]) -> Batch:
-    """A batch with lengths and targets but no waveforms (features come from the cache)."""
-    utterances = [audio.utterances[i] for i in indices]
-    targets, target_lengths = make_targets([u.transcript for u in utterances], vocab)
-    return Batch(ids=[u.id for u in utterances], waveforms=torch.empty(0),
-                 lengths=torch.tensor([u.num_samples for u in utterances]), targets=targets,
-                 target_lengths=target_lengths, transcripts=[u.transcript for u in utterances])
+# --- the loop's steps, in the order `train` takes them -----------------------------------------
+
+@dataclass
+class LoopState:
+    """Where the loop is. With the weights, the optimiser, the RNGs and the method's state it
+    is what a resume state holds (`save_resume_state`)."""
+    step: int = 0                  # optimiser steps done (skipped ones included)
+    epoch: int = 0
+    position: int = 0              # batches of this epoch already taken, by all ranks together
+    skipped: int = 0               # steps whose loss or gradient was not finite
+    history: list[dict] = field(default_factory=list)
+    saved_step: Optional[int] = None   # the step of the checkpoint last written or resumed from
+
+
+def read_resume_state(checkpoint_path: Optional[str | Path], device: torch.device) -> dict:
+    """`load_resume_state` of `checkpoint_path`, which `resume=True` requires."""
+    if checkpoint_path is None:
+        raise FileNotFoundError("--resume given but there is no checkpoint path")
+    return load_resume_state(checkpoint_path, map_location=device)
+
+
+def build_optimizer(model: nn.Module, method: Method, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (the SPG paper's optimiser) over the method's parameter groups (`Method.
+    parameter_groups`: the model's weights, and the method's own parameters with their
+    settings); each group keeps its `base_lr`, which the schedule scales before every step."""
+    optimizer = torch.optim.AdamW(method.parameter_groups(model, config), lr=config.lr)
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+    return optimizer
+
+
+def restore_weights(state: dict, model: nn.Module, method: Method, path: str | Path) -> None:
+    """The model's weights and the method's state from a resume state (CheckpointError when
+    they do not fit this model and method)."""
+    try:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its model or method state does not fit this model and "
+                              f"method: {error_line(error)}") from None
+
+
+def restore_loop(state: dict, optimizer: torch.optim.Optimizer, path: str | Path) -> LoopState:
+    """The optimiser, both RNGs and the loop's position from a resume state."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        random.setstate(state["python_rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its optimiser or RNG state does not fit this run: "
+                              f"{error_line(error)}") from None
+    return LoopState(step=state["step"], epoch=state["epoch"], position=state["position"],
+                     skipped=state["skipped"], history=state["history"], saved_step=state["step"])
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its repr when it has none), for a one-line CheckpointError."""
+    return str(error).splitlines()[0] if str(error) else repr(error)
+
+
+def data_parallel(step: TrainingStep, device: torch.device, world_size: int) -> nn.Module:
+    """`step` wrapped in PyTorch DDP when there are several ranks, else `step` itself. DDP
+    broadcasts rank 0's parameters and buffers now (before features are cached from them) and
+    averages gradients in backward(); the standard PyTorch recipe, nothing home-made."""
+    if world_size == 1:
+        return step
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+class FiniteWeightsCheck:
+    """Raises NonFiniteWeightsError, naming the first broken parameter, when a weight stops
+    being finite after an optimiser step.
+
+    One sum per parameter, stacked (a NaN or inf anywhere makes the total non-finite), then a
+    single isfinite; only when that fails is each parameter looked at (a finite total that
+    overflowed is a false alarm and training goes on)."""
+
+    def __init__(self, model: nn.Module, method: Method, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.device = device
+        self.checked = [p for group in optimizer.param_groups for p in group["params"]]
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        for i, module in enumerate(method.trainable_modules()):
+            self.names.update({id(p): f"{method.name} module {i}: {n}" for n, p in module.named_parameters()})
+
+    def __call__(self, loop: LoopState, optimizer: torch.optim.Optimizer,
+                 checkpoint_path: Optional[str | Path]) -> None:
+        if not self.checked:
+            return
+        with torch.no_grad():
+            total = torch.stack([p.detach().sum(dtype=torch.float32).to(self.device) for p in self.checked]).sum()
+        if bool(torch.isfinite(total)):
+            return
+        for index, parameter in enumerate(self.checked):
+            bad = int((~torch.isfinite(parameter.detach())).sum())
+            if bad:
+                name = self.names.get(id(parameter), f"optimiser parameter {index}")
+                kept = (f"the last checkpoint, {checkpoint_path} at step {loop.saved_step}, was left as it was"
+                        if checkpoint_path is not None and loop.saved_step is not None else "no checkpoint was written")
+                raise NonFiniteWeightsError(
+                    f"step {loop.step - 1}: the weights are no longer finite after its optimiser step: {name} has "
+                    f"{bad} NaN/inf of {parameter.numel()} values (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                    f"training stopped and {kept}; try a lower --lr")
+
+
+def epoch_batches(audio: AudioCache, config: TrainConfig, epoch: int, world_size: int) -> list[list[int]]:
+    """This epoch's batches of utterance indices: length-sorted, shuffled with a seed of
+    `config.seed` and `epoch` (identical on every rank, and again on resume)."""
+    batches = length_sorted_batches(audio.utterances, batch_size=config.batch_size, shuffle=True,
+                                    seed=config.seed * 100_003 + epoch)
+    if len(batches) < world_size:
+        raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} ranks; "
+                         f"use a smaller batch size or more data")
+    return batches
+
+
+def optimizer_step(network: nn.Module, model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
+                   audio: AudioCache, indices: Sequence[int], loop: LoopState, config: TrainConfig,
+                   device: torch.device, bar: tqdm) -> Optional[tuple[torch.Tensor, dict]]:
+    """One step on one batch: the scheduled learning rate, `Method.before_step`, the forward
+    (`TrainingStep`: objective loss + `Method.extra_loss`), backward, gradient clipping, the
+    AdamW update, `Method.after_step`; `loop.step` advances. Returns (the objective's loss,
+    what the progress bar shows), or None when the loss was not finite on some rank: then
+    every rank skips the step (a rank that skipped backward() would leave DDP's all-reduce
+    hanging). A non-finite gradient skips the update only."""
+    factor = learning_rate_factor(loop.step, config.steps, config.warmup_fraction)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    method.before_step(model, loop.step, config.steps)
+    loss, extra = network(indices, loop.step, config.steps)
+    total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    if not _all_ranks_agree(bool(torch.isfinite(total)), device):
+        loop.skipped += 1
+        first_ids = [audio.utterances[i].id for i in indices[:3]]
+        bar.write(f"step {loop.step}: non-finite loss ({total.item()}); batch {first_ids}... skipped")
+        loop.step += 1
+        bar.update(1)
+        return None
+    total.backward()
+    if clip_gradients(optimizer, config.grad_clip):
+        optimizer.step()
+    else:
+        loop.skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        bar.write(f"step {loop.step}: non-finite gradient; update skipped")
+    loop.step += 1
+    shown = {"loss": f"{loss.item():.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
+    shown.update(method.after_step(model, loop.step, config.steps, optimizer=optimizer))
+    return loss, shown
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, grad_clip: float) -> bool:
+    """Clip the gradients of the groups that allow it (`clip_grad`, default True) to a total
+    norm of `grad_clip` (0: the norm only, no clipping); True when every gradient is finite."""
+    gradient_norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups if g.get("clip_grad", True) for p in g["params"]],
+        grad_clip if grad_clip > 0 else float("inf"))
+    unclipped = [p for g in optimizer.param_groups if not g.get("clip_grad", True) for p in g["params"]]
+    return bool(torch.isfinite(gradient_norm)) and \
+        all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in unclipped)
+
+
+def evaluate_dev(objective: Objective, model: nn.Module, dev_audio: AudioCache, device: torch.device,
+                 loop: LoopState, bar: tqdm) -> None:
+    """`config.eval_every`: the objective's dev WER, into the history and on the progress bar."""
+    dev_wer = objective.dev_wer(model, dev_audio, device)
+    loop.history.append({"step": loop.step, "dev_wer": dev_wer})
+    bar.write(f"step {loop.step}: dev WER {100 * dev_wer:.2f}%")
+    objective.train_mode(model)
+
+
+def save_resume_state(path: Optional[str | Path], rank: int, loop: LoopState, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, method: Method, objective: Objective,
+                      config: TrainConfig, settings: Optional[dict]) -> None:
+    """Write the resume state to `path` atomically (rank 0 only; nothing without a path):
+    only plain data and tensors, so `load_resume_state` reads it back with weights_only=True.
+    The objective adds what says which model the weights belong to (`checkpoint_entries`)."""
+    if path is None or rank != 0:
+        return
+    atomic_torch_save(plain_data({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
+        "step": loop.step, "epoch": loop.epoch, "position": loop.position, "skipped": loop.skipped,
+        "history": loop.history, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "train_config": asdict(config), "method_name": method.name, "settings": settings,
+        **objective.checkpoint_entries(model),
+    }), path)
+    loop.saved_step = loop.step
 
 
 # ----------------------------------------------------------------------------------------
@@ -876,19 +693,3 @@ def sparsity_report(model: PrunableModel) -> dict:
             "per_block_sparsity": {layer: z / s if s else 0.0 for layer, (z, s) in per_layer.items()},
             "per_matrix_sparsity": per_matrix,
             "prunable_params": size_total}
-
-
-def evaluate_corpus(model: Wav2Vec2CTC, utterances: Sequence[Utterance], *, batch_size: int = 16,
-                    device: torch.device = torch.device("cpu"), progress: bool = True, desc: str = "decoding") -> dict:
-    """WER/CER with S/D/I counts, hypotheses and real-time factor on one corpus split."""
-    audio = AudioCache(utterances)
-    for index in range(len(utterances)):   # read audio before the clock starts
-        audio.waveform(index)
-    started = time.perf_counter()
-    hypotheses = transcribe_corpus(model, audio, batch_size=batch_size, device=device, progress=progress, desc=desc)
-    seconds = time.perf_counter() - started
-    references = [u.transcript for u in utterances]
-    audio_seconds = sum(u.seconds for u in utterances)
-    return {**corpus_scores(references, hypotheses), "utterances": len(utterances),
-            "audio_seconds": audio_seconds, "rtf": seconds / audio_seconds if audio_seconds else 0.0,
-            "ids": [u.id for u in utterances], "references": references, "hypotheses": hypotheses}

@@ -15,7 +15,8 @@ from spg.compress.magnitude import GMP, global_magnitude_masks
 from spg.compress.self_pinching import SPG, SparsityController, authors_band
 from spg.data import Batch, make_targets
 from spg.experiment import FAMILIES, resolve_defaults
-from spg.training import TrainConfig, ctc_loss, train
+from spg.ctc_training import CTCObjective, ctc_loss
+from spg.training import TrainConfig, train
 from spg.wav2vec2.io import model_config_from_hf, our_key
 from spg.wav2vec2.model import Wav2Vec2CTC
 from spg.whisper.model import Whisper
@@ -90,7 +91,7 @@ def test_no_gradient_clipping_with_grad_clip_0(tmp_path):
     for clip in (0.0, 1e12, 1e-3):
         model = tiny_model()
         train(model, utterances, TrainConfig(steps=2, batch_size=3, lr=1e-3, grad_clip=clip, save_every=0),
-              progress=False)
+              objective=CTCObjective(), progress=False)
         results[clip] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.equal(results[0.0], results[1e12])     # 0 means no clipping at all
     assert not torch.equal(results[0.0], results[1e-3])
@@ -109,7 +110,8 @@ def test_gmp_prunes_one_global_threshold_and_keeps_the_mask(tmp_path):
     weights = {name: linear.weight.detach().clone() for name, linear in model.prunable_linears()}
     everything = np.concatenate([w.abs().flatten().numpy() for w in weights.values()])
     method = GMP(0.6)
-    train(model, utterances, TrainConfig(steps=3, batch_size=3, lr=1e-3, save_every=0), method=method, progress=False)
+    train(model, utterances, TrainConfig(steps=3, batch_size=3, lr=1e-3, save_every=0), objective=CTCObjective(),
+          method=method, progress=False)
     zeros = sum(int((linear.weight == 0).sum()) for _, linear in model.prunable_linears())
     assert zeros == round(0.6 * everything.size)
     threshold = np.sort(everything)[round(0.6 * everything.size) - 1]

@@ -16,6 +16,7 @@ from test_training import tiny_corpus, tiny_model
 
 import spg
 from spg.compress.self_pinching import SPG
+from spg.ctc_training import CTCObjective
 from spg.training import TrainConfig, sparsity_report, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ def _spg_rank(rank: int, folder: str) -> None:
         model = tiny_model(seed=rank)                # different on purpose: DDP must broadcast rank 0's
         method = SPG(0.5, normalised_eta=True, band=None, threshold_lr=1e-2)   # η', on/off + resets
         config = TrainConfig(steps=30, batch_size=2, lr=1e-3, save_every=0)
-        result = train(model, utterances, config, method=method, progress=False)
+        result = train(model, utterances, config, objective=CTCObjective(), method=method, progress=False)
         torch.save({"state": model.state_dict(), "report": sparsity_report(model), "steps": result.steps_done,
                     "controller": method.controller.state_dict()}, Path(folder) / f"rank{rank}.pt")
     finally:

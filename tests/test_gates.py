@@ -10,6 +10,7 @@ from test_training import tiny_corpus, tiny_model
 
 from spg.compress.self_pinching import (SPG, SelfPinchingGate, SparsityController, attach_gates, calibrate_thresholds,
                                         cosine_temperature, finalize, gated_matrices, hard_sparsity, sparsity_penalty)
+from spg.ctc_training import CTCObjective
 from spg.training import TrainConfig, sparsity_report, train
 
 # W, t = 0.3, τ = 0.1. Then (W² − t²)/τ =
@@ -151,7 +152,8 @@ def spg_run(tmp_path, utterances, *, stop_after=None, resume=False, seed=0, **kw
     # the settings these tests were measured with: normalised η', on/off controller with resets
     method = SPG(0.5, normalised_eta=True, band=None, threshold_lr=1e-2, history_every=2, **kwargs)
     config = TrainConfig(steps=40, batch_size=3, lr=1e-3, save_every=5)
-    result = train(model, utterances, config, method=method, checkpoint_path=tmp_path / "spg.state",
+    result = train(model, utterances, config, objective=CTCObjective(),
+                   method=method, checkpoint_path=tmp_path / "spg.state",
                    resume=resume, progress=False, stop_after_steps=stop_after)
     return model, method, result
 

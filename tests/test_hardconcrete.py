@@ -16,6 +16,7 @@ from spg.compress import hardconcrete as hc
 from spg.compress.hardconcrete import InitDropRates
 from spg.compress import l0
 from spg.compress.l0 import L0Method, default_distill_layers
+from spg.ctc_training import CTCObjective
 from spg.data import read_corpus
 from spg.training import TrainConfig, learning_rate_factor, train
 from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
@@ -322,13 +323,15 @@ def test_l0_method_resumes_exactly_and_finishes(tmp_path) -> None:
     utterances = tiny_corpus(tmp_path)
     config = TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=2)
     straight_model, straight = tiny_model(dropout=0.1).train(), L0Method(0.5, history_every=1)
-    train(straight_model, utterances, config, method=straight, checkpoint_path=tmp_path / "a.state", progress=False)
+    train(straight_model, utterances, config, objective=CTCObjective(),
+          method=straight, checkpoint_path=tmp_path / "a.state", progress=False)
 
     first_model = tiny_model(dropout=0.1).train()
-    train(first_model, utterances, config, method=L0Method(0.5, history_every=1),
+    train(first_model, utterances, config, objective=CTCObjective(), method=L0Method(0.5, history_every=1),
           checkpoint_path=tmp_path / "b.state", progress=False, stop_after_steps=4)
     resumed_model, resumed = tiny_model(seed=9, dropout=0.1).train(), L0Method(0.5, history_every=1, seed=9)
-    train(resumed_model, utterances, config, method=resumed, checkpoint_path=tmp_path / "b.state", resume=True,
+    train(resumed_model, utterances, config, objective=CTCObjective(),
+          method=resumed, checkpoint_path=tmp_path / "b.state", resume=True,
           progress=False)
     for key, value in straight_model.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key]), key
@@ -356,7 +359,8 @@ def test_l0_method_with_distillation(tmp_path) -> None:
     model = tiny_model().train()
     teacher = copy.deepcopy(model)
     method = L0Method(0.3, distill_teacher=teacher, history_every=1, calibrate=False)
-    train(model, utterances, TrainConfig(steps=3, batch_size=3, lr=1e-3), method=method, progress=False)
+    train(model, utterances, TrainConfig(steps=3, batch_size=3, lr=1e-3), objective=CTCObjective(),
+          method=method, progress=False)
     assert method.distill_layers == default_distill_layers(3) == [1, 2, 3]
     assert all(math.isfinite(h["distill"]) and h["distill"] > 0 for h in method.history)
     assert default_distill_layers(12) == [4, 8, 12] and default_distill_layers(6) == [2, 4, 6]
@@ -384,8 +388,8 @@ def test_l0_per_gate_type_learning_rates_and_drop_rates(tmp_path) -> None:
 
     model = tiny_model(dropout=0.1).train()
     method = L0Method(0.5, gate_lr={"heads": 0.02}, init=InitDropRates(ffn=0.2))
-    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=0), method=method,
-          progress=False)
+    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=0), objective=CTCObjective(),
+          method=method, progress=False)
     record = method.pruned_model.compression
     assert 0.5 <= record["sparsity"] < 0.56       # the smallest reachable; one head is ~5 % of this model
     assert record["gate_lr"]["heads"] == 0.02 and record["gate_lr"]["ffn"] == GATE_LR
@@ -450,8 +454,8 @@ def test_l0_variants_reach_the_target(tmp_path, options) -> None:
     utterances = tiny_corpus(tmp_path)
     model = tiny_model(dropout=0.1).train()
     method = L0Method(0.5, **options)
-    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=0), method=method,
-          progress=False)
+    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=0), objective=CTCObjective(),
+          method=method, progress=False)
     pruned, record = method.pruned_model, method.pruned_model.compression
     assert 0.5 <= record["sparsity"] < 0.56 and record["calibration_shift"] != 0.0
     assert record["head_gates"] == options.get("head_gates", True)

@@ -15,6 +15,9 @@
    `kmeans.py`), so a copy of it takes at most one other file.
 6. The file layer (our checkpoint format, the unpickler, safetensors, HF weight files, atomic
    writes) imports no other spg module: no model, no method, no training loop.
+7. The training loop knows no model family: `spg.training` imports nothing of the family
+   packages (`spg.wav2vec2`, `spg.whisper`) nor a family's objective (`spg.ctc_training`);
+   the families plug in through its `Objective`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ METHOD_MODULES = {"spg.compress.self_pinching", "spg.compress.magnitude", "spg.c
 FILE_LAYER = {"spg.checkpoint", "spg.unpickler", "spg.safetensors", "spg.hf_weights", "spg.files"}
 # modules only the front ends (train.py, evaluate.py) import
 TOP = {"spg.experiment"}
+# the generic loop, and what it must not import (modules and packages)
+FAMILY_FREE = {"spg.training"}
+MODEL_FAMILIES = ("spg.wav2vec2", "spg.whisper", "spg.ctc_training")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -207,6 +213,10 @@ def layout_problems(root: Path) -> list[str]:
     for name, imports in sorted(graph.items()):
         for top in sorted(imports.spg & TOP - {name}):
             problems.append(f"{name}: imports {top}, which only the front ends (train.py, evaluate.py) may import")
+    for name in sorted(FAMILY_FREE & set(graph)):
+        for imported in sorted(graph[name].spg):
+            if any(imported == family or imported.startswith(family + ".") for family in MODEL_FAMILIES):
+                problems.append(f"{name}: imports {imported}; the training loop knows no model family")
     stdlib = set(sys.stdlib_module_names)
     for name, allowed in sorted(COPYABLE.items()):
         if name not in graph:
@@ -329,3 +339,11 @@ def test_a_file_layer_module_that_imports_a_model_is_found(tmp_path):
     problems = layout_problems(root)
     assert "spg.unpickler: the file layer imports only itself; also imports spg.wav2vec2.model" in problems
     assert not any(p.startswith("spg.checkpoint:") for p in problems)
+
+
+def test_a_training_loop_that_imports_a_model_family_is_found(tmp_path):
+    root = write_package(tmp_path, {
+        "training.py": "def f():\n    from spg.wav2vec2.model import Wav2Vec2CTC\n",
+        "wav2vec2/model.py": "",
+    })
+    assert "spg.training: imports spg.wav2vec2.model; the training loop knows no model family" in layout_problems(root)

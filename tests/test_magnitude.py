@@ -8,6 +8,7 @@ from test_training import tiny_corpus, tiny_model
 
 import spg
 from spg.compress.magnitude import Mixed, UMP, magnitude_mask
+from spg.ctc_training import CTCObjective
 from spg.loading import load, save
 from spg.training import TrainConfig, sparsity_report, train
 
@@ -36,7 +37,8 @@ def exact_counts(model, wanted: dict):
 def test_ump_run_hits_exactly_the_given_sparsity(tmp_path):
     utterances = tiny_corpus(tmp_path)
     model = tiny_model()
-    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3), method=UMP(0.7), progress=False)
+    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3), objective=CTCObjective(),
+          method=UMP(0.7), progress=False)
     names = [name for name, _ in model.prunable_linears()]
     exact_counts(model, {name: 0.7 for name in names})
     assert abs(sparsity_report(model)["sparsity"] - 0.7) < 1e-3
@@ -49,7 +51,8 @@ def test_mixed_run_hits_exactly_the_given_per_matrix_sparsities(tmp_path):
     names = [name for name, _ in tiny_model().prunable_linears()]
     per_matrix = {name: 0.3 + 0.05 * i for i, name in enumerate(names)}      # as an SPG run would store
     model = tiny_model()
-    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3), method=Mixed(per_matrix), progress=False)
+    train(model, utterances, TrainConfig(steps=6, batch_size=3, lr=1e-3), objective=CTCObjective(),
+          method=Mixed(per_matrix), progress=False)
     exact_counts(model, per_matrix)
     report = sparsity_report(model)
     assert all(abs(report["per_matrix_sparsity"][n] - s) < 1e-3 for n, s in per_matrix.items())
@@ -61,12 +64,15 @@ def test_fixed_mask_resume_is_bit_identical(tmp_path):
     utterances = tiny_corpus(tmp_path)
     config = TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=2)
     straight = tiny_model()
-    train(straight, utterances, config, method=UMP(0.5), checkpoint_path=tmp_path / "a.state", progress=False)
+    train(straight, utterances, config, objective=CTCObjective(),
+          method=UMP(0.5), checkpoint_path=tmp_path / "a.state", progress=False)
     part = tiny_model()
-    train(part, utterances, config, method=UMP(0.5), checkpoint_path=tmp_path / "b.state", progress=False,
+    train(part, utterances, config, objective=CTCObjective(),
+          method=UMP(0.5), checkpoint_path=tmp_path / "b.state", progress=False,
           stop_after_steps=3)
     resumed = tiny_model(seed=7)       # other weights, hence other magnitude masks: the state must win
-    train(resumed, utterances, config, method=UMP(0.5), checkpoint_path=tmp_path / "b.state", resume=True,
+    train(resumed, utterances, config, objective=CTCObjective(),
+          method=UMP(0.5), checkpoint_path=tmp_path / "b.state", resume=True,
           progress=False)
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key

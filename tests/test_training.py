@@ -9,6 +9,7 @@ import torch
 from helpers import write_corpus
 
 from spg.compress.interface import Method
+from spg.ctc_training import CTCObjective
 from spg.data import DataError, read_corpus
 from spg.loading import CheckpointError
 from spg.training import (NonFiniteWeightsError, ResumeMismatchError, TrainConfig, learning_rate_factor,
@@ -41,14 +42,16 @@ def test_resume_continues_exactly(tmp_path):
     for freeze in (True, False):
         config = TrainConfig(steps=6, batch_size=3, lr=1e-3, save_every=2, freeze_feature_extractor=freeze)
         straight = tiny_model()
-        train(straight, utterances, config, checkpoint_path=tmp_path / "a.state", progress=False)
+        train(straight, utterances, config, objective=CTCObjective(),
+              checkpoint_path=tmp_path / "a.state", progress=False)
 
         interrupted = tiny_model()
-        first = train(interrupted, utterances, config, checkpoint_path=tmp_path / "b.state",
+        first = train(interrupted, utterances, config, objective=CTCObjective(), checkpoint_path=tmp_path / "b.state",
                       progress=False, stop_after_steps=4)   # crosses an epoch boundary (4 batches/epoch)
         assert first.steps_done == 4
         resumed = tiny_model(seed=123)       # different init: everything must come from the checkpoint
-        second = train(resumed, utterances, config, checkpoint_path=tmp_path / "b.state", resume=True,
+        second = train(resumed, utterances, config, objective=CTCObjective(),
+                       checkpoint_path=tmp_path / "b.state", resume=True,
                        progress=False)
         assert second.steps_done == 6
         expected, got = state_of(straight), state_of(resumed)
@@ -64,7 +67,8 @@ class NanAtStepTwo(Method):
 def test_non_finite_loss_is_skipped(tmp_path, capsys):
     utterances = tiny_corpus(tmp_path)
     model = tiny_model()
-    result = train(model, utterances, TrainConfig(steps=4, batch_size=3, lr=1e-3), method=NanAtStepTwo(),
+    result = train(model, utterances, TrainConfig(steps=4, batch_size=3, lr=1e-3), objective=CTCObjective(),
+                   method=NanAtStepTwo(),
                    progress=False)
     assert result.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -83,17 +87,30 @@ def test_feature_cache_on_disk_is_reused_and_keyed_on_the_weights(tmp_path):
     utterances = tiny_corpus(tmp_path)
     config = TrainConfig(steps=3, batch_size=3, lr=1e-3, save_every=0, feature_cache_dir=str(tmp_path / "cache"))
     first, second = tiny_model(), tiny_model()
-    train(first, utterances, config, progress=False)
+    train(first, utterances, config, objective=CTCObjective(), progress=False)
     files = list((tmp_path / "cache").glob("features-*.pt"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
-    train(second, utterances, config, progress=False)           # reads the stored features
+    train(second, utterances, config, objective=CTCObjective(), progress=False)           # reads the stored features
     assert files[0].stat().st_mtime_ns == stamp
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
     other = tiny_model(seed=5)                                    # another front end: another key
-    train(other, utterances, config, progress=False)
+    train(other, utterances, config, objective=CTCObjective(), progress=False)
     assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
+
+
+def test_one_ctc_objective_serves_several_runs(tmp_path):
+    """An objective passed to a second run keeps nothing of the first (its cached features)."""
+    utterances = tiny_corpus(tmp_path)
+    frozen = TrainConfig(steps=2, batch_size=3, lr=1e-3, save_every=0)
+    trained = TrainConfig(steps=2, batch_size=3, lr=1e-3, save_every=0, freeze_feature_extractor=False)
+    shared, reused, fresh = CTCObjective(), tiny_model(), tiny_model()
+    train(tiny_model(), utterances, frozen, objective=shared, progress=False)
+    train(reused, utterances, trained, objective=shared, progress=False)
+    train(fresh, utterances, trained, objective=CTCObjective(), progress=False)
+    for (name, a), b in zip(state_of(reused).items(), state_of(fresh).values()):
+        assert torch.equal(a, b), name
 
 
 class Planted:
@@ -118,14 +135,16 @@ def test_resume_state_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path
     torch.save({"model": Planted(marker), "step": 0}, state)
     with pytest.raises(CheckpointError, match=f"refused to load {state}: not a resume state written by "
                                               "train.py; nothing from it was executed"):
-        train(tiny_model(), utterances, config, checkpoint_path=state, resume=True, progress=False)
+        train(tiny_model(), utterances, config, objective=CTCObjective(),
+              checkpoint_path=state, resume=True, progress=False)
     assert not marker.exists()
     # a legitimate resume in the same process is still exact
     straight = tiny_model()
-    train(straight, utterances, config, progress=False)
-    train(tiny_model(), utterances, config, checkpoint_path=state, progress=False, stop_after_steps=2)
+    train(straight, utterances, config, objective=CTCObjective(), progress=False)
+    train(tiny_model(), utterances, config, objective=CTCObjective(),
+          checkpoint_path=state, progress=False, stop_after_steps=2)
     resumed = tiny_model(seed=9)
-    train(resumed, utterances, config, checkpoint_path=state, resume=True, progress=False)
+    train(resumed, utterances, config, objective=CTCObjective(), checkpoint_path=state, resume=True, progress=False)
     for (name, a), b in zip(state_of(straight).items(), state_of(resumed).values()):
         assert torch.equal(a, b), name
 
@@ -141,12 +160,14 @@ def test_every_method_writes_a_weights_only_state(tmp_path):
                        ("l0", lambda m: L0Method(0.5, seed=0))):
         model = tiny_model()
         path = tmp_path / f"{name}.state"
-        train(model, utterances, config, method=make(model), checkpoint_path=path, progress=False,
+        train(model, utterances, config, objective=CTCObjective(),
+              method=make(model), checkpoint_path=path, progress=False,
               stop_after_steps=1)
         state = load_resume_state(path)                  # weights_only=True inside
         assert state["method_name"] == name and state["step"] == 1
         model = tiny_model()
-        assert train(model, utterances, config, method=make(model), checkpoint_path=path, resume=True,
+        assert train(model, utterances, config, objective=CTCObjective(),
+                     method=make(model), checkpoint_path=path, resume=True,
                      progress=False).steps_done == 3
 
 
@@ -164,12 +185,14 @@ def test_resume_with_other_settings_is_refused_by_name(tmp_path):
     utterances = tiny_corpus(tmp_path)
     config = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=1)
     state = tmp_path / "run.state"
-    train(tiny_model(), utterances, config, checkpoint_path=state, progress=False, stop_after_steps=2,
+    train(tiny_model(), utterances, config, objective=CTCObjective(),
+          checkpoint_path=state, progress=False, stop_after_steps=2,
           settings={"--sparsity": 0.5})
     before = state.read_bytes()
     other = TrainConfig(steps=4, batch_size=2, lr=2e-3, save_every=1, seed=1)
     with pytest.raises(ResumeMismatchError) as refused:
-        train(tiny_model(), utterances, other, checkpoint_path=state, resume=True, progress=False,
+        train(tiny_model(), utterances, other, objective=CTCObjective(),
+              checkpoint_path=state, resume=True, progress=False,
               settings={"--sparsity": 0.6})
     message = str(refused.value)
     for expected in ("--batch-size: stored 3, given 2", "--lr: stored 0.001, given 0.002", "--seed: stored 0, given 1",
@@ -178,12 +201,14 @@ def test_resume_with_other_settings_is_refused_by_name(tmp_path):
     with pytest.raises(ResumeMismatchError, match="method: stored 'dense', given 'ump'"):
         from spg.compress.magnitude import UMP
         model = tiny_model()
-        train(model, utterances, config, method=UMP(0.5), checkpoint_path=state, resume=True, progress=False,
+        train(model, utterances, config, objective=CTCObjective(),
+              method=UMP(0.5), checkpoint_path=state, resume=True, progress=False,
               settings={"--sparsity": 0.5})
     assert state.read_bytes() == before
     # when and where things are written may change
     allowed = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=3, eval_every=2)
-    assert train(tiny_model(), utterances, allowed, checkpoint_path=state, resume=True, progress=False,
+    assert train(tiny_model(), utterances, allowed, objective=CTCObjective(),
+                 checkpoint_path=state, resume=True, progress=False,
                  settings={"--sparsity": 0.5}).steps_done == 4
 
 
@@ -202,7 +227,8 @@ def test_non_finite_weights_stop_training_and_keep_the_last_checkpoint(tmp_path)
     with pytest.raises(NonFiniteWeightsError, match=r"step 2: the weights are no longer finite .*"
                                                     r"encoder\.layers\.1\.feed_forward\.output_dense\.weight has 1 "
                                                     rf"NaN/inf .*{state} at step 2"):
-        train(tiny_model(), utterances, config, method=NanWeightAfterStepThree(), checkpoint_path=state,
+        train(tiny_model(), utterances, config, objective=CTCObjective(),
+              method=NanWeightAfterStepThree(), checkpoint_path=state,
               progress=False)
     kept = load_resume_state(state)                      # also checks that its weights are finite
     assert kept["step"] == 2
@@ -211,7 +237,8 @@ def test_non_finite_weights_stop_training_and_keep_the_last_checkpoint(tmp_path)
 def test_resume_state_with_non_finite_weights_is_refused_by_name(tmp_path):
     utterances = tiny_corpus(tmp_path)
     state_path = tmp_path / "run.state"
-    train(tiny_model(), utterances, TrainConfig(steps=2, batch_size=3, save_every=1), checkpoint_path=state_path,
+    train(tiny_model(), utterances, TrainConfig(steps=2, batch_size=3, save_every=1), objective=CTCObjective(),
+          checkpoint_path=state_path,
           progress=False)
     state = torch.load(state_path, weights_only=True)
     state["model"]["lm_head.bias"][3] = float("inf")
@@ -228,7 +255,8 @@ def test_time_estimate_after_the_first_steps(tmp_path, capsys):
     line = time_estimate(30.0, 20, 480)
     assert line.startswith("1.50 s per step: the remaining 480 steps take about 12.0 min (until about ")
     steps = 2 * ESTIMATE_AFTER_STEPS + 5               # short runs (fewer steps left than done) print nothing
-    train(tiny_model(), tiny_corpus(tmp_path), TrainConfig(steps=steps, batch_size=3, lr=1e-3, save_every=0))
+    train(tiny_model(), tiny_corpus(tmp_path), TrainConfig(steps=steps, batch_size=3, lr=1e-3, save_every=0),
+          objective=CTCObjective())
     assert f"s per step: the remaining {steps - ESTIMATE_AFTER_STEPS} steps take about" in capsys.readouterr().out
 
 
@@ -265,7 +293,7 @@ def test_blank_is_the_configs_pad_token_in_loss_and_decoding_as_in_transformers(
     Wav2Vec2CTCTokenizer (pad as blank, `|` as the space)."""
     import spg
     from spg.data import AudioCache
-    from spg.training import CTCObjective, ctc_loss, forward_batch, transcribe_corpus
+    from spg.ctc_training import ctc_loss, forward_batch, transcribe_corpus
     from transformers import Wav2Vec2CTCTokenizer
     reference = pad_last_hf_model(tmp_path / "hf")
     ours = spg.load(tmp_path / "hf").eval()
@@ -314,10 +342,10 @@ def test_a_vocabulary_whose_blank_is_a_character_is_refused_before_training(tmp_
     spaced = next(u for u in utterances if " " in u.transcript)
     with pytest.raises(DataError, match=rf"{spaced.audio_path}: the transcript of {spaced.id} contains ' ', which "
                                         r"is the model's CTC blank \('\|', pad_token_id 0\)"):
-        train(model, utterances, TrainConfig(steps=1, batch_size=3), progress=False)
+        train(model, utterances, TrainConfig(steps=1, batch_size=3), objective=CTCObjective(), progress=False)
     config.pad_token_id = len(PAD_LAST_VOCAB) - 1                   # [PAD]: never a character
     assert train(Wav2Vec2CTC(config, PAD_LAST_VOCAB), utterances, TrainConfig(steps=1, batch_size=3),
-                 progress=False).steps_done == 1
+                 objective=CTCObjective(), progress=False).steps_done == 1
 
 
 def test_resume_refuses_edited_optimiser_hyperparameters_by_name(tmp_path):
@@ -326,7 +354,8 @@ def test_resume_refuses_edited_optimiser_hyperparameters_by_name(tmp_path):
     utterances = tiny_corpus(tmp_path)
     config = TrainConfig(steps=4, batch_size=3, lr=1e-3, save_every=1)
     path = tmp_path / "run.state"
-    train(tiny_model(), utterances, config, checkpoint_path=path, progress=False, stop_after_steps=2)
+    train(tiny_model(), utterances, config, objective=CTCObjective(),
+          checkpoint_path=path, progress=False, stop_after_steps=2)
     original = path.read_bytes()
     state = torch.load(path, weights_only=True)
     weights, biases = state["optimizer"]["param_groups"]
@@ -334,7 +363,8 @@ def test_resume_refuses_edited_optimiser_hyperparameters_by_name(tmp_path):
     biases["eps"], biases["lr"] = 1e-3, 1.0
     torch.save(state, path)
     with pytest.raises(ResumeMismatchError) as refused:
-        train(tiny_model(), utterances, config, checkpoint_path=path, resume=True, progress=False)
+        train(tiny_model(), utterances, config, objective=CTCObjective(),
+              checkpoint_path=path, resume=True, progress=False)
     message = str(refused.value)
     for expected in ("tensors) base_lr: stored 0.01, given 0.001", "betas: stored (0.5, 0.9), given (0.9, 0.999)",
                      "weight_decay: stored 0.5, given 0.01", "optimiser group 1 (", "eps: stored 0.001, given 1e-08",
@@ -344,9 +374,10 @@ def test_resume_refuses_edited_optimiser_hyperparameters_by_name(tmp_path):
 
     path.write_bytes(original)
     straight = tiny_model()
-    train(straight, utterances, config, progress=False)
+    train(straight, utterances, config, objective=CTCObjective(), progress=False)
     resumed = tiny_model(seed=3)
-    assert train(resumed, utterances, config, checkpoint_path=path, resume=True, progress=False).steps_done == 4
+    assert train(resumed, utterances, config, objective=CTCObjective(),
+                 checkpoint_path=path, resume=True, progress=False).steps_done == 4
     for (name, a), b in zip(state_of(straight).items(), state_of(resumed).values()):
         assert torch.equal(a, b), name
 
@@ -359,7 +390,7 @@ def test_feature_cache_is_keyed_on_the_audio_content(tmp_path):
     utterances = tiny_corpus(tmp_path)
     cache = tmp_path / "cache"
     config = TrainConfig(steps=1, batch_size=3, lr=1e-3, save_every=0, feature_cache_dir=str(cache))
-    train(tiny_model(), utterances, config, progress=False)
+    train(tiny_model(), utterances, config, objective=CTCObjective(), progress=False)
     assert len(list(cache.glob("features-*.pt"))) == 1
     replaced = utterances[0].audio_path
     before = os.stat(replaced)
@@ -368,5 +399,5 @@ def test_feature_cache_is_keyed_on_the_audio_content(tmp_path):
     os.utime(replaced, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(replaced)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    train(tiny_model(), utterances, config, progress=False)
+    train(tiny_model(), utterances, config, objective=CTCObjective(), progress=False)
     assert len(list(cache.glob("features-*.pt"))) == 2

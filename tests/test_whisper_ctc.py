@@ -12,7 +12,7 @@ from helpers import padded_noise, perturbed, write_corpus
 
 import spg
 from spg.compress.interface import keep_units
-from spg.training import ctc_loss
+from spg.ctc_training import ctc_loss
 from spg.data import make_targets, Batch
 from spg.whisper.audio import log_mel_spectrogram
 from spg.whisper.ctc import DEFAULT_VOCAB, WhisperCTC, WhisperCTCConfig, ctc_config_from_whisper
@@ -93,7 +93,7 @@ def test_a_batch_equals_each_utterance_alone():
 
 
 def test_ctc_loss_against_torch_on_hand_made_targets():
-    """spg.training.ctc_loss on this model is torch's CTC with blank = the model's blank_id."""
+    """spg.ctc_training.ctc_loss on this model is torch's CTC with blank = the model's blank_id."""
     model = small_ctc()
     lengths = torch.tensor([16000, 12000])
     waves = padded_noise(lengths)

@@ -9,7 +9,7 @@ neurons) and Whisper (encoder self-attention, decoder self- and cross-attention 
 neurons; its heads stay whole) alike:
 
     method = L0Method(target_sparsity=0.7)                  # or ste=True, distill_teacher=...
-    train(model, utterances, config, method=method)
+    train(model, utterances, config, objective=CTCObjective(), method=method)
     smaller = method.pruned_model                            # physically pruned model
     spg.save(smaller, "runs/l0-0.7.pt")
 

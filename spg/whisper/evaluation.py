@@ -1,7 +1,7 @@
 """Scoring Whisper like the CTC models: WER/CER on a corpus, and the real recordings.
 
 `evaluate_whisper(model, utterances)` returns the same figures as
-`spg.training.evaluate_corpus` (WER, CER, S/D/I, real-time factor, references and
+`spg.ctc_training.evaluate_corpus` (WER, CER, S/D/I, real-time factor, references and
 hypotheses), so `evaluate.py`, `train.py` and the benchmarks print Whisper results the same
 way. Whisper writes cased, punctuated text ("And Mr. John Dashwood ..."), so references and
 hypotheses both go through `spg.text.normalize_english` before scoring (lowercase, no
@@ -115,7 +115,7 @@ def evaluate_whisper(model: Whisper, utterances: Sequence[Utterance], *, batch_s
                      device: torch.device = torch.device("cpu")) -> dict:
     """Greedy-decode every utterance and score it after English normalisation.
 
-    Returns the keys of `spg.training.evaluate_corpus` ("wer", "cer", "substitutions",
+    Returns the keys of `spg.ctc_training.evaluate_corpus` ("wer", "cer", "substitutions",
     "deletions", "insertions", "reference_words", "utterances", "audio_seconds", "rtf", "ids",
     "references", "hypotheses": both normalised) plus "raw_hypotheses" (Whisper's text).
     Utterances are decoded in batches of similar length (fewer wasted decoder steps); every

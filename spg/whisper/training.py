@@ -110,3 +110,6 @@ class WhisperObjective(Objective):
 
     def dev_wer(self, model: Whisper, audio: AudioCache, device: torch.device) -> float:
         return evaluate_whisper(model, audio.utterances, device=device)["wer"]
+
+    def checkpoint_entries(self, model: Whisper) -> dict:
+        return {"config": model.config.to_dict(), "vocab": None}     # the tokenizer is not stored

@@ -252,6 +252,7 @@ def step_time_ratio(*, steps: int, rounds: int, passthrough: list[str]) -> tuple
     from spg.compress.interface import Method
     from spg.compress.self_pinching import SPG
     from spg.corpus import build_corpus
+    from spg.ctc_training import CTCObjective
     from spg.data import read_corpus
     from spg.training import TrainConfig
     from spg.training import train as train_loop
@@ -267,7 +268,8 @@ def step_time_ratio(*, steps: int, rounds: int, passthrough: list[str]) -> tuple
             utterances = read_corpus(data_root, "train", model.vocab)
             config = TrainConfig(steps=steps, batch_size=8, lr=2e-4, save_every=0, feature_cache_dir=cache,
                                  loss_reduction="sum", weight_decay=0.0, grad_clip=0.0)
-            result = train_loop(model, utterances, config, method=make_method(), progress=False)
+            result = train_loop(model, utterances, config, objective=CTCObjective(),
+                                method=make_method(), progress=False)
             (plain_times if label == "plain" else spg_times).append(result.loop_seconds / steps)
     return statistics.median(spg_times) / statistics.median(plain_times), plain_times, spg_times
 

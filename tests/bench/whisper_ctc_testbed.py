@@ -35,7 +35,7 @@ from spg.files import atomic_write  # noqa: E402
 from spg.corpus import build_corpus  # noqa: E402
 from spg.data import read_corpus  # noqa: E402
 from spg.text import normalize_english  # noqa: E402
-from spg.training import evaluate_corpus  # noqa: E402
+from spg.ctc_training import evaluate_corpus  # noqa: E402
 from spg.whisper.evaluation import read_transcription_folder  # noqa: E402
 
 REAL = ("librivox", "cards", "beckett")
