@@ -65,7 +65,8 @@ def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, spl
     ring = "; ringed: no seed significantly worse than dense" if split == "wer_pooled" else ""
     counts = sorted({r["n"] for r in rows if r["arm"] in LABELS})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    axes.set_title(f"Unstructured pruning of the shipped model: WER on {where}\n"
+    model = experiment.get("model", "the shipped model")
+    axes.set_title(f"Unstructured pruning of {model}: WER on {where}\n"
                    f"{experiment['steps']} steps, batch {experiment['batch_size']}, mean ± s.d. over "
                    f"{seeds} seeds{ring}", fontsize=10)
     axes.set_xlabel("global sparsity of the prunable matrices (%)")

@@ -209,6 +209,8 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
             if any(r["arm"] == arm for r in rows)}
     results = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
                "sparsities": args.sparsities, "arms": {arm: arm_options(arm, 0.7, args.lr) for arm in ARMS + ABLATIONS},
+               "model": passthrough[passthrough.index("--model") + 1] if "--model" in passthrough
+               else "the shipped model",
                "workers": args.workers, "dense_wer": first["dense_wer"], "dense_wer_pooled": dense_pooled,
                "summary": summary_rows, "comparisons": comparisons, "max_lossless": lossless,
                "max_lossless_holm": lossless_holm, "multiple_comparisons": "Holm (1979) over each table: the "
