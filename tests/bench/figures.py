@@ -211,7 +211,8 @@ def plot_clustering_against_parameters(results: dict, path: Optional[Path] = Non
     if runs:
         axes.scatter([runs[0]["params_dense"] / 1e6], [100 * results["dense"]["pooled"]], marker="*", s=150,
                      color="crimson", zorder=5, label=f"dense ({100 * results['dense']['pooled']:.2f}%)")
-    axes.set_title("Structured compression of the shipped model: WER on dev + test against size\n"
+    axes.set_title(f"Structured compression of {results.get('model', 'the shipped model')}: WER on dev + test "
+                   "against size\n"
                    "clustering (each merge rule) vs structured magnitude pruning at the same per-module sizes",
                    fontsize=10)
     axes.set_xlabel("parameters (millions)")

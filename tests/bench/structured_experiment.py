@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     common = ["--lr", "2e-4", "--dense-eval", str(out / "dense-decoding.json"), *passthrough]
+    args.model = passthrough[passthrough.index("--model") + 1] if "--model" in passthrough else None
     if not args.report:
         out.mkdir(parents=True, exist_ok=True)
         jobs = [job for part in args.parts for job in jobs_of(part, out, args.seeds, common, args.l0_settings)]

@@ -245,7 +245,8 @@ def report(args, out: Path) -> dict:
     cluster_names = [(rule, mix, fold, s, experiment.cluster_name(rule, mix, fold, s))
                      for s in experiment.CLUSTER_SPARSITIES for mix in experiment.MIXES for fold in (False, True)
                      for rule in experiment.RULES]
-    results = {"dense": wers(dense_decoding), "seeds": args.seeds, "l0_sparsity": experiment.L0_SPARSITY,
+    results = {"model": getattr(args, "model", None) or "the shipped model", "dense": wers(dense_decoding),
+               "seeds": args.seeds, "l0_sparsity": experiment.L0_SPARSITY,
                "l0_steps": experiment.L0_STEPS, "recovery_steps": experiment.RECOVERY_STEPS,
                "l0_settings": experiment.L0_SETTINGS,
                "l0": l0_part(out, args.seeds, settings, dense_decoding),
