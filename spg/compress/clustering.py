@@ -54,11 +54,9 @@ from spg.compress.interface import (AttentionUnits, AttentionWeights, FeedForwar
 __all__ = ["DEFAULT_MERGE", "cluster_compress", "structured_magnitude_prune", "plan_kept_units", "record_compression",
            "module_shapes", "structured_magnitude_to_shapes"]
 
-# Default merge rule: "mean", the paper's wording, because it gave the lower WER on the shipped
-# tiny model (built-in test split, corpus format 2, dense 25.20 %; README "Compressing the
-# shipped model"): 35.78 % vs 37.63 % (sum_out) at 30 %, 47.09 % vs 59.39 % at 50 %.
-# On relative logit error (tests/bench/merge_error.py) sum_out was slightly lower on a partly
-# trained snapshot (0.127 vs 0.148 at 30 %), so the margin depends on the model: re-measure.
+# Default merge rule: "mean", the paper's wording; how it compares with our sum_out and
+# representative rules depends on the model (the README's clustering tables, measured on the
+# shipped model and on the Whisper-CTC testbed).
 DEFAULT_MERGE = merging.DEFAULT_MERGE
 
 PAPER = "arXiv 2606.11836"

@@ -63,7 +63,7 @@ Not specified by the papers, ours (defaults):
     CoFi also clamps log_alpha to [log 0.01, log 100] after every step; we do not (as
     DPHuBERT): it did not remove the miss in our runs, and clamped gates tie at the floor,
     where the eval mask still keeps ~5 % of them with values ~0.004.
-  * two variants for models whose head gates close first (issue 16; `head_gates=False`, the
+  * two variants for models whose head gates close first (`head_gates=False`, the
     dims-only variant, and `min_heads`; see `spg.compress.hardconcrete.BlockGates`), and per
     gate type learning rates (`gate_lr` as a dict) and initial drop rates (`init`); what they
     change on the shipped model is measured in the README (tests/bench/structured_experiment.py).
@@ -157,7 +157,7 @@ class L0Method(Method):
     gate_lr, lambda_lr: learning rates of log_alpha and of λ1, λ2. `gate_lr` may also be a
         dict by gate type ({"heads", "qk_dims", "v_dims", "ffn"}; missing types: GATE_LR):
         a head gate's penalty gradient is ~128x an FFN gate's on the tiny model while its
-        CTC gradient is only ~30x, so under Adam head gates take near-full steps (issue 16).
+        CTC gradient is only ~30x, so under Adam head gates take near-full steps.
     target_warmup_fraction: share of the steps over which t ramps from 0 to the target.
     init: initial drop rate per gate type (`InitDropRates`).
     head_gates: False for the dims-only variant (no head gate; a head goes when all its value
