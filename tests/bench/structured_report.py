@@ -60,6 +60,13 @@ def add_holm(comparisons: list[dict]) -> None:
             c[split].update(p_holm=p_holm, significant_holm=significant)
 
 
+def kept_units(kept: dict) -> dict:
+    """A run's kept units under one set of names: wav2vec2's record says heads, qk_dims,
+    v_dims, ffn_units; Whisper's encoder_heads and encoder_ffn_units (its L0 gates no dims)."""
+    renamed = {"encoder_heads": "heads", "encoder_ffn_units": "ffn_units"}
+    return {renamed.get(key, key): value for key, value in kept.items()}
+
+
 def load(out: Path, name: str):
     path = out / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -82,7 +89,7 @@ def l0_part(out: Path, seeds, settings, dense_decoding: dict) -> dict:
                 compression = run.get("compression", {})
                 rows.append({"arm": arm, "setting": setting, "seed": seed, **wers(run["decoding"]),
                              "params_total": run["params_total"], "prunable_params_kept": run["prunable_params_kept"],
-                             "sparsity": run["sparsity"], "kept": run["kept"],
+                             "sparsity": run["sparsity"], "kept": kept_units(run["kept"]),
                              "sparsity_before_calibration": run.get("sparsity_before_calibration"),
                              "calibration_shift": compression.get("calibration_shift"),
                              "forward_time_ratio": run["forward_time_ratio"], "loop_seconds": run["loop_seconds"],
@@ -267,8 +274,8 @@ def report(args, out: Path) -> dict:
     if results["cluster"]["runs"]:
         figures.append(path.with_name(path.stem + "_clustering.png"))
         plot_clustering_against_parameters(results, figures[-1])
-    if results["l0"]["runs"]:
-        figures.append(path.with_name(path.stem + "_l0.png"))
+    if results["l0"]["runs"] and all("qk_dims" in r["kept"] for r in results["l0"]["runs"]):
+        figures.append(path.with_name(path.stem + "_l0.png"))    # the figure's panels are wav2vec2's gates
         plot_l0_shapes(results, figures[-1])
     if figures:
         print("figures written to " + ", ".join(str(f) for f in figures))
