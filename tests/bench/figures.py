@@ -45,6 +45,7 @@ def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, spl
     dense = experiment["dense_wer_pooled"] if split == "wer_pooled" else experiment["dense_wer"]["test-unseen"]
     figure, axes = plt.subplots(figsize=(7.5, 4.6), dpi=100)
     rows = experiment["summary"]
+    any_lossless = False
     for index, arm in enumerate(LABELS):
         points = sorted((r["sparsity"], r[split]) for r in rows if r["arm"] == arm)
         if not points:
@@ -58,11 +59,13 @@ def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, spl
             lossless = [(x, y) for (s, _), x, y in zip(points, xs, ys)
                         if not any(r["pooled_vs_dense"]["worse"] for r in experiment["runs"]
                                    if r["arm"] == arm and r["sparsity"] == s)]
+            any_lossless = any_lossless or bool(lossless)
             if lossless:
                 axes.scatter(*zip(*lossless), s=160, facecolors="none", edgecolors=line[0].get_color(), linewidths=1.5)
     axes.axhline(100 * dense, color="black", linestyle="--", linewidth=1, label=f"dense ({100 * dense:.2f}%)")
     where = "dev + test (seen speakers)" if split == "wer_pooled" else "test-unseen (held-out voices)"
-    ring = "; ringed: no seed significantly worse than dense" if split == "wer_pooled" else ""
+    ring = "" if split != "wer_pooled" else "; ringed: no seed significantly worse than dense" if any_lossless \
+        else "\nnone lossless: every run is significantly worse than dense (MAPSSWE, α = 0.05)"
     counts = sorted({r["n"] for r in rows if r["arm"] in LABELS})
     seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     model = experiment.get("model", "the shipped model")
