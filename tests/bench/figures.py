@@ -40,10 +40,12 @@ def _pyplot():
 def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, split: str = "wer_pooled"):
     """WER (mean ± s.d. over seeds) against sparsity, one line per arm, the dense model as a
     dashed line, and a ring around the points where no seed's run is significantly worse than
-    dense (MAPSSWE, alpha 0.05, pooled dev+test: "lossless"). Written to `path` when given."""
+    dense (MAPSSWE, alpha 0.05, pooled dev+test: "lossless"); right, each arm's WER minus the
+    GMP run's of the same seed (mean ± s.d. over the seeds both have). Written to `path` when given."""
     plt = _pyplot()
     dense = experiment["dense_wer_pooled"] if split == "wer_pooled" else experiment["dense_wer"]["test-unseen"]
-    figure, axes = plt.subplots(figsize=(7.5, 4.6), dpi=100)
+    figure, (axes, against_gmp) = plt.subplots(1, 2, figsize=(12.5, 4.8), dpi=100,
+                                               gridspec_kw={"width_ratios": (3, 2)})
     rows = experiment["summary"]
     any_lossless = False
     for index, arm in enumerate(LABELS):
@@ -54,7 +56,7 @@ def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, spl
         xs = [100 * (s + offset) for s, _ in points]
         ys = [100 * m for _, (m, _) in points]
         errors = [100 * sd for _, (_, sd) in points]
-        line = axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[arm])
+        line = axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=LABELS[arm], color=f"C{index}")
         if split == "wer_pooled":       # ring the points no seed made significantly worse than dense
             lossless = [(x, y) for (s, _), x, y in zip(points, xs, ys)
                         if not any(r["pooled_vs_dense"]["worse"] for r in experiment["runs"]
@@ -77,10 +79,37 @@ def plot_wer_against_sparsity(experiment: dict, path: Optional[Path] = None, spl
     axes.set_xticks([100 * s for s in experiment["sparsities"]])
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    plot_difference_to_gmp(experiment, against_gmp, split)
     figure.tight_layout()
     if path is not None:
         figure.savefig(path)
     return figure
+
+
+def plot_difference_to_gmp(experiment: dict, axes, split: str = "wer_pooled") -> None:
+    """On `axes`: per sparsity, each arm's WER minus GMP's on the same seed (points), mean ± s.d."""
+    import statistics
+    by_key = {(r["arm"], r["sparsity"], r["seed"]): r[split] for r in experiment["runs"]}
+    arms = [arm for arm in LABELS if arm != "gmp" and any(key[0] == arm for key in by_key)]
+    for index, arm in enumerate(arms):
+        xs, means, sds = [], [], []
+        for sparsity in sorted(experiment["sparsities"]):
+            differences = [100 * (by_key[arm, sparsity, seed] - by_key["gmp", sparsity, seed])
+                           for seed in experiment["seeds"]
+                           if (arm, sparsity, seed) in by_key and ("gmp", sparsity, seed) in by_key]
+            if differences:
+                xs.append(100 * sparsity + (index - len(arms) / 2) * 0.4)
+                means.append(statistics.mean(differences))
+                sds.append(statistics.stdev(differences) if len(differences) > 1 else 0.0)
+        if xs:
+            axes.errorbar(xs, means, yerr=sds, marker="o", linestyle="none", capsize=3, label=LABELS[arm],
+                          color=f"C{list(LABELS).index(arm)}")
+    axes.axhline(0, color=f"C{list(LABELS).index('gmp')}", linewidth=1)
+    axes.set_title("WER minus GMP's, same seed (points; below 0: better than GMP)", fontsize=10)
+    axes.set_xlabel("global sparsity of the prunable matrices (%)")
+    axes.set_ylabel("ΔWER against GMP (points)")
+    axes.set_xticks([100 * s for s in experiment["sparsities"]])
+    axes.grid(alpha=0.3)
 
 
 def plot_allocation(experiment: dict, sparsity: float = 0.7, path: Optional[Path] = None):
