@@ -43,7 +43,7 @@ from torch import nn
 from spg.compress.interface import AttentionUnits, AttentionWeights, FeedForwardUnits, ModuleWeights, StructuredUnits
 from spg.config import check_config_fields
 from spg.whisper.audio import HOP_LENGTH, N_FFT, log_mel_spectrogram
-from spg.whisper.model import ENCODER_MATRICES, WhisperConfig, WhisperEncoder
+from spg.whisper.model import ENCODER_MATRICES, WhisperConfig, WhisperEncoder, check_whisper_weights
 
 __all__ = ["WhisperCTCConfig", "WhisperCTC", "ctc_config_from_whisper"]
 
@@ -253,19 +253,7 @@ class WhisperCTC(nn.Module):
         else is copied; `self` is not modified; same device, dtype, train/eval mode, vocabulary
         and a copy of `compression`."""
         units = {u.name: u for u in self.structured_units()}
-        for name, new in weights.items():
-            if name not in units:
-                raise ValueError(f"no module {name!r} in this model")
-            module = units[name]
-            if isinstance(module, AttentionUnits) != isinstance(new, AttentionWeights):
-                raise ValueError(f"{name}: expected {'attention' if isinstance(module, AttentionUnits) else 'feed-forward'} weights")
-            new.validate(self.config.d_model)
-            if isinstance(new, AttentionWeights):
-                if any(w != module.head_dim for w in new.qk_head_dims + new.v_head_dims):
-                    raise ValueError(f"{name}: Whisper heads keep their width {module.head_dim}; "
-                                     f"got {new.qk_head_dims} / {new.v_head_dims}")
-                if new.k_bias is not None:
-                    raise ValueError(f"{name}: Whisper's k_proj has no bias")
+        check_whisper_weights(units, weights, self.config.d_model)
         config = copy.deepcopy(self.config)
         config.encoder_layer_heads, config.encoder_layer_ffn_dims = [], []
         state = dict(self.state_dict())

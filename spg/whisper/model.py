@@ -389,6 +389,28 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+
+def check_whisper_weights(units: Mapping[str, StructuredUnits], weights: Mapping[str, ModuleWeights],
+                          d_model: int) -> None:
+    """ValueError unless every entry of `weights` names a module of `units` (the model's
+    `structured_units` by name), is of its kind, has consistent shapes, keeps Whisper's full
+    head width and has no k_proj bias (Whisper's k_proj has none): the checks `rebuild` of
+    Whisper and of the Whisper-CTC model share."""
+    for name, new in weights.items():
+        if name not in units:
+            raise ValueError(f"no module {name!r} in this Whisper")
+        module = units[name]
+        if isinstance(module, AttentionUnits) != isinstance(new, AttentionWeights):
+            raise ValueError(f"{name}: expected {'attention' if isinstance(module, AttentionUnits) else 'feed-forward'} weights")
+        new.validate(d_model)
+        if isinstance(new, AttentionWeights):
+            if any(w != module.head_dim for w in new.qk_head_dims + new.v_head_dims):
+                raise ValueError(f"{name}: Whisper heads keep their width {module.head_dim}; "
+                                 f"got {new.qk_head_dims} / {new.v_head_dims}")
+            if new.k_bias is not None:
+                raise ValueError(f"{name}: Whisper's k_proj has no bias")
+
+
 class Whisper(nn.Module):
     """Whisper encoder-decoder. `model(mel, tokens)` returns teacher-forced logits (B, S, V);
     `model.transcribe(waveforms, tokenizer)` greedy-decodes text."""
@@ -519,20 +541,7 @@ class Whisper(nn.Module):
         not modified; same device, dtype, train/eval mode, tokenizer and a copy of
         `compression`."""
         units = {u.name: u for u in self.structured_units()}
-        d_model = self.config.d_model
-        for name, new in weights.items():
-            if name not in units:
-                raise ValueError(f"no module {name!r} in this Whisper")
-            module = units[name]
-            if isinstance(module, AttentionUnits) != isinstance(new, AttentionWeights):
-                raise ValueError(f"{name}: expected {'attention' if isinstance(module, AttentionUnits) else 'feed-forward'} weights")
-            new.validate(d_model)
-            if isinstance(new, AttentionWeights):
-                if any(w != module.head_dim for w in new.qk_head_dims + new.v_head_dims):
-                    raise ValueError(f"{name}: Whisper heads keep their width {module.head_dim}; "
-                                     f"got {new.qk_head_dims} / {new.v_head_dims}")
-                if new.k_bias is not None:
-                    raise ValueError(f"{name}: Whisper's k_proj has no bias")
+        check_whisper_weights(units, weights, self.config.d_model)
         config = copy.deepcopy(self.config)
         for stack, attribute, role, _, field_name in STRUCTURED_MODULES:
             sizes = []
