@@ -611,19 +611,38 @@ def _read_manifest(root: Path) -> dict | None:
 # folder is renamed into place).  A build that is killed leaves that folder behind.
 _BUILDING_MARK = ".building-"
 _BUILDER_FILE = ".builder.json"
-# Our choice: a build folder is stale when its builder process is gone (same host, PID not
-# alive), or whatever its owner when it is older than a day (a PID may have been reused, and
-# a build on another host of a shared folder cannot be checked; the default corpus takes
-# about a minute, a 100x larger one still well under a day).  A folder without the builder
+# Our choice: a build folder is stale when its builder process is gone (same host, and no
+# process with its PID, or one with its PID that started at another time: PIDs are reused,
+# and some sandboxes hand a freed PID out again at once), or whatever its owner when it is
+# older than a day (a build on another host of a shared folder cannot be checked; the default
+# corpus takes about a minute, a 100x larger one still well under a day).  A folder without the builder
 # file (written by an older spg, or a build that died within microseconds of starting) is
 # stale after an hour (the older code's builds took about a minute).
 STALE_BUILD_SECONDS = 24 * 3600
 STALE_UNOWNED_BUILD_SECONDS = 3600
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (field 22 of Linux's
+    ``/proc/<pid>/stat``), or None where there is no such file (not Linux, no such process)
+    or it is a zombie.  PID and start time together name one process."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (command name) "
+    if len(fields) < 20 or fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def _pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether process ``pid`` runs; with ``start_ticks`` (:func:`_process_start_ticks` of
+    the process when it was alive), whether that same process still runs."""
     if pid <= 0:
         return False
+    if start_ticks is not None and Path("/proc/self/stat").is_file():
+        return _process_start_ticks(pid) == start_ticks
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -637,14 +656,23 @@ def _is_stale_build(folder: Path, now: float) -> bool:
     try:
         owner = json.loads((folder / _BUILDER_FILE).read_text())
         host, pid, started = str(owner["host"]), int(owner["pid"]), float(owner["started"])
-    except (OSError, ValueError, KeyError, TypeError):
+        start_ticks = None if owner.get("start_ticks") is None else int(owner["start_ticks"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         try:
             return now - folder.stat().st_mtime > STALE_UNOWNED_BUILD_SECONDS
         except OSError:
             return False  # vanished meanwhile
     if now - started > STALE_BUILD_SECONDS:
         return True
-    return host == socket.gethostname() and not _pid_alive(pid)
+    return host == socket.gethostname() and not _pid_alive(pid, start_ticks)
+
+
+def _remove_tree(folder: Path, failures: list[str]) -> None:
+    """shutil.rmtree that notes what it could not remove in ``failures`` and goes on."""
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=lambda function, path, error: failures.append(f"{path}: {error}"))
+    else:
+        shutil.rmtree(folder, onerror=lambda function, path, info: failures.append(f"{path}: {info[1]}"))
 
 
 def remove_stale_builds(folder: str | Path) -> list[Path]:
@@ -655,18 +683,21 @@ def remove_stale_builds(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     now = time.time()
-    removed = []
+    removed, failures = [], []
     for candidate in sorted(folder.iterdir()):
         if not (candidate.name.startswith(".") and _BUILDING_MARK in candidate.name and candidate.is_dir()
                 and not candidate.is_symlink()):
             continue
         if _is_stale_build(candidate, now):
-            shutil.rmtree(candidate, ignore_errors=True)
+            _remove_tree(candidate, failures)
             if not candidate.exists():
                 removed.append(candidate)
     if removed:
         print(f"spg.corpus: removed {len(removed)} folder(s) left by interrupted corpus builds: "
               + ", ".join(str(path) for path in removed), file=sys.stderr)
+    if failures:
+        print("spg.corpus: could not remove all of a folder left by an interrupted corpus build: "
+              + "; ".join(failures[:3]), file=sys.stderr)
     return removed
 
 
@@ -731,7 +762,8 @@ def build_corpus(
     building = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}{_BUILDING_MARK}"))
     try:
         (building / _BUILDER_FILE).write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}) + "\n")
+            {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
+             "started": time.time()}) + "\n")
         for folder in {utterance.relative_path.parent for utterance in planned}:
             (building / folder).mkdir(parents=True, exist_ok=True)
         jobs = [(u.spoken_text, u.voice, u.rate_wpm, u.pitch, str(building / u.relative_path)) for u in planned]

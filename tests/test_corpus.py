@@ -326,6 +326,21 @@ def test_stale_build_folders_are_removed(tmp_path):
     assert sorted(p for p in tmp_path.iterdir()) == sorted([live, elsewhere, legacy_new, unrelated])
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="process start times are read from Linux's /proc")
+def test_a_reused_pid_does_not_keep_a_dead_build(tmp_path):
+    """The builder is named by PID and start time: a live process that got the dead builder's
+    PID later (it started at another time) does not make its folder look alive."""
+    host, now, pid = socket.gethostname(), time.time(), os.getpid()
+    ticks = corpus._process_start_ticks(pid)
+    assert isinstance(ticks, int) and ticks > 0
+    ours = _fake_build(tmp_path, ".synth-a.building-1", owner={"host": host, "pid": pid, "start_ticks": ticks,
+                                                                "started": now})
+    reused = _fake_build(tmp_path, ".synth-a.building-2", owner={"host": host, "pid": pid, "start_ticks": ticks - 1,
+                                                                  "started": now})
+    assert corpus.remove_stale_builds(tmp_path) == [reused]
+    assert list(tmp_path.iterdir()) == [ours]
+
+
 def test_killed_build_is_cleaned_up_by_the_next(tmp_path):
     root = tmp_path / "corpus"
     script = ("import sys; from spg import corpus; corpus.build_corpus(sys.argv[1], num_train=400, num_dev=0, "
@@ -340,8 +355,12 @@ def test_killed_build_is_cleaned_up_by_the_next(tmp_path):
     process.wait()
     assert len(leftovers) == 1 and (leftovers[0] / corpus._BUILDER_FILE).is_file()
     assert not root.exists()
+    owner = json.loads((leftovers[0] / corpus._BUILDER_FILE).read_text())
+    assert owner["pid"] == process.pid
     built = corpus.build_corpus(root, num_train=1, num_dev=0, num_test=0, num_test_unseen=0, progress=False)
-    assert sorted(tmp_path.iterdir()) == [built]
+    assert sorted(tmp_path.iterdir()) == [built], (
+        f"builder {owner}; now: alive {corpus._pid_alive(owner['pid'])}, start ticks "
+        f"{corpus._process_start_ticks(owner['pid'])}")
     assert not (built / corpus._BUILDER_FILE).exists()
 
 
