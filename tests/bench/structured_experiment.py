@@ -62,7 +62,11 @@ def cluster_name(rule: str, mix: str, fold: bool, sparsity: float) -> str:
     return f"cluster-{rule}-{mix}{'-fold' if fold else ''}-{sparsity:g}"
 
 
-def jobs_of(part: str, out: Path, seeds, common: list[str], l0_settings=tuple(L0_SETTINGS)) -> list[Job]:
+def jobs_of(part: str, out: Path, seeds, common: list[str], l0_settings=tuple(L0_SETTINGS),
+            l0_sparsity: float = L0_SPARSITY, sparsities=CLUSTER_SPARSITIES) -> list[Job]:
+    """The runs of one part (see the module docstring); `l0_sparsity` is L0's target and
+    `sparsities` the clustering and recovery levels. The recovery part includes the data-free
+    `mean`, uniform-K run whose shape its baselines take, so it runs without the cluster part."""
     def seeded(seed: int) -> list[str]:
         return ["--seed", str(seed), *common]
 
@@ -72,14 +76,14 @@ def jobs_of(part: str, out: Path, seeds, common: list[str], l0_settings=tuple(L0
             for setting in l0_settings:
                 options = L0_SETTINGS[setting]
                 source = out / f"{setting}-s{seed}"
-                jobs.append(Job(source, ["--method", "l0", "--sparsity", f"{L0_SPARSITY:g}", "--steps", str(L0_STEPS),
+                jobs.append(Job(source, ["--method", "l0", "--sparsity", f"{l0_sparsity:g}", "--steps", str(L0_STEPS),
                                          "--save-every", "100", *options, *seeded(seed)]))
                 jobs.append(Job(out / f"structured-{setting}-s{seed}",
-                                ["--method", "structured", "--sparsity", f"{L0_SPARSITY:g}", "--structure-from",
+                                ["--method", "structured", "--sparsity", f"{l0_sparsity:g}", "--structure-from",
                                  f"{source}.pt", "--steps", str(L0_STEPS), "--save-every", "100", *seeded(seed)],
                                 waits_for=Path(f"{source}.json"), after=source))
     elif part == "cluster":
-        for sparsity in CLUSTER_SPARSITIES:
+        for sparsity in sparsities:
             for mix, mix_options in MIXES.items():
                 for fold in (False, True):
                     if fold and mix == "per-kind":
@@ -89,15 +93,17 @@ def jobs_of(part: str, out: Path, seeds, common: list[str], l0_settings=tuple(L0
                                         ["--method", "cluster", "--sparsity", f"{sparsity:g}", "--merge", rule,
                                          *mix_options, *(["--fold-bias"] if fold else []), *seeded(0)]))
     elif part == "recovery":          # the baseline first, then one rule after the other
-        for sparsity in CLUSTER_SPARSITIES:
+        for sparsity in sparsities:
             shape = out / cluster_name("mean", "uniform", False, sparsity)
+            jobs.append(Job(shape, ["--method", "cluster", "--sparsity", f"{sparsity:g}", "--merge", "mean",
+                                    *seeded(0)]))
             for seed in seeds:
                 jobs.append(Job(out / f"recovery-structured-{sparsity:g}-s{seed}",
                                 ["--method", "structured", "--sparsity", f"{sparsity:g}", "--structure-from",
                                  f"{shape}.pt", "--steps", str(RECOVERY_STEPS), "--save-every", "100", *seeded(seed)],
                                 waits_for=Path(f"{shape}.json"), after=shape))
         for rule in RECOVERY_RULES:
-            for sparsity in CLUSTER_SPARSITIES:
+            for sparsity in sparsities:
                 for seed in seeds:
                     jobs.append(Job(out / f"recovery-{rule}-{sparsity:g}-s{seed}",
                                     ["--method", "cluster", "--sparsity", f"{sparsity:g}", "--merge", rule,
@@ -114,6 +120,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--l0-settings", nargs="+", choices=list(L0_SETTINGS), default=list(L0_SETTINGS),
                         help="the L0 gate settings to run (default all)")
+    parser.add_argument("--l0-sparsity", type=float, default=L0_SPARSITY,
+                        help="L0's target (default %(default)g)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=list(CLUSTER_SPARSITIES),
+                        help="the clustering and recovery levels (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "runs" / "structured-experiment"))
     parser.add_argument("--results", default=str(REPO / "results" / "structured_experiment.json"))
@@ -124,11 +134,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     common = ["--lr", "2e-4", "--dense-eval", str(out / "dense-decoding.json"), *passthrough]
     args.model = passthrough[passthrough.index("--model") + 1] if "--model" in passthrough else None
+    args.train_options = passthrough
+
+    def jobs(parts) -> list[Job]:       # each run once, though the cluster and recovery parts share one
+        unique: dict[Path, Job] = {}
+        for part in parts:
+            for job in jobs_of(part, out, args.seeds, common, args.l0_settings, args.l0_sparsity, args.sparsities):
+                unique.setdefault(job.stem, job)
+        return list(unique.values())
+
     if not args.report:
         out.mkdir(parents=True, exist_ok=True)
-        jobs = [job for part in args.parts for job in jobs_of(part, out, args.seeds, common, args.l0_settings)]
-        run_jobs(REPO, jobs, args.workers)
-    require_finished_runs(out, [job.stem for part in PARTS for job in jobs_of(part, out, args.seeds, common)])
+        run_jobs(REPO, jobs(args.parts), args.workers)
+    require_finished_runs(out, [job.stem for job in jobs(PARTS)])
     from structured_report import report
     report(args, out)
     return 0

@@ -248,19 +248,23 @@ def report(args, out: Path) -> dict:
     dense_decoding = {split: {"references": dense[split]["references"], "hypotheses": dense[split]["hypotheses"]}
                       for split in (*POOLED, "test-unseen")}
     chosen = getattr(args, "l0_settings", experiment.L0_SETTINGS)
+    l0_sparsity = getattr(args, "l0_sparsity", experiment.L0_SPARSITY)
     settings = [setting for setting in experiment.L0_SETTINGS if setting in chosen]
     cluster_names = [(rule, mix, fold, s, experiment.cluster_name(rule, mix, fold, s))
-                     for s in experiment.CLUSTER_SPARSITIES for mix in experiment.MIXES for fold in (False, True)
+                     for s in getattr(args, "sparsities", experiment.CLUSTER_SPARSITIES) for mix in experiment.MIXES for fold in (False, True)
                      for rule in experiment.RULES]
     results = {"model": getattr(args, "model", None) or "the shipped model", "dense": wers(dense_decoding),
-               "seeds": args.seeds, "l0_sparsity": experiment.L0_SPARSITY,
+               "seeds": args.seeds, "l0_sparsity": l0_sparsity,
                "l0_steps": experiment.L0_STEPS, "recovery_steps": experiment.RECOVERY_STEPS,
                "l0_settings": experiment.L0_SETTINGS,
                "l0": l0_part(out, args.seeds, settings, dense_decoding),
                "cluster": cluster_part(out, cluster_names, dense_decoding),
-               "recovery": recovery_part(out, args.seeds, experiment.CLUSTER_SPARSITIES, experiment.RECOVERY_RULES)}
+               "recovery": recovery_part(out, args.seeds, getattr(args, "sparsities", experiment.CLUSTER_SPARSITIES),
+                                         experiment.RECOVERY_RULES)}
+    if getattr(args, "train_options", None):    # train.py options beyond the experiment's own
+        results["train_options"] = args.train_options
     print(f"dense: dev+test {100 * results['dense']['pooled']:.2f}%, test-unseen {100 * results['dense']['test-unseen']:.2f}%")
-    results["unstructured"] = unstructured_rows(Path(args.spg_results), experiment.L0_SPARSITY)
+    results["unstructured"] = unstructured_rows(Path(args.spg_results), l0_sparsity)
     results["l0_summary"] = print_l0(results["l0"], settings, results["unstructured"])
     print_cluster(results["cluster"])
     results["recovery_summary"] = print_recovery(results["recovery"])
