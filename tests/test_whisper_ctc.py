@@ -218,3 +218,39 @@ def test_a_file_asking_for_a_huge_model_is_refused_before_building(tmp_path, mon
         spg.load(tmp_path / "ok.pt")
     monkeypatch.setenv("SPG_MAX_PARAMETERS", str(expected))
     assert isinstance(spg.load(tmp_path / "ok.pt"), WhisperCTC)
+
+
+def test_l0_distillation_reads_the_blocks_through_the_interface():
+    """L0's layer-to-layer distillation works on WhisperCTC through `encoder_blocks()` and
+    `frame_lengths` alone: the recorded block outputs are the blocks' own outputs (the loop of
+    the test above), the loss against a teacher whose last block is perturbed equals the
+    hand-computed L1 + (1 - cos) over the valid frames, and a teacher of another depth is refused."""
+    from spg.compress.l0 import HiddenStateRecorder, L0Method, distillation_loss
+    model = small_ctc().eval()
+    torch.manual_seed(5)
+    lengths = torch.tensor([16000, 9000])
+    batch = padded_noise(lengths)
+    recorder = HiddenStateRecorder(model, [1, 2], always=True)
+    with torch.no_grad():
+        model(batch, lengths)
+        states = recorder.pop()
+        x = batch[:1, :16000]
+        mel = log_mel_spectrogram(x[0], n_samples=None)[None]
+        x = torch.nn.functional.gelu(model.encoder.conv1(mel))
+        x = torch.nn.functional.gelu(model.encoder.conv2(x)).transpose(1, 2) + model.encoder.embed_positions.weight[:50]
+        first = model.encoder.layers[0](x)
+    recorder.remove()
+    assert sorted(states) == [1, 2] and states[2].shape == (2, 50, 32)
+    torch.testing.assert_close(states[1][:1], first, rtol=0, atol=1e-5)
+    frames = model.frame_lengths(lengths)                                  # (2,): [50, 29]
+    mask = torch.arange(50)[None, :] < frames[:, None]
+    teacher = {1: states[1], 2: states[2] + 0.5}
+    s, t = states[2], teacher[2]
+    l1 = ((s - t).abs().mean(-1) * mask).sum() / mask.sum()                # = 0.5 on every frame
+    cosine = (torch.nn.functional.cosine_similarity(s, t, dim=-1) * mask).sum() / mask.sum()
+    expected = (0.0 + (l1 + 1.0 - cosine)) / 2                            # block 1: identical, 0
+    torch.testing.assert_close(distillation_loss(states, teacher, mask), expected)
+    assert abs(l1.item() - 0.5) < 1e-6
+    deeper = WhisperCTC.from_whisper(small_whisper(encoder_layers=3), seed=3)
+    with pytest.raises(ValueError, match="teacher has 3 encoder blocks, the student 2"):
+        L0Method(0.3, distill_teacher=deeper).attach(small_ctc())

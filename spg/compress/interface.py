@@ -34,6 +34,9 @@ a method module copied out of spg needs this file and nothing else.
 
 3. `keep_units` and `keep_head_dims`: a model keeping chosen heads / head dims / neurons,
    built on `structured_units()` and `rebuild()`.
+
+4. `DistillableModel`, for L0's optional layer-to-layer distillation: the encoder blocks
+   whose outputs are compared and the frame count of each input.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from torch import nn
 
 __all__ = ["Method", "OptimizerSettings", "PrunableModel", "AttentionWeights", "FeedForwardWeights",
            "AttentionUnits", "FeedForwardUnits", "StructuredUnits", "ModuleWeights", "head_slices", "keep_units",
-           "keep_head_dims"]
+           "keep_head_dims", "DistillableModel"]
 
 
 # ========================================================================================
@@ -419,3 +422,20 @@ def keep_head_dims(model: PrunableModel,
     units = _units_named(model, dims)
     weights = {name: units[name].weights().keep_head_dims(qk, v) for name, (qk, v) in dims.items()}
     return model.rebuild(weights)
+
+
+# ========================================================================================
+# 4. Distillation: the blocks whose outputs a student and its teacher compare
+# ========================================================================================
+
+class DistillableModel(Protocol):
+    """A model whose encoder blocks' outputs a distillation loss can compare
+    (`spg.compress.l0`'s layer-to-layer distillation)."""
+
+    def encoder_blocks(self) -> Sequence[nn.Module]:
+        """The encoder's blocks in order; each one's forward returns its output (B, T, C)."""
+        ...
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The number of valid output frames (B,) of inputs of `lengths` samples (B,)."""
+        ...

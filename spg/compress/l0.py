@@ -22,9 +22,8 @@ steps, and λ1, λ2 trained by gradient ASCENT (gradient reversal, see
 `spg.compress.hardconcrete.lagrangian`). The arXiv 2306.01385 paper trains task-agnostically
 by distillation; in our CTC setting CTC is the main loss and distillation is optional.
 
-Distillation (optional, `distill_teacher`; wav2vec2/HuBERT only, it reads the CTC model's
-`encoder.layers`, `config.num_hidden_layers` and `frame_lengths`): layer-to-layer, as DPHuBERT's "layer2layer"
-mode: for a few blocks i, L1 + (1 − cosine) between the student's and the dense teacher's
+Distillation (optional, `distill_teacher`; any `DistillableModel` of the interface: its
+`encoder_blocks()` and `frame_lengths`): layer-to-layer, as DPHuBERT's "layer2layer" mode: for a few blocks i, L1 + (1 − cosine) between the student's and the dense teacher's
 output of block i, averaged over the valid (unpadded) frames and the chosen blocks.
   * Blocks: by default L/3, 2L/3 and L (4, 8, 12 for base models, as DPHuBERT; 2, 4, 6 for
     the tiny model). DPHuBERT also distils the transformer input ("layer 0") because it
@@ -35,7 +34,7 @@ output of block i, averaged over the valid (unpadded) frames and the chosen bloc
     with the same hidden width, so identity is the exact initial map and nothing has to be
     thrown away after training.
   * Cosine term: DPHuBERT's `cos_type=raw` is −cos; we use 1 − cos (same gradient, ≥ 0).
-  * The student's block outputs come from forward hooks on `model.encoder.layers`; the
+  * The student's block outputs come from forward hooks on `model.encoder_blocks()`; the
     teacher gets exactly the student's inputs (waveforms, or the cached conv features,
     which are the same for both because the front end is frozen and never pruned). A
     block skipped by LayerDrop in this step has no output and its term is left out;
@@ -78,8 +77,8 @@ from torch import nn
 
 from spg.compress.hardconcrete import (BlockMasks, GateHooks, InitDropRates, L0Gates, apply_gates, gate_groups,
                                        lagrangian, target_at)
-from spg.compress.interface import (AttentionWeights, FeedForwardWeights, Method, ModuleWeights, OptimizerSettings,
-                                    PrunableModel, head_slices)
+from spg.compress.interface import (AttentionWeights, DistillableModel, FeedForwardWeights, Method, ModuleWeights,
+                                    OptimizerSettings, PrunableModel, head_slices)
 
 GATE_LR = 0.1                   # ours; DPHuBERT's reg_lr is 0.02 (see the module docstring)
 LAMBDA_LR = 0.1                 # ours; DPHuBERT's reg_lr is 0.02 (ascent)
@@ -105,12 +104,13 @@ def default_distill_layers(num_blocks: int) -> list[int]:
 
 class HiddenStateRecorder:
     """Records the output of the given blocks (1-based) of `model` during training-mode
-    forwards, via forward hooks on `model.encoder.layers`. `pop()` returns and clears them."""
+    forwards, via forward hooks on `model.encoder_blocks()`. `pop()` returns and clears them."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], *, always: bool = False):
+    def __init__(self, model: DistillableModel, blocks: Sequence[int], *, always: bool = False):
         self.states: dict[int, torch.Tensor] = {}
         self.always = always
-        self.handles = [model.encoder.layers[i - 1].register_forward_hook(self._hook(i)) for i in blocks]
+        layers = model.encoder_blocks()
+        self.handles = [layers[i - 1].register_forward_hook(self._hook(i)) for i in blocks]
 
     def _hook(self, block: int):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
@@ -137,6 +137,9 @@ def distillation_loss(student: dict[int, torch.Tensor], teacher: dict[int, torch
         if block not in teacher:
             continue
         t = teacher[block].to(s.dtype)
+        if t.shape != s.shape:
+            raise ValueError(f"block {block}: the student's output is {tuple(s.shape)}, the teacher's "
+                             f"{tuple(t.shape)}; distillation needs the same hidden size")
         valid = torch.ones(s.shape[:2], dtype=s.dtype, device=s.device) if frame_mask is None \
             else frame_mask.to(s.dtype)                                                     # (B, T)
         frames = valid.sum().clamp(min=1.0)
@@ -233,14 +236,15 @@ class L0Method(Method):
 
     def _attach_teacher(self, model: nn.Module, device: torch.device) -> None:
         teacher = self.teacher
-        if teacher.config.num_hidden_layers != model.config.num_hidden_layers or \
-                teacher.config.hidden_size != model.config.hidden_size:
-            raise ValueError("the distillation teacher must have the student's number of blocks and hidden size")
+        blocks = len(model.encoder_blocks())
+        if len(teacher.encoder_blocks()) != blocks:
+            raise ValueError(f"the distillation teacher has {len(teacher.encoder_blocks())} encoder blocks, "
+                             f"the student {blocks}: they must have the same number")
         teacher.to(device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
         if self.distill_layers is None:
-            self.distill_layers = default_distill_layers(model.config.num_hidden_layers)
+            self.distill_layers = default_distill_layers(blocks)
         self._student_states = HiddenStateRecorder(model, self.distill_layers)
         self._teacher_states = HiddenStateRecorder(teacher, self.distill_layers, always=True)
         self._input_hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
@@ -296,7 +300,8 @@ class L0Method(Method):
         frames = next(iter(student.values())).shape[1]
         frame_mask = None
         if lengths is not None:
-            frame_lengths = model.frame_lengths(lengths.to(model.lm_head.weight.device).long()).clamp(max=frames)
+            device = next(iter(student.values())).device
+            frame_lengths = model.frame_lengths(lengths.to(device).long()).clamp(max=frames)
             frame_mask = torch.arange(frames, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
         return distillation_loss(student, teacher, frame_mask)
 

@@ -487,6 +487,11 @@ class Wav2Vec2CTC(nn.Module):
         in the common Hugging Face fine-tuning recipe). The loss and every decoding use it."""
         return self.config.pad_token_id
 
+    def encoder_blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order, each returning its output (B, T, C) (the
+        interface's `DistillableModel`: what L0's distillation hooks)."""
+        return self.encoder.layers
+
     # --- lengths -----------------------------------------------------------------
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Output frames per input length: floor((L - k) / s) + 1 for every conv."""

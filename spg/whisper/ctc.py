@@ -176,6 +176,11 @@ class WhisperCTC(nn.Module):
         what the CTC loop freezes and whose outputs it caches."""
         return nn.ModuleList([self.encoder.conv1, self.encoder.conv2])
 
+    def encoder_blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order, each returning its output (B, T, C) (the
+        interface's `DistillableModel`: what L0's distillation hooks)."""
+        return self.encoder.layers
+
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Output frames per input length: N // 160 log-mel frames (the STFT's last frame is
         dropped), then ceil(T / 2) after the stride-2 conv."""
