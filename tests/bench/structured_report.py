@@ -161,9 +161,10 @@ def summarise(rows: list[dict], key) -> dict:
     return groups
 
 
-def print_l0(part: dict, settings, unstructured: dict) -> list[dict]:
+def print_l0(part: dict, settings, unstructured: dict, sparsity: float, steps: int) -> list[dict]:
     summary = []
-    print("\n=== L0 at 70 %, 300 steps, against structured magnitude pruning to each run's own sizes ===")
+    print(f"\n=== L0 at {100 * sparsity:.0f} %, {steps} steps, against structured magnitude pruning to each run's "
+          f"own sizes ===")
     print(f"{'arm':<26}{'n':>2}{'dev+test':>16}{'test-unseen':>16}{'params':>9}{'heads/block':>13}{'v dims':>8}"
           f"{'FFN':>7}{'before cal.':>12}{'shift':>8}{'fwd':>6}")
     for (arm,), rows in summarise(part["runs"], lambda r: (r["arm"],)).items():
@@ -186,7 +187,7 @@ def print_l0(part: dict, settings, unstructured: dict) -> list[dict]:
               f"{'-' if math.isnan(shift[0]) else f'{shift[0]:+.2f}':>8}{entry['forward_time_ratio'][0]:6.2f}")
     for arm, figures in unstructured.items():
         print(f"{arm + ' (SPG experiment)':<26}{figures['n']:>2}{pct(figures['wer_pooled']):>16}"
-              f"{pct(figures['wer_unseen']):>16}  (unstructured, zeros in dense shapes, same 300 steps and seeds)")
+              f"{pct(figures['wer_unseen']):>16}  (unstructured, zeros in dense shapes, same {steps} steps and seeds)")
     print("MAPSSWE per seed, raw p < 0.05 and Holm over the table's tests (pooled dev+test; test-unseen after |):")
     for (first, second), comps in summarise(part["comparisons"], lambda c: (c["first"], c["second"])).items():
         print(f"  {first} vs {second}: {marks(comps)} | {marks(comps, 'test-unseen')}")
@@ -265,7 +266,8 @@ def report(args, out: Path) -> dict:
         results["train_options"] = args.train_options
     print(f"dense: dev+test {100 * results['dense']['pooled']:.2f}%, test-unseen {100 * results['dense']['test-unseen']:.2f}%")
     results["unstructured"] = unstructured_rows(Path(args.spg_results), l0_sparsity)
-    results["l0_summary"] = print_l0(results["l0"], settings, results["unstructured"])
+    results["l0_summary"] = print_l0(results["l0"], settings, results["unstructured"], l0_sparsity,
+                                     experiment.L0_STEPS)
     print_cluster(results["cluster"])
     results["recovery_summary"] = print_recovery(results["recovery"])
     path = Path(args.results)
