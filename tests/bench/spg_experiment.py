@@ -227,16 +227,8 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(rounded(results), separators=(",", ":")) + "\n")   # compact: ~1 MB
     print(f"results written to {results_path}")
-    from figures import plot_allocation, plot_wer_against_sparsity
-    figures = [results_path.with_name(results_path.stem + ".png")]
-    plot_wer_against_sparsity(results, figures[0])
-    # the allocation at the highest sparsity with both an spg and a gmp run, where it matters most
-    both = [s for s in sorted(args.sparsities, reverse=True)
-            if any(r["arm"] == "spg" and r["sparsity"] == s for r in rows)
-            and any(r["arm"] == "gmp" and r["sparsity"] == s for r in rows)]
-    if both:
-        figures.append(results_path.with_name(results_path.stem + "_allocation.png"))
-        plot_allocation(results, both[0], figures[1])
+    from figures import write_spg_figures
+    figures = write_spg_figures(results, results_path)
     print("figures written to " + ", ".join(str(f) for f in figures))
     if "spg" in loop and "ump" in loop:
         print(f"SPG/UMP training-loop time per run (median, {args.workers} runs at a time): "

@@ -275,14 +275,8 @@ def report(args, out: Path) -> dict:
     path.write_text(json.dumps(rounded(results), separators=(",", ":")) + "\n")
     print(f"results written to {path}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from figures import plot_clustering_against_parameters, plot_l0_shapes
-    figures = []
-    if results["cluster"]["runs"]:
-        figures.append(path.with_name(path.stem + "_clustering.png"))
-        plot_clustering_against_parameters(results, figures[-1])
-    if results["l0"]["runs"] and all("qk_dims" in r["kept"] for r in results["l0"]["runs"]):
-        figures.append(path.with_name(path.stem + "_l0.png"))    # the figure's panels are wav2vec2's gates
-        plot_l0_shapes(results, figures[-1])
+    from figures import write_structured_figures
+    figures = write_structured_figures(results, path)
     if figures:
         print("figures written to " + ", ".join(str(f) for f in figures))
     return results
