@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the Whisper-CTC model's input choice costs the pretrained encoder: no 30 s padding.
 
-    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_ctc_window.py [--utterances 20]
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_window.py [--utterances 20]
 
 `spg.whisper.ctc.WhisperCTC` runs Whisper's encoder on the utterance alone (its log-mel, the
 first T positional embeddings), not on the 30 s window Whisper was trained on. This measures
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402

@@ -2,8 +2,8 @@
 """The pretrained testbed: Whisper tiny.en's encoder with a CTC head, fine-tuned on the built-in
 corpus (issue 25), trained and scored in one resumable command.
 
-    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_ctc_testbed.py            # train (resumes), score
-    python tests/bench/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_testbed.py            # train (resumes), score
+    python experiments/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
 
 Training is `train.py --init whisper-tiny.en --method dense` with the settings in TRAIN below
 (the SPG paper's AdamW lr 2e-4 with 10 % warm-up and linear decay, the CTC summed over the batch
@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402

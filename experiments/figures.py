@@ -1,5 +1,5 @@
 """Figures of the measured results, drawn from the results JSON files (matplotlib, a
-notebook/bench dependency only). The benches call these to write the PNGs under results/
+notebook/experiment dependency only). The experiments call these to write the PNGs under results/
 that the README shows; notebooks/06_results.ipynb calls the same functions to draw them inline.
 
     plot_wer_against_sparsity(experiment)  # results/spg_experiment.json -> WER vs sparsity, one line per method
@@ -32,7 +32,7 @@ def block_matrices(per_matrix: dict) -> list[str]:
 def _pyplot():
     import matplotlib
     if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg"):
-        matplotlib.use("Agg")          # no display needed when a bench writes a PNG
+        matplotlib.use("Agg")          # no display needed when an experiment writes a PNG
     import matplotlib.pyplot as plt
     return plt
 
@@ -204,7 +204,7 @@ def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset:
     return figure
 
 
-# --- the structured methods (tests/bench/structured_experiment.py) -------------------------------
+# --- the structured methods (experiments/structured_experiment.py) -------------------------------
 
 RULE_LABELS = {"mean": "clustering, mean merge (paper)", "sum_out": "clustering, sum_out merge (ours)",
                "representative": "clustering, representative (ours)", "magnitude": "structured magnitude (baseline)"}

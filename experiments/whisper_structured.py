@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """L0 on a real Whisper (tiny.en) against structured magnitude pruning to the same shape (issue 16).
 
-    python tests/bench/whisper_structured.py            # the runs below, then the report
-    python tests/bench/whisper_structured.py --report   # only the report, from the runs so far
+    python experiments/whisper_structured.py            # the runs below, then the report
+    python experiments/whisper_structured.py --report   # only the report, from the runs so far
 
 For each sparsity and seed: `train.py --model whisper-tiny.en --method l0 --sparsity S`
 (hard-concrete gates on the heads of every attention module, their q/k and value dims, and the
 FFN units), then `--method structured --structure-from <that run>`: magnitude pruning to
 exactly the L0 run's per-block sizes, fine-tuned with the same steps, batch, learning rate and
-seed. The settings are those of tests/bench/whisper_finetune.py (120 steps of 4 utterances,
+seed. The settings are those of experiments/whisper_finetune.py (120 steps of 4 utterances,
 lr 3e-5, 10 % warm-up), so its unstructured SPG/UMP rows at 30 % are a reference with the same
 budget. The budget is what 2 CPU cores allow: a step costs 5-10 s (every input is padded to
 Whisper's 30 s window), so one L0 run and its baseline take about 35 minutes of one core.
@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """SPG and UMP on a real Whisper (tiny.en) with a short fine-tuning on the built-in corpus.
 
-    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_finetune.py    # results/ as committed
-    python tests/bench/whisper_finetune.py --print-only               # the table of the JSON
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_finetune.py    # results/ as committed
+    python experiments/whisper_finetune.py --print-only               # the table of the JSON
 
 Runs `train.py --model whisper-tiny.en` (teacher-forced decoder cross-entropy,
 spg/whisper/training.py) for every row below, each with the same steps, batch, learning rate
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
