@@ -15,7 +15,7 @@ tiny.en's 6 heads per attention module become 5, 5, 4):
              modules (the paper's) and ranked within each module kind (ours); `representative`
              and magnitude also with the exact bias fold of the dropped heads (uniform K);
   ffn        uniform K, FFN neurons only, every head kept: every rule and magnitude.
-Datasets: the real recordings in tests/data (librivox: 5 LibriVox sentences, cards: 5 card
+Datasets: the real recordings in recordings/ (librivox: 5 LibriVox sentences, cards: 5 card
 names, beckett: one quotation; "real" pools the 11) and the first --utterances of the built-in
 synthetic corpus's test split. Whisper pads every input to a 30 s window, so decoding costs
 about 1-3 s per utterance and thread on a CPU; --workers processes (one thread each) share the
@@ -90,7 +90,7 @@ def key_of(row: dict) -> tuple:
 
 def datasets(count: int) -> dict:
     from spg.corpus import build_corpus
-    data = {name: read_transcription_folder(REPO / "tests" / "data" / name) for name in REAL}
+    data = {name: read_transcription_folder(REPO / "recordings" / name) for name in REAL}
     data["builtin-test"] = read_corpus(build_corpus(), "test")[:count]
     return data
 

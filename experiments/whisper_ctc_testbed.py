@@ -9,7 +9,7 @@ Training is `train.py --init whisper-tiny.en --method dense` with the settings i
 (the SPG paper's AdamW lr 2e-4 with 10 % warm-up and linear decay, the CTC summed over the batch
 as the authors' code does, dropout 0.1, the front end's convs frozen and cached as for wav2vec2);
 a stopped run continues with --resume. Scoring: every utterance of the built-in dev, test and
-test-unseen splits, and the 11 real recordings in tests/data (LibriVox, cards, beckett; their
+test-unseen splits, and the 11 real recordings in recordings/ (LibriVox, cards, beckett; their
 cased, punctuated references normalised with spg.text.normalize_english and upper-cased into
 the character vocabulary). Greedy CTC decoding, no language model.
 
@@ -46,7 +46,7 @@ TRAIN = ["--init", "whisper-tiny.en", "--method", "dense", "--steps", "3000", "-
 
 def real_recordings() -> list:
     """The 11 recordings with their references in the CTC model's alphabet."""
-    utterances = [u for name in REAL for u in read_transcription_folder(REPO / "tests" / "data" / name)]
+    utterances = [u for name in REAL for u in read_transcription_folder(REPO / "recordings" / name)]
     return [dataclasses.replace(u, transcript=normalize_english(u.transcript).upper()) for u in utterances]
 
 

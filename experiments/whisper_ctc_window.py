@@ -9,7 +9,7 @@ what that does to the pretrained model, before any CTC training, through Whisper
 decoder (greedy, same prompt and suppression): the same utterances decoded once from the
 30 s window (log-mel of the zero-padded window, as Whisper was trained) and once from the
 unpadded log-mel (what the CTC model's encoder sees). Sets: the 11 real recordings in
-tests/data and the first --utterances of the built-in test split. Prints WER/CER of both
+recordings/ and the first --utterances of the built-in test split. Prints WER/CER of both
 inputs per set, MAPSSWE between them, and the encoder's forward time on a 3 s utterance
 either way (ours / padded, the ratio last).
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(REPO / "results" / "whisper_ctc_window.json"))
     args = parser.parse_args(argv)
     model = spg.load(args.model)
-    sets = {"real": [u for name in REAL for u in read_transcription_folder(REPO / "tests" / "data" / name)],
+    sets = {"real": [u for name in REAL for u in read_transcription_folder(REPO / "recordings" / name)],
             "test": read_corpus(build_corpus(), "test")[:args.utterances]}
     rows = {}
     for name, utterances in sets.items():

@@ -16,7 +16,7 @@ Sparsities and seeds (LEVELS): 10 % with seeds 0-2; 30 % with seeds 0-1 only, be
 methods break there (WER above 97 % for every run of the first two seeds: a third cannot rank
 two broken models), so its core time went to the 10 % level instead.
 
-Each run is scored by train.py on the real recordings in tests/data (librivox, cards, beckett;
+Each run is scored by train.py on the real recordings in recordings/ (librivox, cards, beckett;
 the report pools them as "real") and on the first 50 utterances of the built-in test split.
 The report gives WER mean ± s.d. over the seeds, and MAPSSWE (alpha 0.05) per seed between L0
 and its same-shape baseline on "real" and on the test split, and when the L0 gates' own
