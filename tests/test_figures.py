@@ -1,6 +1,6 @@
 """The README's figures: every image it shows exists under results/, is a PNG under the size
 limit, and every PNG under results/ is shown (no stale figures). Pixels are not compared: the
-figures are drawn by tests/bench/figures.py from the results JSON they sit beside."""
+figures are drawn by experiments/figures.py from the results JSON they sit beside."""
 
 import re
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The import rules of spg/, checked on the source with `ast` (nothing is imported or run).
+"""The import rules of spg/ and the repository's layout, checked on the source with `ast`
+(nothing is imported or run).
 
 1. No import cycles among spg's modules. Imports inside functions count as much as the ones
    at the top of a file; `from spg.pkg import name` is an import of `spg.pkg.name` when that
@@ -18,6 +19,15 @@
 7. The training loop knows no model family: `spg.training` imports nothing of the family
    packages (`spg.wav2vec2`, `spg.whisper`) nor a family's objective (`spg.ctc_training`);
    the families plug in through its `Objective`.
+8. The product stands on its own: no module of spg/, nor train.py or evaluate.py, imports
+   anything from tests/ or experiments/ (as `tests.x` / `experiments.x`, or by the bare name of
+   a file there, which a sys.path insert would make importable) or names a path into them (a
+   string such as "tests", "tests/data" or "experiments/runner.py" outside a docstring, e.g.
+   `REPO / "tests"`). The experiment scripts may import spg; spg never imports them.
+9. The experiments stand beside the product, not on the tests: no script of experiments/
+   imports from tests/ or names a path into it.
+10. tests/bench/ holds only the benchmarks: scripts named *_speed.py that run ours and a
+   reference side by side (the experiments live in experiments/).
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import Optional
 
 import pytest
 
-SPG = Path(__file__).resolve().parent.parent / "spg"
+REPO = Path(__file__).resolve().parent.parent
+SPG = REPO / "spg"
 
 # spg leaf modules: they import only the standard library, numpy and torch.
 LEAVES = {
@@ -246,6 +257,81 @@ def layout_problems(root: Path) -> list[str]:
     return problems
 
 
+# --- the product, the experiments and the tests (rules 8-10) ----------------------------------
+
+FRONT_ENDS = ("train.py", "evaluate.py")
+OUTSIDE_THE_PRODUCT = ("tests", "experiments")
+
+
+def names_defined_in(folder: Path) -> set[str]:
+    """The importable names a folder offers: its own name and every module file's stem below it
+    (what `sys.path.insert(0, folder)` would make importable), less the standard library's."""
+    if not folder.is_dir():
+        return set()
+    stems = {path.stem for path in folder.rglob("*.py") if "__pycache__" not in path.parts}
+    return ({folder.name} | stems) - set(sys.stdlib_module_names) - {"__init__"}
+
+
+def docstring_nodes(tree: ast.Module) -> set[int]:
+    """ids of the bare string statements (docstrings and the like): prose, not paths."""
+    return {id(node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+
+
+def reaches_into(path: Path, folders: tuple[str, ...], repo: Path) -> list[str]:
+    """Where the file at `path` imports from, or names a path into, one of `folders` of `repo`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    name = path.relative_to(repo).as_posix()
+    offered = {folder: names_defined_in(repo / folder) for folder in folders}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            modules = [node.module or ""]
+        else:
+            modules = []
+        for module in modules:
+            for folder in folders:
+                if module.split(".")[0] in offered[folder]:
+                    found.append(f"{name}: imports {module} (line {node.lineno}), which is in {folder}/")
+    prose = docstring_nodes(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            first = node.value.replace("\\", "/").lstrip("./").split("/")[0]
+            if first in folders:
+                found.append(f"{name}: names a path into {first}/: {node.value!r} (line {node.lineno})")
+    return found
+
+
+def independence_problems(repo: Path) -> list[str]:
+    """Every broken rule among 8-10 in the repository at `repo` (empty: all hold)."""
+    problems = []
+    product = sorted((repo / "spg").rglob("*.py")) + [repo / name for name in FRONT_ENDS if (repo / name).is_file()]
+    for path in product:
+        problems += reaches_into(path, OUTSIDE_THE_PRODUCT, repo)
+    for path in sorted((repo / "experiments").rglob("*.py")):
+        problems += reaches_into(path, ("tests",), repo)
+    bench = repo / "tests" / "bench"
+    for path in sorted(bench.rglob("*")) if bench.is_dir() else []:
+        if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith("_speed.py"):
+            problems.append(f"{path.relative_to(repo).as_posix()}: tests/bench/ holds only the *_speed.py "
+                            f"benchmarks; an experiment, report or helper belongs in experiments/")
+    return problems
+
+
+def test_the_product_needs_neither_tests_nor_experiments():
+    problems = independence_problems(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_independence_rules_see_the_whole_repository():
+    assert {"helpers", "conftest", "tests"} <= names_defined_in(REPO / "tests")
+    assert {"runner", "figures", "spg_experiment", "experiments"} <= names_defined_in(REPO / "experiments")
+    assert sorted(p.name for p in (REPO / "tests" / "bench").glob("*.py"))      # the benchmarks are there
+    assert (REPO / "recordings" / "librivox" / "transcription").is_file()
+
+
 def test_spg_obeys_the_import_rules():
     problems = layout_problems(SPG)
     assert not problems, "\n".join(problems)
@@ -347,3 +433,49 @@ def test_a_training_loop_that_imports_a_model_family_is_found(tmp_path):
         "wav2vec2/model.py": "",
     })
     assert "spg.training: imports spg.wav2vec2.model; the training loop knows no model family" in layout_problems(root)
+
+
+def write_repository(tmp_path: Path, files: dict[str, str]) -> Path:
+    for relative, text in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+def test_a_product_that_reaches_into_tests_or_experiments_is_found(tmp_path):
+    repo = write_repository(tmp_path, {
+        "spg/__init__.py": '"""Nothing here (tests/test_layout.py checks it): prose may name tests/."""\n',
+        "spg/experiment.py": 'from pathlib import Path\nREPO = Path(".")\nDATA = REPO / "tests" / "data"\n',
+        "spg/plots.py": "def f():\n    from experiments.figures import plot\n",
+        "spg/jobs.py": "import sys\nsys.path.insert(0, 'experiments')\nimport runner\n",
+        "spg/fine.py": "import json\nfrom spg import experiment\nKEYS = {'test': 1}\n",
+        "train.py": "from helpers import write_corpus\nREADME = open('experiments/README.md')\n"
+                    "HELP = 'the experiments are scripts in experiments/'\n",     # prose, not a path
+        "evaluate.py": "import spg\n",
+        "tests/helpers.py": "", "experiments/runner.py": "", "experiments/figures.py": "",
+    })
+    problems = independence_problems(repo)
+    assert problems == [
+        "spg/experiment.py: names a path into tests/: 'tests' (line 3)",
+        "spg/jobs.py: imports runner (line 3), which is in experiments/",
+        "spg/jobs.py: names a path into experiments/: 'experiments' (line 2)",
+        "spg/plots.py: imports experiments.figures (line 2), which is in experiments/",
+        "train.py: imports helpers (line 1), which is in tests/",
+        "train.py: names a path into experiments/: 'experiments/README.md' (line 2)",
+    ], problems
+
+
+def test_an_experiment_that_reads_tests_or_a_bench_that_is_no_benchmark_is_found(tmp_path):
+    repo = write_repository(tmp_path, {
+        "spg/__init__.py": "",
+        "experiments/whisper_cluster.py": 'import spg\nfrom runner import Job\nREAL = "tests/data/librivox"\n',
+        "experiments/runner.py": "",
+        "tests/bench/kmeans_speed.py": "", "tests/bench/figures.py": "",
+        "tests/bench/__pycache__/figures.cpython-312.pyc": "",
+    })
+    assert independence_problems(repo) == [
+        "experiments/whisper_cluster.py: names a path into tests/: 'tests/data/librivox' (line 3)",
+        "tests/bench/figures.py: tests/bench/ holds only the *_speed.py benchmarks; an experiment, report or "
+        "helper belongs in experiments/",
+    ]

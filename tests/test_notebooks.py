@@ -6,7 +6,7 @@ the repository (temporary files go to temporary folders). They use the built-in 
 is synthesised once on first use (about a minute) and reused afterwards; the fixture below
 builds it before the first notebook so that no cell's timeout has to cover it.
 06_results.ipynb reads results/spg_experiment.json, which the SPG experiment writes
-(`python tests/bench/spg_experiment.py`); without that file its test fails and says so.
+(`python experiments/spg_experiment.py`); without that file its test fails and says so.
 The notebooks are committed executed, so that they open with their plots; the test runs them
 again from the top (their committed outputs are replaced in memory, not on disk) and checks
 that each committed file stays under MAX_NOTEBOOK_BYTES.
@@ -36,7 +36,7 @@ def test_notebook_runs_top_to_bottom(path, built_in_corpus, monkeypatch):
     if path.name == "06_results.ipynb":
         experiment = RESULTS / "spg_experiment.json"
         if not experiment.is_file():
-            pytest.fail(f"{experiment} is missing: run `python tests/bench/spg_experiment.py` to write it "
+            pytest.fail(f"{experiment} is missing: run `python experiments/spg_experiment.py` to write it "
                         f"(06_results.ipynb plots it)", pytrace=False)
         monkeypatch.setenv("SPG_RESULTS", str(RESULTS))
     notebook = nbformat.read(path, as_version=4)

@@ -27,7 +27,7 @@ from spg.whisper.io import save_whisper
 from spg.whisper.model import Whisper, WhisperConfig, sinusoids
 from spg.whisper.tokenizer import WhisperTokenizer, bytes_to_unicode, gpt2_pre_tokenizer
 
-DATA = Path(__file__).parent / "data" / "librivox"
+RECORDINGS = Path(__file__).resolve().parent.parent / "recordings"
 
 # A made-up small vocabulary laid out like Whisper's tail: ..., eot, sot, ..., notimestamps.
 VOCAB, EOT, SOT, NO_TIMESTAMPS = 120, 100, 101, 106
@@ -650,7 +650,7 @@ def test_real_tokenizer_encode_decode_round_trip():
     assert ours.decode(ours.encode(text)) == " Hi."
 
 
-# Real recordings (tests/data/*/README.md) and the most WER tiny.en may have on each: the
+# Real recordings (recordings/*/README.md) and the most WER tiny.en may have on each: the
 # issue's target for the LibriVox sentences; on the card names tiny.en hears "clubs" as
 # "clothes"/"close" twice (2 errors in 21 words, measured); the Beckett line is exact.
 @pytest.mark.parametrize("name,max_wer", [("librivox", 0.10), ("cards", 0.15), ("beckett", 0.0)])
@@ -658,7 +658,7 @@ def test_real_tiny_en_transcribes_real_recordings(capsys, name, max_wer):
     folder = real_model_folder()
     model = ct2.load_ct2_whisper(folder)
     tokenizer = WhisperTokenizer.from_file(folder / "tokenizer.json")
-    utterances = read_transcription_folder(DATA.parent / name)
+    utterances = read_transcription_folder(RECORDINGS / name)
     waveforms = [soundfile.read(u.audio_path, dtype="float32")[0] for u in utterances]
     hypotheses = model.transcribe(waveforms, tokenizer, batch_size=len(waveforms))
     refs = [normalize_english(u.transcript) for u in utterances]

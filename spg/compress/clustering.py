@@ -33,7 +33,7 @@ layer (`AttentionUnits.group`): {"heads": [...], "ffn_units": [...]} for wav2vec
 {"encoder_heads", "encoder_ffn_units", "decoder_heads", "decoder_cross_heads",
 "decoder_ffn_units"} for Whisper.
 
-What this measures on the real Whisper tiny.en (tests/bench/whisper_cluster.py) is in
+What this measures on the real Whisper tiny.en (experiments/whisper_cluster.py) is in
 README.md, "Data-free clustering", and results/whisper_cluster.json.
 """
 

@@ -65,7 +65,7 @@ Not specified by the papers, ours (defaults):
   * two variants for models whose head gates close first (`head_gates=False`, the
     dims-only variant, and `min_heads`; see `spg.compress.hardconcrete.BlockGates`), and per
     gate type learning rates (`gate_lr` as a dict) and initial drop rates (`init`); what they
-    change on the shipped model is measured in the README (tests/bench/structured_experiment.py).
+    change on the shipped model is measured in the README (experiments/structured_experiment.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ punctuation, mr -> mister, ...); the built-in corpus's references (upper-case le
 apostrophes) are unchanged by it apart from the case.
 
 `read_transcription_folder(folder)` reads real recordings in the Sphinx test layout
-(`tests/data/librivox`: a `transcription` file of `<s> words </s> (utterance-id)` lines and
+(`recordings/librivox`: a `transcription` file of `<s> words </s> (utterance-id)` lines and
 `<utterance-id>.flac` or `.wav` next to it) as `spg.data.Utterance`s, for any model.
 
 Whisper hears one 30 s window (`spg.whisper.audio.N_SAMPLES`); `Whisper.transcribe` would cut

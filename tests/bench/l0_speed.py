@@ -21,7 +21,7 @@ touches the conv front end. The last line is ``pruned/dense forward time: R``.
 --wer: instead of timing, print the built-in default's test WER of an L0 run (`train.py
 --method l0 --json FILE`, default runs/l0-0.7.json) next to SPG and UMP at the same parameter
 count: the runs of the SPG experiment (results/spg_experiment.json,
-`tests/bench/spg_experiment.py`) whose non-zero parameter count is closest to the L0 model's
+`experiments/spg_experiment.py`) whose non-zero parameter count is closest to the L0 model's
 physical count, their WER averaged over seeds.
 """
 
@@ -84,7 +84,7 @@ def plausible_gates(model: Wav2Vec2CTC, sparsity: float, seed: int = 0) -> hc.L0
 def compare_wer(l0_path: str, experiment_path: str, split: str) -> None:
     """L0 against the experiment's SPG and UMP runs with the closest non-zero parameter count."""
     for path, how in ((l0_path, "python train.py --method l0 --sparsity 0.7 --ste --json runs/l0-0.7.json"),
-                      (experiment_path, "python tests/bench/spg_experiment.py")):
+                      (experiment_path, "python experiments/spg_experiment.py")):
         if not os.path.exists(path):
             sys.exit(f"{path} does not exist; produce it with `{how}`")
     with open(l0_path) as stream:

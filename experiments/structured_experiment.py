@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The structured methods against structured baselines of the same shape (issue 16).
 
-    python tests/bench/structured_experiment.py            # every part below, then the report
-    python tests/bench/structured_experiment.py --report   # only the report, from the runs so far
-    python tests/bench/structured_experiment.py --parts l0 # one part
+    python experiments/structured_experiment.py            # every part below, then the report
+    python experiments/structured_experiment.py --report   # only the report, from the runs so far
+    python experiments/structured_experiment.py --parts l0 # one part
 
 Parts (each run one `train.py` process, `--workers` at a time, resumable: see runner.py):
   l0        L0 at 70 %, 300 steps, seeds 0-2, four gate settings:
@@ -38,7 +38,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

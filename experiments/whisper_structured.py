@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """L0 on a real Whisper (tiny.en) against structured magnitude pruning to the same shape (issue 16).
 
-    python tests/bench/whisper_structured.py            # the runs below, then the report
-    python tests/bench/whisper_structured.py --report   # only the report, from the runs so far
+    python experiments/whisper_structured.py            # the runs below, then the report
+    python experiments/whisper_structured.py --report   # only the report, from the runs so far
 
 For each sparsity and seed: `train.py --model whisper-tiny.en --method l0 --sparsity S`
 (hard-concrete gates on the heads of every attention module, their q/k and value dims, and the
 FFN units), then `--method structured --structure-from <that run>`: magnitude pruning to
 exactly the L0 run's per-block sizes, fine-tuned with the same steps, batch, learning rate and
-seed. The settings are those of tests/bench/whisper_finetune.py (120 steps of 4 utterances,
+seed. The settings are those of experiments/whisper_finetune.py (120 steps of 4 utterances,
 lr 3e-5, 10 % warm-up), so its unstructured SPG/UMP rows at 30 % are a reference with the same
 budget. The budget is what 2 CPU cores allow: a step costs 5-10 s (every input is padded to
 Whisper's 30 s window), so one L0 run and its baseline take about 35 minutes of one core.
@@ -16,7 +16,7 @@ Sparsities and seeds (LEVELS): 10 % with seeds 0-2; 30 % with seeds 0-1 only, be
 methods break there (WER above 97 % for every run of the first two seeds: a third cannot rank
 two broken models), so its core time went to the 10 % level instead.
 
-Each run is scored by train.py on the real recordings in tests/data (librivox, cards, beckett;
+Each run is scored by train.py on the real recordings in recordings/ (librivox, cards, beckett;
 the report pools them as "real") and on the first 50 utterances of the built-in test split.
 The report gives WER mean ± s.d. over the seeds, and MAPSSWE (alpha 0.05) per seed between L0
 and its same-shape baseline on "real" and on the test split, and when the L0 gates' own
@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the Whisper-CTC model's input choice costs the pretrained encoder: no 30 s padding.
 
-    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_ctc_window.py [--utterances 20]
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_window.py [--utterances 20]
 
 `spg.whisper.ctc.WhisperCTC` runs Whisper's encoder on the utterance alone (its log-mel, the
 first T positional embeddings), not on the 30 s window Whisper was trained on. This measures
@@ -9,7 +9,7 @@ what that does to the pretrained model, before any CTC training, through Whisper
 decoder (greedy, same prompt and suppression): the same utterances decoded once from the
 30 s window (log-mel of the zero-padded window, as Whisper was trained) and once from the
 unpadded log-mel (what the CTC model's encoder sees). Sets: the 11 real recordings in
-tests/data and the first --utterances of the built-in test split. Prints WER/CER of both
+recordings/ and the first --utterances of the built-in test split. Prints WER/CER of both
 inputs per set, MAPSSWE between them, and the encoder's forward time on a 3 s utterance
 either way (ours / padded, the ratio last).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(REPO / "results" / "whisper_ctc_window.json"))
     args = parser.parse_args(argv)
     model = spg.load(args.model)
-    sets = {"real": [u for name in REAL for u in read_transcription_folder(REPO / "tests" / "data" / name)],
+    sets = {"real": [u for name in REAL for u in read_transcription_folder(REPO / "recordings" / name)],
             "test": read_corpus(build_corpus(), "test")[:args.utterances]}
     rows = {}
     for name, utterances in sets.items():

@@ -5,8 +5,8 @@ no data and no training, only k-means merging of attention heads (encoder self-a
 decoder self-attention, decoder cross-attention) and FFN neurons, against structured
 magnitude pruning (drop the smallest-norm units) at the same per-module sizes.
 
-    python tests/bench/whisper_cluster.py               # results/ as committed (resumable: --resume)
-    python tests/bench/whisper_cluster.py --print-only  # table and figure of the JSON
+    python experiments/whisper_cluster.py               # results/ as committed (resumable: --resume)
+    python experiments/whisper_cluster.py --print-only  # table and figure of the JSON
 
 Rows, each at 10 %, 20 % and 30 % per-module sparsity (K = round(N (1 - s)) units per module:
 tiny.en's 6 heads per attention module become 5, 5, 4):
@@ -15,7 +15,7 @@ tiny.en's 6 heads per attention module become 5, 5, 4):
              modules (the paper's) and ranked within each module kind (ours); `representative`
              and magnitude also with the exact bias fold of the dropped heads (uniform K);
   ffn        uniform K, FFN neurons only, every head kept: every rule and magnitude.
-Datasets: the real recordings in tests/data (librivox: 5 LibriVox sentences, cards: 5 card
+Datasets: the real recordings in recordings/ (librivox: 5 LibriVox sentences, cards: 5 card
 names, beckett: one quotation; "real" pools the 11) and the first --utterances of the built-in
 synthetic corpus's test split. Whisper pads every input to a 30 s window, so decoding costs
 about 1-3 s per utterance and thread on a CPU; --workers processes (one thread each) share the
@@ -47,7 +47,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -90,7 +90,7 @@ def key_of(row: dict) -> tuple:
 
 def datasets(count: int) -> dict:
     from spg.corpus import build_corpus
-    data = {name: read_transcription_folder(REPO / "tests" / "data" / name) for name in REAL}
+    data = {name: read_transcription_folder(REPO / "recordings" / name) for name in REAL}
     data["builtin-test"] = read_corpus(build_corpus(), "test")[:count]
     return data
 
@@ -204,7 +204,7 @@ def print_table(result: dict) -> None:
 
 
 def write_figure(result: dict, out: Path) -> None:
-    """<out>.png: WER on the real recordings against sparsity (tests/bench/figures.py)."""
+    """<out>.png: WER on the real recordings against sparsity (experiments/figures.py)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from figures import plot_whisper_clustering
     plot_whisper_clustering(result, out.with_suffix(".png"))

@@ -2,14 +2,14 @@
 """The pretrained testbed: Whisper tiny.en's encoder with a CTC head, fine-tuned on the built-in
 corpus (issue 25), trained and scored in one resumable command.
 
-    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_ctc_testbed.py            # train (resumes), score
-    python tests/bench/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_testbed.py            # train (resumes), score
+    python experiments/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
 
 Training is `train.py --init whisper-tiny.en --method dense` with the settings in TRAIN below
 (the SPG paper's AdamW lr 2e-4 with 10 % warm-up and linear decay, the CTC summed over the batch
 as the authors' code does, dropout 0.1, the front end's convs frozen and cached as for wav2vec2);
 a stopped run continues with --resume. Scoring: every utterance of the built-in dev, test and
-test-unseen splits, and the 11 real recordings in tests/data (LibriVox, cards, beckett; their
+test-unseen splits, and the 11 real recordings in recordings/ (LibriVox, cards, beckett; their
 cased, punctuated references normalised with spg.text.normalize_english and upper-cased into
 the character vocabulary). Greedy CTC decoding, no language model.
 
@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
@@ -46,7 +46,7 @@ TRAIN = ["--init", "whisper-tiny.en", "--method", "dense", "--steps", "3000", "-
 
 def real_recordings() -> list:
     """The 11 recordings with their references in the CTC model's alphabet."""
-    utterances = [u for name in REAL for u in read_transcription_folder(REPO / "tests" / "data" / name)]
+    utterances = [u for name in REAL for u in read_transcription_folder(REPO / "recordings" / name)]
     return [dataclasses.replace(u, transcript=normalize_english(u.transcript).upper()) for u in utterances]
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """SPG against its baselines with seeds: the experiment that can rank them (issue 15).
 
-    python tests/bench/spg_experiment.py                 # 5 arms x {60,70,80}% x 3 seeds, 300 steps
-    python tests/bench/spg_experiment.py --report        # only the table, from the runs so far
+    python experiments/spg_experiment.py                 # 5 arms x {60,70,80}% x 3 seeds, 300 steps
+    python experiments/spg_experiment.py --report        # only the table, from the runs so far
 
 Arms, every one with the same steps, batch, learning-rate schedule, seeds and corpus:
     spg       SPG as train.py runs it by default (the authors' balance: CTC summed over the batch,
@@ -36,7 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -1,5 +1,5 @@
 """Figures of the measured results, drawn from the results JSON files (matplotlib, a
-notebook/bench dependency only). The benches call these to write the PNGs under results/
+notebook/experiment dependency only). The experiments call these to write the PNGs under results/
 that the README shows; notebooks/06_results.ipynb calls the same functions to draw them inline.
 
     plot_wer_against_sparsity(experiment)  # results/spg_experiment.json -> WER vs sparsity, one line per method
@@ -7,7 +7,7 @@ that the README shows; notebooks/06_results.ipynb calls the same functions to dr
     ...                                    # and the structured experiment's, Whisper clustering's
 
 The reports write their PNGs through write_spg_figures / write_structured_figures (and
-whisper_cluster.py through plot_whisper_clustering); `python tests/bench/figures.py
+whisper_cluster.py through plot_whisper_clustering); `python experiments/figures.py
 results/<name>.json ...` calls the same functions on the committed JSON, so a figure can be
 redrawn without the runs folder (the JSON holds the report's dict with its floats rounded to 5
 significant digits: the same figure, to the pixel in all but the last digit of a label).
@@ -41,7 +41,7 @@ def block_matrices(per_matrix: dict) -> list[str]:
 def _pyplot():
     import matplotlib
     if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg"):
-        matplotlib.use("Agg")          # no display needed when a bench writes a PNG
+        matplotlib.use("Agg")          # no display needed when an experiment writes a PNG
     import matplotlib.pyplot as plt
     return plt
 
@@ -241,7 +241,7 @@ def plot_whisper_clustering(whisper: dict, path: Optional[Path] = None, dataset:
     return figure
 
 
-# --- the structured methods (tests/bench/structured_experiment.py) -------------------------------
+# --- the structured methods (experiments/structured_experiment.py) -------------------------------
 
 RULE_LABELS = {"mean": "clustering, mean merge (paper)", "sum_out": "clustering, sum_out merge (ours)",
                "representative": "clustering, representative (ours)", "magnitude": "structured magnitude (baseline)"}

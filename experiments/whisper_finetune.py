@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """SPG and UMP on a real Whisper (tiny.en) with a short fine-tuning on the built-in corpus.
 
-    OMP_WAIT_POLICY=PASSIVE python tests/bench/whisper_finetune.py    # results/ as committed
-    python tests/bench/whisper_finetune.py --print-only               # the table of the JSON
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_finetune.py    # results/ as committed
+    python experiments/whisper_finetune.py --print-only               # the table of the JSON
 
 Runs `train.py --model whisper-tiny.en` (teacher-forced decoder cross-entropy,
 spg/whisper/training.py) for every row below, each with the same steps, batch, learning rate
@@ -14,7 +14,7 @@ and seed, skipping a run whose JSON already exists under --out:
     dense fine-tuning        (no pruning: what fine-tuning on synthetic speech alone does)
 
 Then it decodes the uncompressed model and every result on the same sets, with the same
-code: the real recordings in tests/data (librivox: 5 LibriVox sentences, cards: 5 card
+code: the real recordings in recordings/ (librivox: 5 LibriVox sentences, cards: 5 card
 names, beckett: one quotation; "real" pools the 11) and the first --utterances of the
 built-in test split. WER after spg.text.normalize_english; MAPSSWE (alpha 0.05) against
 the uncompressed model on "real" and on the built-in test. Prunable matrices: every
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
@@ -98,7 +98,7 @@ def train_runs(args) -> dict:
 
 def evaluation_sets(count: int) -> dict:
     from spg.corpus import build_corpus
-    sets = {name: read_transcription_folder(REPO / "tests" / "data" / name) for name in REAL}
+    sets = {name: read_transcription_folder(REPO / "recordings" / name) for name in REAL}
     sets["test"] = read_corpus(build_corpus(), "test")[:count]
     return sets
 

@@ -2,9 +2,9 @@
 
 A script, run by hand (pytest does not collect it):
 
-    python tests/bench/merge_error.py                               # random-weight "tiny" preset
-    python tests/bench/merge_error.py --model models/tiny-dense.pt  # a trained model
-    python tests/bench/merge_error.py --preset wav2vec2-base --utterances 1
+    python experiments/merge_error.py                               # random-weight "tiny" preset
+    python experiments/merge_error.py --model models/tiny-dense.pt  # a trained model
+    python experiments/merge_error.py --preset wav2vec2-base --utterances 1
 
 For every sparsity, compresses the model with parameter clustering ("sum_out" and "mean"
 merging) and with structured magnitude pruning at the same K, all without any training, and
@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spg  # noqa: E402
 from spg.compress.clustering import cluster_compress, structured_magnitude_prune  # noqa: E402

@@ -1,4 +1,4 @@
-"""The report of tests/bench/structured_experiment.py: tables, MAPSSWE, results JSON, figures.
+"""The report of experiments/structured_experiment.py: tables, MAPSSWE, results JSON, figures.
 
 Every WER is pooled over dev + test (the built-in corpus's seen voices) unless marked
 test-unseen; mean ± s.d. over the seeds that finished; MAPSSWE at alpha 0.05, per seed,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why the exact value-bias fold can hurt: each head's folded constant against its real mean output.
 
-    python tests/bench/fold_diagnostic.py [--utterances 50]
+    python experiments/fold_diagnostic.py [--utterances 50]
 
 `--fold-bias` adds a removed head's constant output c_h = W_out[:, h] · b_v[h] to the out bias.
 That part of the head's output is exactly constant (the attention weights sum to 1), but the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spg  # noqa: E402
