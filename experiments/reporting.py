@@ -48,3 +48,13 @@ def rounded(value, digits: int = 5):
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     return value
+
+
+def add_holm(comparisons: list[dict], splits=("pooled", "test-unseen")) -> None:
+    """Holm's correction over one table's tests, per split: each comparison's {split: {"p": ...}}
+    gains p_holm and significant_holm (alpha 0.05)."""
+    from spg.wer import holm
+    for split in splits:
+        adjusted, rejected = holm([c[split]["p"] for c in comparisons], alpha=0.05)
+        for c, p_holm, significant in zip(comparisons, adjusted, rejected):
+            c[split].update(p_holm=p_holm, significant_holm=significant)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reporting import POOLED, mean_sd, pooled_decoding, require_finished_runs, rounded  # noqa: E402
+from reporting import POOLED, add_holm, mean_sd, pooled_decoding, require_finished_runs, rounded  # noqa: E402
 from runner import Job, run_jobs  # noqa: E402
 
 from spg.compress import self_pinching  # noqa: E402
@@ -149,10 +149,7 @@ def report(args, out: Path, passthrough: list[str]) -> dict:
 
     # Holm over each table's tests: SPG against the baselines (one family per split), every run
     # against dense (the lossless table)
-    for split in ("pooled", "test-unseen"):
-        adjusted, rejected = holm([c[split]["p"] for c in comparisons], alpha=0.05)
-        for c, p_holm, significant in zip(comparisons, adjusted, rejected):
-            c[split].update(p_holm=p_holm, significant_holm=significant)
+    add_holm(comparisons)
     adjusted, rejected = holm([r["pooled_vs_dense"]["p"] for r in rows], alpha=0.05)
     for r, p_holm, significant in zip(rows, adjusted, rejected):
         r["pooled_vs_dense"].update(p_holm=p_holm, worse_holm=significant and r["pooled_vs_dense"]["z"] > 0)

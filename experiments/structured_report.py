@@ -14,9 +14,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from reporting import POOLED, mean_sd, pooled_decoding, rounded
+from reporting import POOLED, add_holm, mean_sd, pooled_decoding, rounded
 
-from spg.wer import error_counts, holm, mapsswe
+from spg.wer import error_counts, mapsswe
 
 
 def wers(decoding: dict) -> dict:
@@ -50,14 +50,6 @@ def marks(comparisons: list[dict], split: str = "pooled") -> str:
     """The raw marks of `comparisons`, then the Holm-corrected ones: "+=+ (Holm +==)"."""
     return ("".join(mark(c, split) for c in comparisons) + " (Holm "
             + "".join(mark(c, split, "significant_holm") for c in comparisons) + ")")
-
-
-def add_holm(comparisons: list[dict]) -> None:
-    """Holm's correction over one table's tests, per split: adds p_holm and significant_holm."""
-    for split in ("pooled", "test-unseen"):
-        adjusted, rejected = holm([c[split]["p"] for c in comparisons], alpha=0.05)
-        for c, p_holm, significant in zip(comparisons, adjusted, rejected):
-            c[split].update(p_holm=p_holm, significant_holm=significant)
 
 
 def kept_units(kept: dict) -> dict:
@@ -251,8 +243,9 @@ def report(args, out: Path) -> dict:
     chosen = getattr(args, "l0_settings", experiment.L0_SETTINGS)
     l0_sparsity = getattr(args, "l0_sparsity", experiment.L0_SPARSITY)
     settings = [setting for setting in experiment.L0_SETTINGS if setting in chosen]
+    sparsities = getattr(args, "sparsities", experiment.CLUSTER_SPARSITIES)
     cluster_names = [(rule, mix, fold, s, experiment.cluster_name(rule, mix, fold, s))
-                     for s in getattr(args, "sparsities", experiment.CLUSTER_SPARSITIES) for mix in experiment.MIXES for fold in (False, True)
+                     for s in sparsities for mix in experiment.MIXES for fold in (False, True)
                      for rule in experiment.RULES]
     results = {"model": getattr(args, "model", None) or "the shipped model", "dense": wers(dense_decoding),
                "seeds": args.seeds, "l0_sparsity": l0_sparsity,
@@ -260,8 +253,7 @@ def report(args, out: Path) -> dict:
                "l0_settings": experiment.L0_SETTINGS,
                "l0": l0_part(out, args.seeds, settings, dense_decoding),
                "cluster": cluster_part(out, cluster_names, dense_decoding),
-               "recovery": recovery_part(out, args.seeds, getattr(args, "sparsities", experiment.CLUSTER_SPARSITIES),
-                                         experiment.RECOVERY_RULES)}
+               "recovery": recovery_part(out, args.seeds, sparsities, experiment.RECOVERY_RULES)}
     if getattr(args, "train_options", None):    # train.py options beyond the experiment's own
         results["train_options"] = args.train_options
     print(f"dense: dev+test {100 * results['dense']['pooled']:.2f}%, test-unseen {100 * results['dense']['test-unseen']:.2f}%")

@@ -297,11 +297,11 @@ class L0Method(Method):
             self.teacher(*args, **kwargs)
         teacher = self._teacher_states.pop()
         lengths = kwargs.get("lengths", args[1] if len(args) > 1 else None)
-        frames = next(iter(student.values())).shape[1]
+        first = next(iter(student.values()))                                        # (B, T, C)
+        frames = first.shape[1]
         frame_mask = None
         if lengths is not None:
-            device = next(iter(student.values())).device
-            frame_lengths = model.frame_lengths(lengths.to(device).long()).clamp(max=frames)
+            frame_lengths = model.frame_lengths(lengths.to(first.device).long()).clamp(max=frames)
             frame_mask = torch.arange(frames, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
         return distillation_loss(student, teacher, frame_mask)
 
