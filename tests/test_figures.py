@@ -42,7 +42,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, str(REPO / "tests" / "bench"))
+sys.path.insert(0, str(REPO / "experiments"))
 
 
 def results(name: str) -> dict:
