@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 from spg.checkpoint import CheckpointError
 from spg.data import DataError
-from spg.training import NonFiniteWeightsError, ResumeMismatchError
+from spg.resume import ResumeMismatchError
+from spg.training import NonFiniteWeightsError
 
 
 class UsageError(ValueError):

@@ -46,8 +46,8 @@ from spg.compress.magnitude import GMP, Mixed, UMP, global_magnitude_masks
 from spg.ctc_training import CTCObjective, evaluate_corpus, file_digest, tensors_digest
 from spg.loading import whisper_ctc_from_pretrained
 from spg.data import DEFAULT_VOCAB, check_durations, read_audio, read_corpus
-from spg.training import (Objective, TrainConfig, check_resume_settings, distributed_rank, load_resume_state,
-                          naming_write_errors, sparsity_report, train)
+from spg.resume import check_resume_settings, load_resume_state
+from spg.training import Objective, TrainConfig, distributed_rank, naming_write_errors, sparsity_report, train
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
 from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder

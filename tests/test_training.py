@@ -12,8 +12,8 @@ from spg.compress.interface import Method
 from spg.ctc_training import CTCObjective
 from spg.data import DataError, read_corpus
 from spg.loading import CheckpointError
-from spg.training import (NonFiniteWeightsError, ResumeMismatchError, TrainConfig, learning_rate_factor,
-                          load_resume_state, plain_data, train)
+from spg.resume import ResumeMismatchError, load_resume_state
+from spg.training import NonFiniteWeightsError, TrainConfig, learning_rate_factor, plain_data, train
 from spg.wav2vec2.model import ModelConfig, Wav2Vec2CTC
 
 WORDS = ["A B", "CAT", "THE DOG", "HI", "NO YES", "IT IS"]
