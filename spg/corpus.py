@@ -596,6 +596,13 @@ def default_root(settings: dict) -> Path:
     return Path(data_folder) / f"synth-{_settings_hash(settings)}"
 
 
+def built_in_root() -> Path:
+    """The folder `build_corpus()` (all defaults) builds the built-in corpus in, or finds it."""
+    counts = {"train": DEFAULT_NUM_TRAIN, "dev": DEFAULT_NUM_DEV, "test": DEFAULT_NUM_TEST,
+              "test-unseen": DEFAULT_NUM_TEST_UNSEEN}
+    return default_root(corpus_settings(counts, 0))
+
+
 def _read_manifest(root: Path) -> dict | None:
     try:
         return json.loads((root / "manifest.json").read_text())

@@ -1,10 +1,13 @@
 """Run one experiment and print its summary: what `train.py` does after parsing its options.
 
-Build the model (`build_model`) and the compression method (`build_method`) from the options,
+Build the model from the parsed options (`build_model`), resolve the options once into the
+run's frozen settings for the model's family (`spg.run_settings.resolve_settings`; every
+function after that reads this `RunSettings`), build the compression method (`build_method`),
 read the splits the model can take (`read_split`, `check_model_durations`), decode them with the
 starting model (for wav2vec2/HuBERT through a reusable cache, `evaluate_dense`), then either
 train (`run_training`: dense, SPG, UMP, GMP, mixed or L0) or cluster (`run_cluster`), save, score
-every split against the starting model (WER/CER and MAPSSWE) and print the summary.
+every split against the starting model (WER/CER and MAPSSWE) into a summary dict, and print it
+(`print_summary`, `print_cluster_summary`: they read only the summary, which --json writes).
 
 What differs between model families is written once, in a `Family` recipe per family (the
 `FAMILIES` table at the end, looked up by the model's class in `family_of`): which splits an
@@ -47,6 +50,7 @@ from spg.ctc_training import CTCObjective, evaluate_corpus, file_digest, tensors
 from spg.loading import whisper_ctc_from_pretrained
 from spg.data import DEFAULT_VOCAB, check_durations, read_audio, read_corpus
 from spg.resume import check_resume_settings, load_resume_state
+from spg.run_settings import DEFAULT_MODEL, REPO, RunSettings, resolve_settings, resume_settings
 from spg.training import Objective, TrainConfig, distributed_rank, naming_write_errors, sparsity_report, train
 from spg.wav2vec2.model import PRUNABLE_MATRICES, Wav2Vec2CTC, preset
 from spg.wer import mapsswe
@@ -54,8 +58,6 @@ from spg.whisper.evaluation import evaluate_whisper, read_transcription_folder
 from spg.whisper.ctc import WhisperCTC
 from spg.whisper.model import Whisper
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO / "models" / "tiny-dense.pt"
 # Real recorded speech shipped in recordings/ (Sphinx-style folders; see each folder's README).
 REAL_RECORDINGS = tuple(REPO / "recordings" / name for name in ("librivox", "cards", "beckett"))
 # Whisper pads every input to 30 s (about 1-3 s per utterance on a CPU core): by default it is
@@ -80,12 +82,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 class Family:
     """What an experiment needs to know about one model family."""
     name: str
-    run: Callable[..., int]            # (args, model, root, test_splits, rank, device, started) -> exit code
+    run: Callable[..., int]            # (settings, model, root, test_splits, rank, device, started) -> exit code
     score: Callable[..., dict]         # (model, utterances, device, desc) -> evaluate_corpus-style figures
     min_input_samples: Callable[..., int]   # (model) -> shortest input it takes
     max_seconds: float                 # longest input it takes (also bounded by --max-seconds)
     forward_inputs: Callable[..., tuple]    # (model) -> random input its forward time is measured on
     forward_input: str                 # that input in words
+    ctc: bool                          # trained with CTC (else Whisper's decoder loss): see resolve_settings
     runs_prefix: str                   # runs/<prefix><method>-<sparsity>.pt
     set_dropout: Optional[Callable[..., object]] = None   # (model, p) -> model; None: --dropout is refused
 
@@ -99,134 +102,102 @@ def family_of(model) -> Family:
                     f"({', '.join(family.name for family in FAMILIES.values())})")
 
 
-def build_method(args, model) -> Method:
+def build_method(settings: RunSettings, model) -> Method:
     """The compression method of --method (`mixed` reads an SPG run's per-matrix sparsities;
     it refuses here, before any training, when that run is missing)."""
-    if args.method == "l0":
+    if settings.method == "l0":
         from spg.compress.l0 import L0Method
         teacher = None
-        if args.distill:
+        if settings.distill:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
         from spg.compress.hardconcrete import InitDropRates
         from spg.compress.l0 import GATE_LR, TARGET_WARMUP_FRACTION
-        return L0Method(args.sparsity, ste=args.ste, distill_teacher=teacher, seed=args.seed,
-                        gate_lr=args.gate_lr if args.gate_lr else GATE_LR, init=InitDropRates(**(args.init_drop or {})),
-                        head_gates=not args.dims_only, min_heads=args.min_heads,
-                        target_warmup_fraction=TARGET_WARMUP_FRACTION if args.target_ramp is None else args.target_ramp)
-    if args.method == "spg":
-        return self_pinching.SPG(args.sparsity, eta=args.eta if args.eta_raw is None else args.eta_raw,
-                                 normalised_eta=args.eta_raw is None, tau_start=args.tau_start, tau_end=args.tau_end,
-                                 threshold_init=args.threshold_init, threshold_lr=args.threshold_lr,
-                                 band=args.band if args.controller == "band" else None,
-                                 reset_on_switch=args.reset, calibrate=not args.no_calibrate)
-    if args.method == "ump":
-        return UMP(args.sparsity)
-    if args.method == "gmp":
-        return GMP(args.sparsity)
-    if args.method == "mixed":
+        ramp = TARGET_WARMUP_FRACTION if settings.target_ramp is None else settings.target_ramp
+        return L0Method(settings.sparsity, ste=settings.ste, distill_teacher=teacher, seed=settings.seed,
+                        gate_lr=settings.gate_lr if settings.gate_lr else GATE_LR,
+                        init=InitDropRates(**(settings.init_drop or {})), head_gates=not settings.dims_only,
+                        min_heads=settings.min_heads, target_warmup_fraction=ramp)
+    if settings.method == "spg":
+        return self_pinching.SPG(settings.sparsity, eta=settings.eta if settings.eta_raw is None else settings.eta_raw,
+                                 normalised_eta=settings.eta_raw is None, tau_start=settings.tau_start,
+                                 tau_end=settings.tau_end,
+                                 threshold_init=settings.threshold_init, threshold_lr=settings.threshold_lr,
+                                 band=settings.band if settings.controller == "band" else None,
+                                 reset_on_switch=settings.reset, calibrate=not settings.no_calibrate)
+    if settings.method == "ump":
+        return UMP(settings.sparsity)
+    if settings.method == "gmp":
+        return GMP(settings.sparsity)
+    if settings.method == "mixed":
         prefix = family_of(model).runs_prefix
-        source = source_run(args, prefix)
+        source = source_run(settings, prefix)
         if not source.exists():
-            model_option = f"--model {args.model} " if prefix else ""   # the default model's family needs none
+            model_option = f"--model {settings.model} " if prefix else ""   # the default model's family needs none
             sys.exit(f"--method mixed reads the per-matrix sparsities of an SPG run, but {source} does not "
-                     f"exist: run `python train.py {model_option}--sparsity {args.sparsity:g}` first "
+                     f"exist: run `python train.py {model_option}--sparsity {settings.sparsity:g}` first "
                      "or pass --mixed-from")
         per_matrix = spg.load(source).compression.get("per_matrix_sparsity")
         if not per_matrix:
             sys.exit(f"{source} has no compression['per_matrix_sparsity'] (not written by an SPG run)")
         print(f"mixed: per-matrix sparsities from {source}")
         return Mixed(per_matrix)
-    if args.method == "structured":
-        structure_source(args, model)
+    if settings.method == "structured":
+        structure_source(settings, model)
     return Method()
 
 
-# The options train.py leaves at None, resolved per family and method. wav2vec2/HuBERT under dense,
-# spg, ump, gmp and mixed: the SPG authors' settings (CTC summed over the batch, weight decay 0,
-# no gradient clipping), so that SPG and its baselines are trained alike. l0 and the recovery
-# epochs of cluster keep a mean-reduced CTC with weight decay 0.01 and clipping at 5 (their
-# Lagrangian and learning rates were tuned with it); so does Whisper (a mean cross-entropy).
-AUTHORS_SETTINGS = {"ctc_reduction": "sum", "weight_decay": 0.0, "grad_clip": 0.0}
-MEAN_LOSS_SETTINGS = {"ctc_reduction": "mean", "weight_decay": 0.01, "grad_clip": 5.0}
-
-
-def resolve_defaults(args, family: "Family") -> None:
-    """Fill in the options left at None (see AUTHORS_SETTINGS) for `family`, in place. SPG on
-    wav2vec2/HuBERT: the authors' balance (raw η by target, `self_pinching.default_raw_eta`)
-    and two-sided band controller without optimiser resets, a threshold learning rate that
-    fits --steps; on Whisper: the normalised η', the on/off controller with resets and the
-    weights' lr for the thresholds (what its README figures were measured with)."""
-    ctc = family.name != "Whisper"
-    settings = AUTHORS_SETTINGS if ctc and args.method in ("dense", "spg", "ump", "gmp", "mixed") \
-        else MEAN_LOSS_SETTINGS
-    for name, value in settings.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.method != "spg":
-        return
-    if args.eta is None and args.eta_raw is None and ctc:
-        args.eta_raw = self_pinching.default_raw_eta(args.sparsity)
-    if args.controller is None:
-        args.controller = "band" if ctc else "on-off"
-    if args.controller == "band" and args.band is None:
-        # the authors' width; for targets at or below it (not in their scripts) half the target
-        args.band = min(self_pinching.authors_band(args.sparsity), args.sparsity / 2)
-    if args.controller == "band" and not 0 <= args.band < args.sparsity:
-        sys.exit(f"--band must be below --sparsity {args.sparsity:g}, got {args.band:g}")
-    if args.reset is None:
-        args.reset = args.controller == "on-off"
-    if args.threshold_lr is None and ctc:
-        args.threshold_lr = self_pinching.default_threshold_lr(args.lr, args.steps)
-
-
-def source_run(args, prefix: str) -> Optional[Path]:
+def source_run(settings: RunSettings, prefix: str) -> Optional[Path]:
     """The run that --method mixed (--mixed-from, default runs/<prefix>spg-<sparsity>.pt) or
     structured (--structure-from, default runs/<prefix>l0-<sparsity>.pt) reads; None for the
     other methods."""
-    if args.method == "mixed":
-        return Path(args.mixed_from) if args.mixed_from else REPO / "runs" / f"{prefix}spg-{args.sparsity:g}.pt"
-    if args.method == "structured":
-        return Path(args.structure_from) if args.structure_from else REPO / "runs" / f"{prefix}l0-{args.sparsity:g}.pt"
+    given = {"mixed": settings.mixed_from, "structured": settings.structure_from}.get(settings.method)
+    if settings.method == "mixed":
+        return Path(given) if given else REPO / "runs" / f"{prefix}spg-{settings.sparsity:g}.pt"
+    if settings.method == "structured":
+        return Path(given) if given else REPO / "runs" / f"{prefix}l0-{settings.sparsity:g}.pt"
     return None
 
 
-def structure_source(args, model) -> Path:
+def structure_source(settings: RunSettings, model) -> Path:
     """The model whose structure --method structured prunes to (exits when it is missing)."""
-    source = source_run(args, family_of(model).runs_prefix)
+    source = source_run(settings, family_of(model).runs_prefix)
     if not source.exists():
         sys.exit(f"--method structured prunes to the structure of another model, but {source} does not exist: run "
-                 f"`python train.py --method l0 --sparsity {args.sparsity:g}` first or pass --structure-from")
+                 f"`python train.py --method l0 --sparsity {settings.sparsity:g}` first or pass --structure-from")
     return source
 
 
-def structured_start(args, model):
+def structured_start(settings: RunSettings, model):
     """--method structured: (the starting model pruned by magnitude to --structure-from's
     structure, the unpruned model); any other method: (model, a copy for l0 or None)."""
-    if args.method != "structured":
-        return model, copy.deepcopy(model) if args.method == "l0" else None
-    source = structure_source(args, model)
-    pruned, record = structured_magnitude_to_shapes(model, module_shapes(spg.load(source)), fold_bias=args.fold_bias)
+    if settings.method != "structured":
+        return model, copy.deepcopy(model) if settings.method == "l0" else None
+    source = structure_source(settings, model)
+    pruned, record = structured_magnitude_to_shapes(model, module_shapes(spg.load(source)),
+                                                    fold_bias=settings.fold_bias)
     print(f"structured: pruned by magnitude to the structure of {source} ({100 * record['sparsity']:.2f}% of the "
           "prunable weights removed)")
     return pruned, model
 
 
-def build_model(args):
-    """--init's random preset, or the --model checkpoint (default: the shipped dense model)."""
-    if args.init and args.init.startswith("whisper"):
-        model = whisper_ctc_from_pretrained(args.init, seed=args.seed)
-        return model if args.dropout is None else _with_ctc_dropout(model, args.dropout)
-    if args.init:
-        torch.manual_seed(args.seed)
-        config = preset(args.init)
-        if args.dropout is not None:
-            _set_dropout(config, args.dropout)
+def build_model(options: argparse.Namespace):
+    """--init's random preset, or the --model checkpoint (default: the shipped dense model).
+    It reads train.py's options as parsed: the family of the model it builds decides how the
+    rest of them resolve (`resolve_settings`)."""
+    if options.init and options.init.startswith("whisper"):
+        model = whisper_ctc_from_pretrained(options.init, seed=options.seed)
+        return model if options.dropout is None else _with_ctc_dropout(model, options.dropout)
+    if options.init:
+        torch.manual_seed(options.seed)
+        config = preset(options.init)
+        if options.dropout is not None:
+            _set_dropout(config, options.dropout)
         return Wav2Vec2CTC(config)
-    path = Path(args.model) if args.model else DEFAULT_MODEL
+    path = Path(options.model) if options.model else DEFAULT_MODEL
     model = spg.load(path)
     set_dropout = family_of(model).set_dropout
-    if args.dropout is not None and set_dropout is not None:    # else the family's run refuses it
-        model = set_dropout(model, args.dropout)
+    if options.dropout is not None and set_dropout is not None:    # else the family's run refuses it
+        model = set_dropout(model, options.dropout)
     return model
 
 
@@ -256,23 +227,23 @@ def _with_ctc_dropout(model: WhisperCTC, probability: float) -> WhisperCTC:
     return fresh
 
 
-def corpus_root(args) -> Path:
-    if args.data:
-        return Path(args.data)
-    from spg.corpus import build_corpus
-    return build_corpus()
+def corpus_root(settings: RunSettings) -> Path:
+    """The corpus folder, the built-in corpus synthesised there first (once) when --data is not given."""
+    if settings.data is None:
+        from spg.corpus import build_corpus
+        build_corpus(settings.corpus)
+    return settings.corpus
 
 
-
-def setup_distributed(args) -> tuple[int, torch.device]:
+def setup_distributed(options: argparse.Namespace) -> tuple[int, torch.device]:
     """Join the process group that `torchrun` describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR/PORT); a plain `python train.py` stays single-process."""
-    device = torch.device(args.device)
+    device = torch.device(options.device)
     # torchrun sets TORCHELASTIC_RUN_ID: under it even one process joins a group, so that
     # `torchrun --nproc_per_node 1` runs the same backend and code path as N processes.
     if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, device
-    if args.method == "cluster":
+    if options.method == "cluster":
         sys.exit("--method cluster is data-free and single-process; run it without torchrun")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -286,74 +257,37 @@ def setup_distributed(args) -> tuple[int, torch.device]:
 
 
 
-def run_from_command_line(args, started: float) -> int:
-    """train.py's run (under torchrun: in the process group), for `spg.command_line.exit_code_of`."""
-    rank, device = setup_distributed(args)
+def run_from_command_line(options: argparse.Namespace, started: float) -> int:
+    """train.py's run of its parsed `options` (under torchrun: in the process group), for
+    `spg.command_line.exit_code_of`."""
+    rank, device = setup_distributed(options)
     try:
-        return run(args, rank, device, started)
+        return run(options, rank, device, started)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def output_path(args, family: Family) -> Path:
-    if args.out:
-        return Path(args.out)
-    return REPO / "runs" / f"{family.runs_prefix}{args.method}-{args.sparsity:g}.pt"
+def output_path(settings: RunSettings, family: Family) -> Path:
+    if settings.out:
+        return Path(settings.out)
+    return REPO / "runs" / f"{family.runs_prefix}{settings.method}-{settings.sparsity:g}.pt"
 
 
 def state_path(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def _where(value) -> Optional[str]:
-    """A path setting as an absolute path (a name such as whisper-tiny.en stays as it is)."""
-    if value is None:
-        return None
-    return str(Path(value).resolve()) if Path(value).exists() else str(value)
-
-
-def run_settings(args) -> dict:
-    """The options that decide the trained weights, by flag: stored in the resume state and
-    compared on --resume (see the --resume help for the ones that may change)."""
-    settings = {"--model": _where(args.model) if args.model or args.init else str(DEFAULT_MODEL),
-                "--init": args.init, "--data": _where(args.corpus), "--train-split": args.train_split,
-                "--method": args.method, "--sparsity": args.sparsity, "--steps": args.steps,
-                "--batch-size": args.batch_size, "--lr": args.lr, "--warmup": args.warmup,
-                "--weight-decay": args.weight_decay, "--train-feature-extractor": args.train_feature_extractor,
-                "--dropout": args.dropout, "--seed": args.seed, "--grad-clip": args.grad_clip,
-                "--ctc-reduction": args.ctc_reduction}
-    if args.method == "spg":
-        settings.update({"--eta": args.eta, "--eta-raw": args.eta_raw, "--tau-start": args.tau_start,
-                         "--tau-end": args.tau_end, "--threshold-init": args.threshold_init,
-                         "--threshold-lr": args.threshold_lr, "--controller": args.controller,
-                         "--reset": args.reset, "--no-calibrate": args.no_calibrate, "--band": args.band})
-    elif args.method == "mixed":
-        settings["--mixed-from"] = _where(args.mixed_from)
-    elif args.method == "cluster":
-        settings.update({"--merge": args.merge, "--mixed": args.mixed, "--epochs": args.epochs,
-                         "--mixed-per-kind": args.mixed_per_kind, "--min-similarity": args.min_similarity,
-                         "--fold-bias": args.fold_bias})
-        del settings["--steps"]                      # derived from --epochs
-    elif args.method == "l0":
-        settings.update({"--ste": args.ste, "--distill": args.distill, "--gate-lr": args.gate_lr,
-                         "--init-drop": args.init_drop, "--min-heads": args.min_heads, "--dims-only": args.dims_only,
-                         "--target-ramp": args.target_ramp})
-    elif args.method == "structured":
-        settings.update({"--structure-from": _where(args.structure_from), "--fold-bias": args.fold_bias})
-    return settings
-
-
-def prepare_output(args, out: Path, rank: int) -> None:
+def prepare_output(settings: RunSettings, out: Path, rank: int) -> None:
     """Before any long work: remove what interrupted saves of this run's files left behind
     (rank 0, which holds the lock on `out`: another run's live temporary files are never
     removed; the --dense-eval cache's are removed when it is written, under its own lock), and
     with --resume check the state and its settings (every rank: all must stop)."""
     if rank == 0:
-        remove_stale_temporaries([out, state_path(out)] + ([Path(args.json)] if args.json else []))
-    if args.resume and (args.method != "cluster" or args.epochs):
+        remove_stale_temporaries([out, state_path(out)] + ([Path(settings.json)] if settings.json else []))
+    if settings.resume and (settings.method != "cluster" or settings.epochs):
         state = load_resume_state(state_path(out))
-        check_resume_settings(state, state_path(out), settings=run_settings(args))
+        check_resume_settings(state, state_path(out), settings=resume_settings(settings))
 
 
 def remove_stale_temporaries(paths: list[Path]) -> tuple[int, int]:
@@ -386,36 +320,36 @@ def write_json(path, data) -> None:
 
 
 
-def run(args, rank: int, device: torch.device, started: float) -> int:
-    """Build the model, check the paths (`check_run_paths`), lock the output for the whole run
+def run(options: argparse.Namespace, rank: int, device: torch.device, started: float) -> int:
+    """Build the model, resolve the options into the run's settings for its family (once:
+    `resolve_settings`), check the paths (`check_run_paths`), lock the output for the whole run
     (rank 0: `exclusive_lock` on <out>.lock), then build the corpus and run the experiment of
     the model's family (`run_family`); Ctrl-C is named (`naming_interruption`)."""
-    model = build_model(args)            # first: a bad --model fails before the corpus is built
-    resolve_defaults(args, family_of(model))
-    out = output_path(args, family_of(model))
-    check_run_paths(args, model, out)    # every rank: all must stop
+    model = build_model(options)         # first: a bad --model fails before the corpus is built
+    settings = resolve_settings(options, ctc=family_of(model).ctc)
+    out = output_path(settings, family_of(model))
+    check_run_paths(settings, model, out)    # every rank: all must stop
     lock = exclusive_lock(lock_path(out), wait=False, purpose=f"--out {out}") if rank == 0 else \
         contextlib.nullcontext()         # only rank 0 writes
-    with lock, naming_interruption(args, out, started):
-        return run_family(args, model, rank, device, started)
+    with lock, naming_interruption(settings, out, started):
+        return run_family(settings, model, rank, device, started)
 
 
-def run_family(args, model, rank: int, device: torch.device, started: float) -> int:
+def run_family(settings: RunSettings, model, rank: int, device: torch.device, started: float) -> int:
     """Build the corpus, then run the experiment of the model's family."""
-    if rank != 0 and args.data is None:
+    if rank != 0 and settings.data is None:
         dist.barrier()                   # rank 0 synthesises the built-in corpus first
-    root = corpus_root(args)
-    if rank == 0 and args.data is None and dist.is_initialized():
+    root = corpus_root(settings)
+    if rank == 0 and settings.data is None and dist.is_initialized():
         dist.barrier()
-    test_splits = [s for s in args.test_split.split(",") if s]
-    if args.data is None and "test-unseen" not in test_splits:
+    test_splits = [s for s in settings.test_split.split(",") if s]
+    if settings.data is None and "test-unseen" not in test_splits:
         test_splits.append("test-unseen")
-    args.corpus = root
-    return family_of(model).run(args, model, root, test_splits, rank, device, started)
+    return family_of(model).run(settings, model, root, test_splits, rank, device, started)
 
 
 @contextlib.contextmanager
-def naming_interruption(args, out: Path, started: float):
+def naming_interruption(settings: RunSettings, out: Path, started: float):
     """Re-raise Ctrl-C as KeyboardInterrupt("interrupted; resume with --resume (...)") when this
     run saved (or resumed) a state, else KeyboardInterrupt("interrupted"): the line that
     `spg.command_line.exit_code_of` prints."""
@@ -423,26 +357,26 @@ def naming_interruption(args, out: Path, started: float):
         yield
     except KeyboardInterrupt:
         state = state_path(out)
-        resumable = state.exists() and (args.resume or state.stat().st_mtime >= started)
+        resumable = state.exists() and (settings.resume or state.stat().st_mtime >= started)
         raise KeyboardInterrupt(f"interrupted; resume with --resume (the last saved state is {state})"
                                 if resumable else "interrupted") from None
 
 
-def check_run_paths(args, model, out: Path) -> None:
+def check_run_paths(settings: RunSettings, model, out: Path) -> None:
     """Before any work, a UsageError (exit 2) naming the options when an output would destroy
     an input or another output, is a folder or cannot be created (`check_output_paths`, over
     the model read, the run --method mixed or structured reads, --out, its .state and .lock,
     --json, --dense-eval and --feature-cache), or when --dense-eval names a file that is not a
     dense-decoding cache (`read_dense_cache`)."""
-    inputs = {"--model": args.model or (None if args.init else DEFAULT_MODEL)}
-    source = source_run(args, family_of(model).runs_prefix)
+    inputs = {"--model": settings.model or (None if settings.init else DEFAULT_MODEL)}
+    source = source_run(settings, family_of(model).runs_prefix)
     if source is not None:
-        inputs["--mixed-from" if args.method == "mixed" else "--structure-from"] = source
+        inputs["--mixed-from" if settings.method == "mixed" else "--structure-from"] = source
     outputs = {"--out": out, "--out's resume state": state_path(out), "--out's lock file": lock_path(out),
-               "--json": args.json, "--dense-eval": args.dense_eval}
-    check_output_paths(inputs, outputs, {"--feature-cache": args.feature_cache})
-    if args.dense_eval:
-        read_dense_cache(args.dense_eval)
+               "--json": settings.json, "--dense-eval": settings.dense_eval}
+    check_output_paths(inputs, outputs, {"--feature-cache": settings.feature_cache})
+    if settings.dense_eval:
+        read_dense_cache(settings.dense_eval)
 
 
 def lock_path(path: Path) -> Path:
@@ -479,73 +413,75 @@ def exclusive_lock(path: Path, *, wait: bool, purpose: str = ""):
         os.close(descriptor)
 
 
-def run_ctc(args, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, device: torch.device,
+def run_ctc(settings: RunSettings, model: Wav2Vec2CTC, root: Path, test_splits: list, rank: int, device: torch.device,
             started: float) -> int:
     """wav2vec2/HuBERT: train (or cluster) on the train split; score dev and every test split,
     the starting model's decoding through the --dense-eval cache."""
-    out = output_path(args, family_of(model))
+    out = output_path(settings, family_of(model))
     if rank == 0:
         print(f"output checkpoint: {out}")
-    prepare_output(args, out, rank)
-    train_set = read_split(args, root, args.train_split, model)
-    dev_set = read_split(args, root, args.dev_split, model)
-    test_sets = {name: read_split(args, root, name, model) for name in test_splits}
+    prepare_output(settings, out, rank)
+    train_set = read_split(settings, root, settings.train_split, model)
+    dev_set = read_split(settings, root, settings.dev_split, model)
+    test_sets = {name: read_split(settings, root, name, model) for name in test_splits}
 
-    method = build_method(args, model)   # before training: `mixed` and `structured` may refuse early
+    method = build_method(settings, model)   # before training: `mixed` and `structured` may refuse early
     # the size of the model we start from (cluster reports it even for a random --init model)
-    dense_size = None if args.init and args.method != "cluster" or rank != 0 else file_sizes(model, out)
+    dense_size = None if settings.init and settings.method != "cluster" or rank != 0 else file_sizes(model, out)
     if rank == 0:
-        announce_setup(args, model, train_set, {"dev": dev_set, **test_sets}, device)
-    before = {} if args.init or rank != 0 else \
-        evaluate_dense(model, {"dev": dev_set, **test_sets}, device, args.dense_eval)
-    model, dense_copy = structured_start(args, model)
+        announce_setup(settings, model, train_set, {"dev": dev_set, **test_sets}, device)
+    before = {} if settings.init or rank != 0 else \
+        evaluate_dense(model, {"dev": dev_set, **test_sets}, device, settings.dense_eval)
+    model, dense_copy = structured_start(settings, model)
 
-    if args.method == "cluster":
-        return run_cluster(args, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
+    if settings.method == "cluster":
+        return run_cluster(settings, model, before, dense_size, train_set, {"dev": dev_set, **test_sets}, out, device,
                            started)
 
-    return run_training(args, model, method, before, dense_size, train_set, dev_set, {"dev": dev_set, **test_sets},
+    return run_training(settings, model, method, before, dense_size, train_set, dev_set, {"dev": dev_set, **test_sets},
                         out, device, started, dense_copy=dense_copy)
 
 
-def run_training(args, model, method: Method, before: dict, dense_size: Optional[dict], train_set, dev_set,
-                 evaluation_sets: dict, out: Path, device: torch.device, started: float, *,
+def run_training(settings: RunSettings, model, method: Method, before: dict, dense_size: Optional[dict], train_set,
+                 dev_set, evaluation_sets: dict, out: Path, device: torch.device, started: float, *,
                  objective: Optional[Objective] = None, dense_copy=None) -> int:
     """Train with `method` (dense, SPG, UMP, GMP, mixed, L0) on `objective` (default CTC), save,
     evaluate every split of `evaluation_sets` against `before` (the starting model's
     decoding) and print the summary. `dev_set` is what `--eval-every` scores."""
     rank = distributed_rank()[0]
 
-    feature_cache = feature_cache_folder(args, objective)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
-                         weight_decay=args.weight_decay, freeze_feature_extractor=not args.train_feature_extractor,
-                         save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
-                         feature_cache_dir=feature_cache, grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
+    feature_cache = feature_cache_folder(settings, objective)
+    config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                         warmup_fraction=settings.warmup, weight_decay=settings.weight_decay,
+                         freeze_feature_extractor=not settings.train_feature_extractor,
+                         save_every=settings.save_every, eval_every=settings.eval_every, seed=settings.seed,
+                         feature_cache_dir=feature_cache, grad_clip=settings.grad_clip,
+                         loss_reduction=settings.ctc_reduction)
     # what global magnitude pruning of the starting model would keep per matrix: SPG's learned
     # allocation is compared with it in the summary
-    reference = global_magnitude_allocation(model, args.sparsity) if isinstance(method, self_pinching.SPG) else None
+    reference = global_magnitude_allocation(model, settings.sparsity) if isinstance(method, self_pinching.SPG) else None
     result = train(model, train_set, config, method=method, device=device,
-                   checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args),
-                   dev_utterances=dev_set, stop_after_steps=args.stop_after,
+                   checkpoint_path=state_path(out), resume=settings.resume, settings=resume_settings(settings),
+                   dev_utterances=dev_set, stop_after_steps=settings.stop_after,
                    objective=objective or CTCObjective())
     if rank != 0:
         return 0
-    if result.steps_done < args.steps:
-        print(f"stopped after step {result.steps_done} of {args.steps}; continue with --resume")
+    if result.steps_done < settings.steps:
+        print(f"stopped after step {result.steps_done} of {settings.steps}; continue with --resume")
         return 0
 
     model.cpu()
-    if args.method == "l0":             # deliver the physically smaller model
+    if settings.method == "l0":             # deliver the physically smaller model
         model = method.pruned_model.cpu()
-    save_model(model, out, half=args.half)
-    after = {name: evaluate(model, data, torch.device("cpu"), f"{args.method} {name}")
+    save_model(model, out, half=settings.half)
+    after = {name: evaluate(model, data, torch.device("cpu"), f"{settings.method} {name}")
              for name, data in evaluation_sets.items()}
     significance = {
         name: mapsswe(after[name]["references"], after[name]["hypotheses"], before[name]["hypotheses"], alpha=0.05)
         for name in after if name in before}
     report = sparsity_report(model)
     summary = {
-        "method": args.method, "target_sparsity": args.sparsity, "steps": result.steps_done,
+        "method": settings.method, "target_sparsity": settings.sparsity, "steps": result.steps_done,
         "skipped_steps": result.skipped_steps, "out": str(out),
         "dense_wer": {k: v["wer"] for k, v in before.items()},
         "compressed_wer": {k: v["wer"] for k, v in after.items()},
@@ -558,14 +494,14 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
         "prunable_params": report["prunable_params"],
         "params_total": model.num_parameters(), "params_nonzero": model.num_parameters(nonzero_only=True),
         "size_bytes": out.stat().st_size,
-        "dense_size_bytes": dense_size and dense_size["fp16" if args.half else "fp32"],
-        "sizes": size_figures(dense_size, model, out, half=args.half),
+        "dense_size_bytes": dense_size and dense_size["fp16" if settings.half else "fp32"],
+        "sizes": size_figures(dense_size, model, out, half=settings.half),
         "before": {k: {m: v[m] for m in ("wer", "cer")} for k, v in before.items()},
         "after": {k: {m: v[m] for m in ("wer", "cer")} for k, v in after.items()},
         "compression": {k: v for k, v in model.compression.items() if k != "per_matrix_sparsity"},
         "train_seconds": result.seconds, "loop_seconds": result.loop_seconds, "seconds": time.time() - started,
     }
-    if args.method in ("l0", "structured"):
+    if settings.method in ("l0", "structured"):
         forward = forward_seconds({"dense": dense_copy, "compressed": model})
         summary["kept"] = kept_units(model)
         # the pruned model's prunable layers are what is left; the sparsity is of the dense ones
@@ -573,20 +509,21 @@ def run_training(args, model, method: Method, before: dict, dense_size: Optional
         # both count the prunable weights; L0's own target counts the gated layers' biases too
         summary.update(prunable_params=dense_prunable, prunable_params_kept=report["prunable_params"],
                        sparsity=1.0 - report["prunable_params"] / dense_prunable,
-                       gate_sparsity=model.compression["sparsity"] if args.method == "l0" else None,
+                       gate_sparsity=model.compression["sparsity"] if settings.method == "l0" else None,
                        params_dense=dense_copy.num_parameters(),
                        forward_seconds_dense=forward["dense"], forward_seconds_compressed=forward["compressed"],
-                       forward_time_ratio=forward["compressed"] / forward["dense"])
+                       forward_time_ratio=forward["compressed"] / forward["dense"],
+                       forward_input=family_of(model).forward_input)
     summary["history"] = result.history
     # the decodings, so that runs can be compared with each other (MAPSSWE) without re-decoding
     summary["decoding"] = decodings(after)
     if isinstance(method, self_pinching.SPG):
         summary["spg_history"] = method.history
-        summary["allocation"] = allocation_summary(model.compression, reference, args.steps)
+        summary["allocation"] = allocation_summary(model.compression, reference, settings.steps)
     print_summary(summary)
-    if args.json:
-        write_json(args.json, summary)
-    print_files_left(args, out, None if args.train_feature_extractor else feature_cache)
+    if settings.json:
+        write_json(settings.json, summary)
+    print_files_left(settings, out, None if settings.train_feature_extractor else feature_cache)
     return 0
 
 
@@ -643,93 +580,110 @@ def kept_units(model) -> dict[str, list[int]]:
     return kept
 
 
-def run_cluster(args, dense, before: dict, dense_size: dict, train_set, evaluation_sets: dict,
+def run_cluster(settings: RunSettings, dense, before: dict, dense_size: dict, train_set, evaluation_sets: dict,
                 out: Path, device: torch.device, started: float) -> int:
     """Parameter clustering (arXiv 2606.11836): no data and no training, then optional recovery
     fine-tuning; compared with structured magnitude pruning at the same per-module sizes."""
-    mixed = "per_kind" if args.mixed and args.mixed_per_kind else args.mixed
-    clustered, record = cluster_compress(dense, args.sparsity, merge=args.merge, mixed=mixed, seed=args.seed,
-                                         min_similarity=args.min_similarity, fold_bias=args.fold_bias)
-    magnitude, _ = structured_magnitude_prune(dense, args.sparsity, ks=record["kept"], fold_bias=args.fold_bias)
+    mixed = "per_kind" if settings.mixed and settings.mixed_per_kind else settings.mixed
+    clustered, record = cluster_compress(dense, settings.sparsity, merge=settings.merge, mixed=mixed,
+                                         seed=settings.seed, min_similarity=settings.min_similarity,
+                                         fold_bias=settings.fold_bias)
+    magnitude, _ = structured_magnitude_prune(dense, settings.sparsity, ks=record["kept"], fold_bias=settings.fold_bias)
     results = {label: {name: evaluate(model, data, device, f"{label} {name}")
                        for name, data in evaluation_sets.items()}
                for label, model in (("clustered", clustered), ("magnitude", magnitude))}
-    if args.epochs:
-        steps = args.epochs * -(-len(train_set) // args.batch_size)
-        config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
-                             weight_decay=args.weight_decay, save_every=args.save_every, seed=args.seed,
-                             grad_clip=args.grad_clip, loss_reduction=args.ctc_reduction)
+    if settings.epochs:
+        steps = settings.epochs * -(-len(train_set) // settings.batch_size)
+        config = TrainConfig(steps=steps, batch_size=settings.batch_size, lr=settings.lr,
+                             warmup_fraction=settings.warmup, weight_decay=settings.weight_decay,
+                             save_every=settings.save_every, seed=settings.seed,
+                             grad_clip=settings.grad_clip, loss_reduction=settings.ctc_reduction)
         history = train(clustered, train_set, config, objective=CTCObjective(), device=device,
-                        checkpoint_path=state_path(out), resume=args.resume, settings=run_settings(args)).history
+                        checkpoint_path=state_path(out), resume=settings.resume,
+                        settings=resume_settings(settings)).history
         clustered.cpu()
         results["fine-tuned"] = {name: evaluate_corpus(clustered, data, device=device, desc=f"fine-tuned {name}")
                                  for name, data in evaluation_sets.items()}
-    save_model(clustered, out, half=args.half)
+    save_model(clustered, out, half=settings.half)
     forward = forward_seconds({"dense": dense, "compressed": clustered})
-    final = results["fine-tuned" if args.epochs else "clustered"]
+    final = results["fine-tuned" if settings.epochs else "clustered"]
     summary = {
-        "method": "cluster", "target_sparsity": args.sparsity, "merge": args.merge, "mixed": args.mixed,
-        "epochs": args.epochs, "steps": steps if args.epochs else 0, "out": str(out), "kept": record["kept"],
+        "method": "cluster", "target_sparsity": settings.sparsity, "merge": settings.merge, "mixed": settings.mixed,
+        "epochs": settings.epochs, "steps": steps if settings.epochs else 0, "out": str(out), "kept": record["kept"],
         "dense_wer": {k: v["wer"] for k, v in before.items()},
         "compressed_wer": {k: v["wer"] for k, v in final.items()},
         "clustered_wer": {k: v["wer"] for k, v in results["clustered"].items()},
         "magnitude_wer": {k: v["wer"] for k, v in results["magnitude"].items()},
-        "finetuned_wer": {k: v["wer"] for k, v in results["fine-tuned"].items()} if args.epochs else None,
+        "finetuned_wer": {k: v["wer"] for k, v in results["fine-tuned"].items()} if settings.epochs else None,
         "mapsswe": {k: {"p_value": r.p_value, "significant": r.significant, "verdict": verdict(r)}
                     for k, r in ((name, mapsswe(final[name]["references"], final[name]["hypotheses"],
                                                 before[name]["hypotheses"])) for name in final if name in before)},
         "params_dense": dense.num_parameters(), "params_total": clustered.num_parameters(),
-        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size["fp16" if args.half else "fp32"],
-        "sizes": size_figures(dense_size, clustered, out, half=args.half),
+        "size_bytes": out.stat().st_size, "dense_size_bytes": dense_size["fp16" if settings.half else "fp32"],
+        "sizes": size_figures(dense_size, clustered, out, half=settings.half),
         "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
         "forward_time_ratio": forward["compressed"] / forward["dense"],
         "seconds": time.time() - started,
-        "settings": {"mixed_per_kind": args.mixed_per_kind, "min_similarity": args.min_similarity,
-                     "fold_bias": args.fold_bias, "seed": args.seed},
+        "settings": {"mixed_per_kind": settings.mixed_per_kind, "min_similarity": settings.min_similarity,
+                     "fold_bias": settings.fold_bias, "seed": settings.seed},
         # the decodings, so that the variants can be compared with each other (MAPSSWE)
         "decoding": {label: decodings(split_results) for label, split_results in results.items()},
     }
-    if args.epochs:
+    if settings.epochs:
         summary["history"] = history
-    print("\n=== summary ===")
-    print(f"parameter clustering ({args.merge}{', mixed K' if args.mixed else ''}) at sparsity {args.sparsity:g}; "
-          f"checkpoint {out}")
-    columns = ["dense", "clustered", "magnitude"] + (["fine-tuned"] if args.epochs else [])
-    print(f"{'split':<14}" + "".join(f"{c + ' WER':>16}" for c in columns))
-    for name in evaluation_sets:
-        row = [before.get(name, {}).get("wer")] + [results[c][name]["wer"] for c in columns[1:]]
-        print(f"{name:<14}" + "".join(f"{100 * v:>15.2f}%" if v is not None else f"{'-':>16}" for v in row))
-    for name, test in summary["mapsswe"].items():
-        print(f"MAPSSWE {name}: {test['verdict']}")
-    print("kept per block: " + "; ".join(f"{name} {values}" for name, values in record["kept"].items()))
+    summary["forward_input"] = family_of(dense).forward_input
     if mixed:      # how variance-based mixed K split the budget between the module kinds
-        uniform = plan_kept_units(dense, args.sparsity)
-        print("mixed K per kind: " + "; ".join(
-            f"{name} {sum(values)} of {sum(record['units_before'][name])} (uniform K: {sum(uniform[name])})"
-            for name, values in record["kept"].items())
-            + (" (variances ranked within each kind)" if mixed == "per_kind" else " (variances ranked over all modules)"))
-    print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}")
-    print_sizes(summary["sizes"])
-    print(f"forward time ({family_of(dense).forward_input}) "
-          f"{1000 * forward['dense']:.0f} ms -> {1000 * forward['compressed']:.0f} ms "
-          f"(ratio {summary['forward_time_ratio']:.2f}); total time {summary['seconds']:.0f} s")
-    if args.json:
-        write_json(args.json, summary)
-    print_files_left(args, out, None)
+        uniform = plan_kept_units(dense, settings.sparsity)
+        summary["mixed_k"] = {"ranked": "within each kind" if mixed == "per_kind" else "over all modules",
+                              "per_kind": {name: {"kept": sum(values), "of": sum(record["units_before"][name]),
+                                                  "uniform": sum(uniform[name])}
+                                           for name, values in record["kept"].items()}}
+    print_cluster_summary(summary)
+    if settings.json:
+        write_json(settings.json, summary)
+    print_files_left(settings, out, None)
     return 0
 
 
-def feature_cache_folder(args, objective: Optional[Objective] = None) -> Optional[str]:
+def print_cluster_summary(summary: dict) -> None:
+    """`run_cluster`'s summary as a person reads it: WER per split of the dense, clustered,
+    magnitude (and fine-tuned) models, MAPSSWE, the units kept, sizes and forward time."""
+    print("\n=== summary ===")
+    print(f"parameter clustering ({summary['merge']}{', mixed K' if summary['mixed'] else ''}) at sparsity "
+          f"{summary['target_sparsity']:g}; checkpoint {summary['out']}")
+    columns = {"dense": summary["dense_wer"], "clustered": summary["clustered_wer"],
+               "magnitude": summary["magnitude_wer"]}
+    if summary["finetuned_wer"] is not None:
+        columns["fine-tuned"] = summary["finetuned_wer"]
+    print(f"{'split':<14}" + "".join(f"{c + ' WER':>16}" for c in columns))
+    for name in summary["clustered_wer"]:
+        row = [wer.get(name) for wer in columns.values()]
+        print(f"{name:<14}" + "".join(f"{100 * v:>15.2f}%" if v is not None else f"{'-':>16}" for v in row))
+    for name, test in summary["mapsswe"].items():
+        print(f"MAPSSWE {name}: {test['verdict']}")
+    print("kept per block: " + "; ".join(f"{name} {values}" for name, values in summary["kept"].items()))
+    if "mixed_k" in summary:
+        print("mixed K per kind: " + "; ".join(f"{name} {kind['kept']} of {kind['of']} (uniform K: {kind['uniform']})"
+                                               for name, kind in summary["mixed_k"]["per_kind"].items())
+              + f" (variances ranked {summary['mixed_k']['ranked']})")
+    print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}")
+    print_sizes(summary["sizes"])
+    print(f"forward time ({summary['forward_input']}) {1000 * summary['forward_seconds_dense']:.0f} ms -> "
+          f"{1000 * summary['forward_seconds_compressed']:.0f} ms (ratio {summary['forward_time_ratio']:.2f}); "
+          f"total time {summary['seconds']:.0f} s")
+
+
+def feature_cache_folder(settings: RunSettings, objective: Optional[Objective] = None) -> Optional[str]:
     """Where training keeps the frozen front end's features between runs: --feature-cache, else
     runs/feature-cache for the built-in corpus (CTC training), else nowhere (memory only)."""
-    if args.feature_cache:
-        return args.feature_cache
-    return str(REPO / "runs" / "feature-cache") if args.data is None and objective is None else None
+    if settings.feature_cache:
+        return settings.feature_cache
+    return str(REPO / "runs" / "feature-cache") if settings.data is None and objective is None else None
 
 
-def trains(args) -> bool:
+def trains(settings: RunSettings) -> bool:
     """Whether this run trains (every method but cluster, which trains only with --epochs)."""
-    return args.method != "cluster" or bool(args.epochs)
+    return settings.method != "cluster" or bool(settings.epochs)
 
 
 def seconds_per_audio_second(model, device: torch.device) -> tuple[float, float]:
@@ -762,29 +716,30 @@ def read_seconds_per_audio_second(utterances, *, sample: int = 8) -> float:
     return (time.perf_counter() - begin) / max(1e-9, sum(u.seconds for u in probe))
 
 
-def setup_work(args, train_set, evaluation_sets: dict, feature_cache: Optional[str]) -> dict:
+def setup_work(settings: RunSettings, train_set, evaluation_sets: dict, feature_cache: Optional[str]) -> dict:
     """What a wav2vec2/HuBERT run does before its first step: {"decode": the splits it decodes
     with the starting model (none for --init or a --dense-eval file that exists: then it is
     reused when it matches), "features": whether it computes the frozen front end's features
     of the train split (not when it trains the front end, does not train, the corpus is too
     large to cache, or the cache folder already holds features), "kept": where those features
     are kept for later runs (None: in memory only)}."""
-    decode = {} if args.init or args.dense_eval and Path(args.dense_eval).exists() else evaluation_sets
+    decode = {} if settings.init or settings.dense_eval and Path(settings.dense_eval).exists() else evaluation_sets
     small = sum(u.seconds for u in train_set) / 3600 <= TrainConfig.max_cached_hours
     cached = feature_cache is not None and Path(feature_cache).is_dir() and \
         any(Path(feature_cache).glob("features-*.pt"))
-    features = trains(args) and not args.train_feature_extractor and small and not cached
+    features = trains(settings) and not settings.train_feature_extractor and small and not cached
     return {"decode": decode, "features": features, "kept": feature_cache}
 
 
-def announce_setup(args, model, train_set, evaluation_sets: dict, device: torch.device) -> Optional[str]:
+def announce_setup(settings: RunSettings, model, train_set, evaluation_sets: dict,
+                   device: torch.device) -> Optional[str]:
     """Print (and return) one line before the long work that precedes the first step on a
     fresh clone: decoding the splits with the starting model and caching the front end's
     features, with an estimate of the time measured on this machine; which of it is a one-off
     and where it is kept. Nothing when there is no such work."""
     # run_cluster's recovery fine-tuning keeps its features in memory only
-    folder = feature_cache_folder(args) if args.method != "cluster" else None
-    work = setup_work(args, train_set, evaluation_sets, folder)
+    folder = feature_cache_folder(settings) if settings.method != "cluster" else None
+    work = setup_work(settings, train_set, evaluation_sets, folder)
     decode, features = work["decode"], work["features"]
     if not decode and not features:
         return None
@@ -813,8 +768,8 @@ def announce_setup(args, model, train_set, evaluation_sets: dict, device: torch.
         kept.append(f"the features are a one-off, cached in {work['kept']} for later runs on this corpus")
     elif features:
         kept.append("the features are kept in memory for this run only (--feature-cache FOLDER keeps them)")
-    if decode and args.dense_eval:
-        kept.append(f"the decoding is a one-off, kept in {args.dense_eval}")
+    if decode and settings.dense_eval:
+        kept.append(f"the decoding is a one-off, kept in {settings.dense_eval}")
     elif decode:
         kept.append("the decoding is repeated by every run (--dense-eval FILE keeps it)")
     line += "; " + "; ".join(kept)
@@ -831,7 +786,7 @@ def display_path(path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
-def files_left(args, out: Path, feature_cache: Optional[str]) -> list[tuple[Path, int, str]]:
+def files_left(settings: RunSettings, out: Path, feature_cache: Optional[str]) -> list[tuple[Path, int, str]]:
     """(path, bytes, what it is and how to remove it) of every file or folder this run left:
     the output model, its resume state, the feature cache, the --dense-eval cache, --json."""
     def size(path: Path) -> int:
@@ -841,23 +796,23 @@ def files_left(args, out: Path, feature_cache: Optional[str]) -> list[tuple[Path
 
     shown = display_path
     command = f"python {shown(REPO / 'evaluate.py')} --model {shown(out)}" + \
-        ("" if args.init else f" --compare {shown(args.model) if args.model else shown(DEFAULT_MODEL)}")
+        ("" if settings.init else f" --compare {shown(settings.model) if settings.model else shown(DEFAULT_MODEL)}")
     candidates = [
         (out, f"the output model; score it with {command}"),
         (state_path(out), f"resume state, needed only for --resume: rm {shown(state_path(out))}"),
         (Path(feature_cache) if feature_cache else None,
          f"front-end features, kept for later runs on this corpus: rm -r {shown(Path(feature_cache or '.'))}"),
-        (Path(args.dense_eval) if args.dense_eval else None,
+        (Path(settings.dense_eval) if settings.dense_eval else None,
          "the starting model's decoding (--dense-eval), kept for later runs: "
-         f"rm {shown(Path(args.dense_eval or '.'))}"),
-        (Path(args.json) if args.json else None, "the summary figures (--json)"),
+         f"rm {shown(Path(settings.dense_eval or '.'))}"),
+        (Path(settings.json) if settings.json else None, "the summary figures (--json)"),
     ]
     return [(path, size(path), what) for path, what in candidates if path is not None and path.exists()]
 
 
-def print_files_left(args, out: Path, feature_cache: Optional[str]) -> None:
+def print_files_left(settings: RunSettings, out: Path, feature_cache: Optional[str]) -> None:
     """The files this run left (`files_left`), one line each with its size and how to remove it."""
-    left = files_left(args, out, feature_cache)
+    left = files_left(settings, out, feature_cache)
     if not left:
         return
     print("files left by this run:")
@@ -927,41 +882,41 @@ def read_dense_cache(path) -> Optional[dict]:
     return stored
 
 
-def run_whisper(args, model: Whisper, root: Path, test_splits: list, rank: int, device: torch.device,
+def run_whisper(settings: RunSettings, model: Whisper, root: Path, test_splits: list, rank: int, device: torch.device,
                 started: float) -> int:
     """Whisper: data-free clustering (run_cluster), or fine-tuning on the corpus's train split
     with a teacher-forced decoder loss (spg.whisper.training) under SPG, UMP, GMP, mixed, L0 (heads
     of every attention module and FFN neurons) or no pruning. Scored on the real recordings and
     the first --eval-utterances of each --test-split as given (`test_splits`, which adds the built-in
     corpus's test-unseen, and `rank` are not used)."""
-    if args.method == "cluster" and args.epochs:
-        sys.exit(f"{args.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
+    if settings.method == "cluster" and settings.epochs:
+        sys.exit(f"{settings.model} is a Whisper model: train.py runs --method cluster (data-free, without --epochs), "
                  "dense, spg, ump, gmp, mixed or l0 on it; recovery epochs after clustering are written for "
                  "wav2vec2/HuBERT only")
-    for option, value in (("--feature-cache", args.feature_cache), ("--dense-eval", args.dense_eval),
-                          ("--dropout", args.dropout), ("--distill", args.distill or None),
-                          ("--ctc-reduction", args.ctc_reduction if args.ctc_reduction != "mean" else None)):
+    for option, value in (("--feature-cache", settings.feature_cache), ("--dense-eval", settings.dense_eval),
+                          ("--dropout", settings.dropout), ("--distill", settings.distill or None),
+                          ("--ctc-reduction", settings.ctc_reduction if settings.ctc_reduction != "mean" else None)):
         if value is not None:
-            sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {args.model}")
-    out = output_path(args, family_of(model))
+            sys.exit(f"{option} applies to wav2vec2/HuBERT models only, not to the Whisper model {settings.model}")
+    out = output_path(settings, family_of(model))
     print(f"output checkpoint: {out}")
-    prepare_output(args, out, 0)
+    prepare_output(settings, out, 0)
     evaluation_sets = {folder.name: read_transcription_folder(folder) for folder in REAL_RECORDINGS}
     for folder in REAL_RECORDINGS:
-        check_model_durations(evaluation_sets[folder.name], model, max_seconds=args.max_seconds, where=str(folder))
-    for split in [s for s in args.test_split.split(",") if s]:
-        evaluation_sets[split] = read_split(args, root, split, model, limit=args.eval_utterances)
+        check_model_durations(evaluation_sets[folder.name], model, max_seconds=settings.max_seconds, where=str(folder))
+    for split in [s for s in settings.test_split.split(",") if s]:
+        evaluation_sets[split] = read_split(settings, root, split, model, limit=settings.eval_utterances)
     print("evaluation sets: " + ", ".join(f"{name} ({len(data)} utterances)" for name, data in evaluation_sets.items()))
-    method = None if args.method == "cluster" else build_method(args, model)
+    method = None if settings.method == "cluster" else build_method(settings, model)
     before = {name: evaluate(model, data, device, f"dense {name}") for name, data in evaluation_sets.items()}
     dense_size = file_sizes(model, out)
-    if args.method == "cluster":
-        return run_cluster(args, model, before, dense_size, [], evaluation_sets, out, device, started)
-    model, dense_copy = structured_start(args, model)
+    if settings.method == "cluster":
+        return run_cluster(settings, model, before, dense_size, [], evaluation_sets, out, device, started)
+    model, dense_copy = structured_start(settings, model)
     from spg.whisper.training import WhisperObjective
-    train_set = read_split(args, root, args.train_split, model)
-    dev_set = read_split(args, root, args.dev_split, model, limit=args.eval_utterances)
-    return run_training(args, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
+    train_set = read_split(settings, root, settings.train_split, model)
+    dev_set = read_split(settings, root, settings.dev_split, model, limit=settings.eval_utterances)
+    return run_training(settings, model, method, before, dense_size, train_set, dev_set, evaluation_sets, out, device,
                         started, objective=WhisperObjective(), dense_copy=dense_copy)
 
 
@@ -970,12 +925,13 @@ def evaluate(model, data, device: torch.device, desc: str) -> dict:
     return family_of(model).score(model, data, device, desc)
 
 
-def read_split(args, root: Path, split: str, model, *, limit: Optional[int] = None) -> list:
+def read_split(settings: RunSettings, root: Path, split: str, model, *, limit: Optional[int] = None) -> list:
     """One split of the corpus (its first `limit` utterances), for `model`: its vocabulary
-    (a model without one, such as Whisper: spg.data.DEFAULT_VOCAB), and audio it can take (`check_durations`: DataError naming
-    the files shorter than its receptive field or longer than --max-seconds)."""
+    (a model without one, such as Whisper: spg.data.DEFAULT_VOCAB), and audio it can take
+    (`check_durations`: DataError naming the files shorter than its receptive field or longer
+    than --max-seconds)."""
     utterances = read_corpus(root, split, getattr(model, "vocab", DEFAULT_VOCAB))[:limit]
-    check_model_durations(utterances, model, max_seconds=args.max_seconds, where=str(Path(root) / split))
+    check_model_durations(utterances, model, max_seconds=settings.max_seconds, where=str(Path(root) / split))
     return utterances
 
 
@@ -1068,8 +1024,8 @@ def print_summary(summary: dict) -> None:
     if "kept" in summary:                 # l0: a physically smaller model, not zeros
         for name, values in summary["kept"].items():
             print(f"  kept {name:<9} per block {values}")
-        print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; forward time (10 s of "
-              f"audio) ratio {summary['forward_time_ratio']:.2f}")
+        print(f"parameters {summary['params_dense']:,} -> {summary['params_total']:,}; forward time "
+              f"({summary['forward_input']}) ratio {summary['forward_time_ratio']:.2f}")
     elif summary["sparsity"] > 0 and all(f"encoder.layers.{block}.{m}" in summary["per_matrix_sparsity"]
                                          for block in summary["per_block_sparsity"] for m in PRUNABLE_MATRICES):
         print_sparsity_table(summary["per_matrix_sparsity"], summary["per_block_sparsity"])
@@ -1121,18 +1077,18 @@ FAMILIES: dict[type, Family] = {
         score=lambda model, data, device, desc: evaluate_corpus(model, data, device=device, desc=desc),
         min_input_samples=lambda model: model.config.min_input_samples, max_seconds=math.inf,
         forward_inputs=lambda model: (torch.randn(1, 16000 * 10),), forward_input="10 s of audio",
-        runs_prefix="", set_dropout=_with_dropout),
+        ctc=True, runs_prefix="", set_dropout=_with_dropout),
     WhisperCTC: Family(          # no 30 s padding: the first T positions (spg.whisper.ctc)
         name="Whisper encoder + CTC", run=run_ctc,
         score=lambda model, data, device, desc: evaluate_corpus(model, data, device=device, desc=desc),
         min_input_samples=lambda model: model.config.min_input_samples, max_seconds=30.0,
         forward_inputs=lambda model: (torch.randn(1, 16000 * 10),), forward_input="10 s of audio",
-        runs_prefix="whisper-ctc-", set_dropout=_with_ctc_dropout),
+        ctc=True, runs_prefix="whisper-ctc-", set_dropout=_with_ctc_dropout),
     Whisper: Family(             # pads or cuts every input to one 30 s window
         name="Whisper", run=run_whisper,
         score=lambda model, data, device, desc: evaluate_whisper(model, data, device=device),
         min_input_samples=lambda model: 1, max_seconds=30.0,
         forward_inputs=lambda model: (torch.randn(1, model.config.num_mel_bins, 3000),
                                       torch.tensor([model.config.prompt_ids()])),
-        forward_input="one 30 s window", runs_prefix="whisper-"),
+        forward_input="one 30 s window", ctc=False, runs_prefix="whisper-"),
 }

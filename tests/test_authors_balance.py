@@ -1,7 +1,10 @@
 """The pieces of the SPG authors' loss balance (issue 15): CTC summed over the batch, the
 two-sided band controller, no gradient clipping; and the global-magnitude baseline (GMP)."""
 
+import argparse
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from spg.compress.magnitude import GMP, global_magnitude_masks
 from spg.compress.self_pinching import SPG, SparsityController, authors_band
 from spg.data import Batch, make_targets
-from spg.experiment import FAMILIES, resolve_defaults
+from spg.experiment import FAMILIES
+from spg.run_settings import RunSettings, resolve_settings
 from spg.ctc_training import CTCObjective, ctc_loss
 from spg.training import TrainConfig, train
 from spg.wav2vec2.io import model_config_from_hf, our_key
@@ -146,9 +150,7 @@ def test_defaults_by_family_and_method():
     """Unset options resolve to the authors' settings for SPG and its baselines on wav2vec2/HuBERT,
     to the mean-loss settings for l0 and Whisper; explicit values are kept."""
     def resolved(argv, family):
-        args = train_script.parse_args(argv)
-        resolve_defaults(args, FAMILIES[family])
-        return args
+        return resolve_settings(train_script.parse_args(argv), ctc=FAMILIES[family].ctc)
     for method in ("spg", "ump", "gmp", "mixed"):
         args = resolved(["--sparsity", "0.7", "--method", method], Wav2Vec2CTC)
         assert (args.ctc_reduction, args.weight_decay, args.grad_clip) == ("sum", 0.0, 0.0)
@@ -165,6 +167,24 @@ def test_defaults_by_family_and_method():
     args = resolved(["--sparsity", "0.3", "--model", "whisper-tiny.en"], Whisper)
     assert (args.eta, args.eta_raw, args.controller, args.reset, args.threshold_lr) == (None, None, "on-off", True, None)
     assert (args.weight_decay, args.grad_clip) == (0.01, 5.0)
+
+
+def test_settings_are_every_option_resolved_once():
+    """RunSettings has a field for every train.py option (and the corpus folder), is frozen, and
+    resolving leaves the parsed options as they were."""
+    parser_fields = {action.dest for action in train_script.build_parser()._actions if action.dest != "help"}
+    assert {field.name for field in dataclasses.fields(RunSettings)} == parser_fields | {"corpus"}
+    options = train_script.parse_args(["--sparsity", "0.7", "--data", "/corpus"])
+    before = vars(options).copy()
+    settings = resolve_settings(options, ctc=True)
+    assert vars(options) == before and options.eta_raw is None and settings.eta_raw == pytest.approx(1.5e-4)
+    assert settings.corpus == Path("/corpus")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.sparsity = 0.5
+    with pytest.raises(TypeError, match="not settings \\['surprise'\\]"):
+        resolve_settings(argparse.Namespace(**before, surprise=1), ctc=True)
+    with pytest.raises(SystemExit, match="--band must be below --sparsity 0.7, got 0.8"):
+        resolve_settings(train_script.parse_args(["--sparsity", "0.7", "--band", "0.8"]), ctc=True)
 
 
 class PlantedModel(torch.nn.Module):

@@ -151,12 +151,16 @@ def test_cluster_variants_from_the_command_line(tmp_path, capsys):
                        "--json", str(tmp_path / "c.json")]) == 0
     printed = capsys.readouterr().out
     assert "mixed K per kind: heads 12 of 24 (uniform K: 12)" in printed and "ranked within each kind" in printed
+    # the printed summary is computed first, then printed: the JSON alone prints it again
+    from spg.experiment import print_cluster_summary
+    print_cluster_summary(json.loads((tmp_path / "c.json").read_text()))
+    assert capsys.readouterr().out in printed
     record = spg.load(tmp_path / "c.pt").compression
     assert record["merge"] == "representative" and record["mixed"] == "per_kind" and record["fold_bias"] is True
     assert record["min_similarity"] == 0.5 and sum(record["kept"]["ffn_units"]) == 3072
 
 
-def test_l0_method_end_to_end(tmp_path):
+def test_l0_method_end_to_end(tmp_path, capsys):
     data = noise_corpus(tmp_path / "corpus")
     dense_path = tmp_path / "dense.pt"
     torch.manual_seed(0)
@@ -175,6 +179,11 @@ def test_l0_method_end_to_end(tmp_path):
     assert summary["gate_sparsity"] >= 0.5 and summary["sparsity"] >= 0.5
     assert summary["sparsity"] == 1 - summary["prunable_params_kept"] / summary["prunable_params"]
     assert len(summary["kept"]["heads"]) == 6 and summary["forward_time_ratio"] > 0
+    printed = capsys.readouterr().out
+    assert f"forward time (10 s of audio) ratio {summary['forward_time_ratio']:.2f}" in printed
+    from spg.experiment import print_summary           # computed first, printed from the summary alone
+    print_summary(summary)
+    assert capsys.readouterr().out in printed
 
     # the structured baseline of the same shape: magnitude pruning to L0's sizes, then fine-tuning
     structured_path = tmp_path / "structured.json"

@@ -176,6 +176,7 @@ def test_train_cli_fine_tunes_a_tiny_whisper_with_ump(tmp_path):
     assert set(summary["kept"]) == {"encoder_heads", "encoder_ffn_units", "decoder_heads", "decoder_cross_heads",
                                     "decoder_ffn_units"}
     assert summary["sparsity"] >= 0.5 and summary["params_total"] < summary["params_dense"]
+    assert summary["forward_input"] == "one 30 s window"     # what the summary's forward time was measured on
     saved = spg.load(out)
     assert isinstance(saved, Whisper) and saved.num_parameters() == summary["params_total"]
 
