@@ -217,3 +217,24 @@ def test_whisper_finetune_legend_matches_the_significance_in_the_json():
     assert (float(low), float(high)) == (float(f"{min(p_values):.1g}"), float(f"{max(p_values):.1g}"))
     dense = next(row for row in rows if row["name"] == "dense")
     assert f"at {100 * dense['wer']['test']:.0f}% WER" in words
+
+
+def test_testbed_claims_quote_the_summed_regime_json():
+    """06's summary of the papers' claims quotes the summed-regime recovery and L0 tables as the
+    JSON has them, and the signs it states (mean worse, representative level, L0 worse on every
+    seed) are the JSON's per-seed MAPSSWE marks."""
+    _, text = find("06_results.ipynb", "markdown", "### What the testbed says about each paper's claim")
+    words = flat(source(text))
+    summed = results("whisper_ctc_structured_summed.json")
+    recovery = {row["arm"]: row for row in summed["recovery_summary"]}
+    l0_rows = {row["arm"]: row for row in summed["l0_summary"]}
+    pct = lambda row: f"{100 * row['wer_pooled'][0]:.2f}"  # noqa: E731
+    assert (f"`mean` stays significantly worse than magnitude of the same size on every seed "
+            f"({pct(recovery['mean'])} against {pct(recovery['structured'])}%) and `representative` is level with it "
+            f"({pct(recovery['representative'])}%)") in words
+    assert f"on every seed ({pct(l0_rows['l0'])} against {pct(l0_rows['structured-l0'])}%)" in words
+    assert f"its gates end at {100 * l0_rows['l0']['sparsity_before_calibration'][0]:.0f}% expected sparsity" in words
+    marks = lambda tests: {(c["pooled"]["significant"], c["pooled"]["first_better"]) for c in tests}  # noqa: E731
+    by_arm = lambda arm: [c for c in summed["recovery"]["comparisons"] if c["first"] == arm]  # noqa: E731
+    assert marks(by_arm("mean")) == {(True, False)} and {s for s, _ in marks(by_arm("representative"))} == {False}
+    assert marks(summed["l0"]["comparisons"]) == {(True, False)} and len(summed["l0"]["comparisons"]) == 3
