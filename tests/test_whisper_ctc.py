@@ -254,3 +254,20 @@ def test_l0_distillation_reads_the_blocks_through_the_interface():
     deeper = WhisperCTC.from_whisper(small_whisper(encoder_layers=3), seed=3)
     with pytest.raises(ValueError, match="teacher has 3 encoder blocks, the student 2"):
         L0Method(0.3, distill_teacher=deeper).attach(small_ctc())
+
+
+@pytest.mark.parametrize("name, results, blocks, width", [("whisper-tiny-ctc.pt", "whisper_ctc_dense.json", 4, 384),
+                                                          ("whisper-base-ctc.pt", "whisper_base_ctc_dense.json", 6, 512)])
+def test_shipped_testbed_models_decode_as_their_results_say(name, results, blocks, width):
+    """The fp16 models under models/ are the fine-tuned testbeds: their shapes, and greedy decodings of
+    the first 4 built-in test utterances equal to the ones results/<results> stored for the run."""
+    from spg.corpus import build_corpus
+    from spg.ctc_training import evaluate_corpus
+    from spg.data import read_corpus
+    model = spg.load(REPO / "models" / name)
+    assert isinstance(model, WhisperCTC)
+    assert len(list(model.encoder_blocks())) == blocks and model.config.d_model == width
+    stored = json.loads((REPO / "results" / results).read_text())["scores"]["test"]
+    decoded = evaluate_corpus(model, read_corpus(build_corpus(progress=False), "test", model.vocab)[:4], progress=False)
+    assert list(decoded["references"]) == stored["references"][:4]
+    assert list(decoded["hypotheses"]) == stored["hypotheses"][:4]
