@@ -6,7 +6,7 @@ corpus (issue 25), trained and scored in one resumable command.
     python experiments/whisper_ctc_testbed.py --score-only runs/testbed/tiny-ctc-dense.pt
     OMP_WAIT_POLICY=PASSIVE python experiments/whisper_ctc_testbed.py --init whisper-base
 
-Training is `train.py --init whisper-tiny.en --method dense` with the settings in TRAIN below
+Training is `train.py --init whisper-tiny.en --method dense` with the settings of `train_arguments` below
 (the SPG paper's AdamW lr 2e-4 with 10 % warm-up and linear decay, the CTC summed over the batch
 as the authors' code does, dropout 0.1, the front end's convs frozen and cached as for wav2vec2);
 a stopped run continues with --resume. Scoring: every utterance of the built-in dev, test and
@@ -45,13 +45,12 @@ from spg.whisper.evaluation import read_transcription_folder  # noqa: E402
 REAL = ("librivox", "cards", "beckett")
 RUNS = {"whisper-tiny.en": ("tiny-ctc-dense.pt", "whisper_ctc_dense.json", "whisper-tiny-ctc.pt"),   # run, scores, shipped
         "whisper-base": ("base-ctc-dense.pt", "whisper_base_ctc_dense.json", "whisper-base-ctc.pt")}
-TRAIN = ["--method", "dense", "--batch-size", "16", "--lr", "2e-4", "--warmup", "0.1", "--dropout", "0.1",
-         "--eval-every", "500", "--save-every", "100"]
 
 
 def train_arguments(init: str, steps: int) -> list:
     """The train.py arguments of the testbed's fine-tuning from `init`."""
-    return ["--init", init] + TRAIN[:2] + ["--steps", str(steps)] + TRAIN[2:]
+    return ["--init", init, "--method", "dense", "--steps", str(steps), "--batch-size", "16", "--lr", "2e-4",
+            "--warmup", "0.1", "--dropout", "0.1", "--eval-every", "500", "--save-every", "100"]
 
 
 def real_recordings() -> list:

@@ -120,8 +120,8 @@ def build_method(settings: RunSettings, model) -> Method:
     if settings.method == "spg":
         return self_pinching.SPG(settings.sparsity, eta=settings.eta if settings.eta_raw is None else settings.eta_raw,
                                  normalised_eta=settings.eta_raw is None, tau_start=settings.tau_start,
-                                 tau_end=settings.tau_end,
-                                 threshold_init=settings.threshold_init, threshold_lr=settings.threshold_lr,
+                                 tau_end=settings.tau_end, threshold_init=settings.threshold_init,
+                                 threshold_lr=settings.threshold_lr,
                                  band=settings.band if settings.controller == "band" else None,
                                  reset_on_switch=settings.reset, calibrate=not settings.no_calibrate)
     if settings.method == "ump":
@@ -150,12 +150,13 @@ def source_run(settings: RunSettings, prefix: str) -> Optional[Path]:
     """The run that --method mixed (--mixed-from, default runs/<prefix>spg-<sparsity>.pt) or
     structured (--structure-from, default runs/<prefix>l0-<sparsity>.pt) reads; None for the
     other methods."""
-    given = {"mixed": settings.mixed_from, "structured": settings.structure_from}.get(settings.method)
     if settings.method == "mixed":
-        return Path(given) if given else REPO / "runs" / f"{prefix}spg-{settings.sparsity:g}.pt"
-    if settings.method == "structured":
-        return Path(given) if given else REPO / "runs" / f"{prefix}l0-{settings.sparsity:g}.pt"
-    return None
+        given, default = settings.mixed_from, f"{prefix}spg-{settings.sparsity:g}.pt"
+    elif settings.method == "structured":
+        given, default = settings.structure_from, f"{prefix}l0-{settings.sparsity:g}.pt"
+    else:
+        return None
+    return Path(given) if given else REPO / "runs" / default
 
 
 def structure_source(settings: RunSettings, model) -> Path:
@@ -623,6 +624,7 @@ def run_cluster(settings: RunSettings, dense, before: dict, dense_size: dict, tr
         "sizes": size_figures(dense_size, clustered, out, half=settings.half),
         "forward_seconds_dense": forward["dense"], "forward_seconds_compressed": forward["compressed"],
         "forward_time_ratio": forward["compressed"] / forward["dense"],
+        "forward_input": family_of(dense).forward_input,
         "seconds": time.time() - started,
         "settings": {"mixed_per_kind": settings.mixed_per_kind, "min_similarity": settings.min_similarity,
                      "fold_bias": settings.fold_bias, "seed": settings.seed},
@@ -631,7 +633,6 @@ def run_cluster(settings: RunSettings, dense, before: dict, dense_size: dict, tr
     }
     if settings.epochs:
         summary["history"] = history
-    summary["forward_input"] = family_of(dense).forward_input
     if mixed:      # how variance-based mixed K split the budget between the module kinds
         uniform = plan_kept_units(dense, settings.sparsity)
         summary["mixed_k"] = {"ranked": "within each kind" if mixed == "per_kind" else "over all modules",

@@ -121,6 +121,14 @@ def optimizer_differences(stored: dict, optimizer: torch.optim.Optimizer, lr_fac
     return differences
 
 
+def _differences(stored: dict, given: dict, keys, *, label=str) -> list[str]:
+    """'LABEL: stored X, given Y' for each of `keys` whose value differs ("(none)": not there)."""
+    missing = object()
+    shown = lambda value: "(none)" if value is missing else repr(value)  # noqa: E731
+    return [f"{label(key)}: stored {shown(stored.get(key, missing))}, given {shown(given.get(key, missing))}"
+            for key in keys if stored.get(key, missing) != given.get(key, missing)]
+
+
 def resume_differences(state: dict, config: Optional[dict] = None, *, method_name: Optional[str] = None,
                        settings: Optional[dict] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                        lr_factor: float = 1.0) -> list[str]:
@@ -129,17 +137,10 @@ def resume_differences(state: dict, config: Optional[dict] = None, *, method_nam
     `RESUMABLE_FIELDS` may differ), the method's name, the caller's `settings`, and with
     `optimizer` (this run's, freshly built) its hyperparameters (`optimizer_differences`)."""
     differences = []
-    stored_config, given_config = state["train_config"], config or {}
-    missing = object()
-    compared = list(given_config) + [k for k in stored_config if k not in given_config] if config else []
-    for key in compared:
-        if key in RESUMABLE_FIELDS:
-            continue
-        stored, given = stored_config.get(key, missing), given_config.get(key, missing)
-        if stored != given:
-            differences.append(f"{_FIELD_FLAGS.get(key, key)}: stored "
-                               f"{'(none)' if stored is missing else repr(stored)}, given "
-                               f"{'(none)' if given is missing else repr(given)}")
+    if config is not None:
+        stored_config = state["train_config"]
+        keys = [key for key in dict.fromkeys([*config, *stored_config]) if key not in RESUMABLE_FIELDS]
+        differences += _differences(stored_config, config, keys, label=lambda key: _FIELD_FLAGS.get(key, key))
     stored_method = state.get("method_name")
     if method_name is not None and stored_method is not None and stored_method != method_name:
         differences.append(f"method: stored {stored_method!r}, given {method_name!r}")
@@ -149,11 +150,7 @@ def resume_differences(state: dict, config: Optional[dict] = None, *, method_nam
             differences.append("settings: none stored (a state written by an older train.py or by spg.training.train "
                                "without settings), so this run's cannot be checked")
         else:
-            for key in list(stored_settings) + [k for k in settings if k not in stored_settings]:
-                stored, given = stored_settings.get(key, missing), settings.get(key, missing)
-                if stored != given:
-                    differences.append(f"{key}: stored {'(none)' if stored is missing else repr(stored)}, given "
-                                       f"{'(none)' if given is missing else repr(given)}")
+            differences += _differences(stored_settings, settings, dict.fromkeys([*stored_settings, *settings]))
     if optimizer is not None:
         differences += optimizer_differences(state["optimizer"], optimizer, lr_factor)
     return differences
